@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (install, then train the default model on real data)
+# and `make test` (install, then run the test suite). Both work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= $(if $(wildcard ../shared/data),../shared/data,)
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first, pinned to the CPU build on local disk, so that pip never pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/dacnn train --recipe demo
+
+test: install
+	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/ruff check .
+	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python -m pytest -q
+
+bench: install
+	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,24 @@
+"""dacnn: convolutional networks that share weights across layers.
+
+DACNN (arXiv 1904.09764), inter-layer kernel sharing (arXiv 2210.14151), LruNet (arXiv 1901.09615)
+and ShaResNet (arXiv 1702.08782) on one sharing core (:mod:`dacnn.sharing`).
+"""
+
+from dacnn.counting import ParamCount, count_flops, count_params
+from dacnn.registry import ModelInfo, create_model, list_models, model_info, register_model
+from dacnn.sharing import AnchoredConv2d, SharedKernel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnchoredConv2d",
+    "ModelInfo",
+    "ParamCount",
+    "SharedKernel",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "list_models",
+    "model_info",
+    "register_model",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from dacnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""Parameter and FLOP accounting that knows about shared tensors.
+
+Two parameter figures are reported (``../shared/reference/PITFALLS.md`` item 1):
+
+* ``unique``: trainable tensors counted once, what ``sum(p.numel() for p in model.parameters())``
+  gives and what the papers' "# params" means;
+* ``per_use``: every use of a shared tensor counted, i.e. the size of the same network with free
+  weights (DACNN Table 2, the numbers in parentheses).
+
+Uses are found statically: a tensor owned by a :class:`~dacnn.sharing.SharedKernel` is used once per
+:class:`~dacnn.sharing.AnchoredConv2d` that applies it; any other tensor once per name it is registered
+under (``Parameter`` aliasing and modules with several parents, the two other mechanisms in SPEC.md).
+A module called several times in ``forward`` (LruNet's reference code) cannot be seen statically; pass
+``example_input`` to count calls instead.
+
+FLOPs count every use (a shared kernel costs compute each time it is applied) through
+``torch.utils.flop_counter.FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dacnn.sharing import SharedKernel, anchored_uses
+
+__all__ = ["SharedTensor", "ParamCount", "count_params", "count_flops", "parameter_uses"]
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """A tensor applied more than once: its first name, shape, size and number of uses."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    uses: int
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Result of :func:`count_params`."""
+
+    unique: int
+    per_use: int
+    shared: list[SharedTensor] = field(default_factory=list)
+
+    @property
+    def compression(self) -> float:
+        """``per_use / unique``: how many times larger the free-weight twin is."""
+        return self.per_use / self.unique if self.unique else 1.0
+
+
+def _call_counts(model: nn.Module, example_input: torch.Tensor) -> dict[int, int]:
+    """``id(module) -> calls`` during one forward pass, for modules that hold parameters directly."""
+    counts: dict[int, int] = {}
+    handles = []
+
+    def hook(module: nn.Module, args: object) -> None:
+        counts[id(module)] = counts.get(id(module), 0) + 1
+
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def parameter_uses(
+    model: nn.Module, example_input: torch.Tensor | None = None
+) -> dict[int, tuple[str, nn.Parameter, int]]:
+    """``id(param) -> (first name, param, uses)`` for every trainable parameter of ``model``.
+
+    Without ``example_input`` uses are counted statically (see the module docstring); with it, as
+    the number of calls of the modules that own the tensor during one forward pass (a registered
+    tensor never used in forward gets 0 uses).
+    """
+    kernel_uses = anchored_uses(model)
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    calls = _call_counts(model, example_input) if example_input is not None else None
+
+    result: dict[int, tuple[str, nn.Parameter, int]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        if id(p) in result:
+            first, _, n = result[id(p)]
+            if calls is None and not isinstance(owners[id(p)][0], SharedKernel):
+                result[id(p)] = (first, p, n + 1)  # one more alias = one more use
+            continue
+        owner_modules = owners[id(p)]
+        if calls is not None:
+            uses = sum(calls.get(id(m), 0) for m in owner_modules)
+        elif isinstance(owner_modules[0], SharedKernel):
+            uses = sum(kernel_uses.get(id(m), 0) for m in owner_modules)
+        else:
+            uses = 1
+        result[id(p)] = (name, p, uses)
+    return result
+
+
+def count_params(model: nn.Module, example_input: torch.Tensor | None = None) -> ParamCount:
+    """Unique and per-use trainable parameter counts plus the list of shared tensors."""
+    uses = parameter_uses(model, example_input)
+    unique = sum(p.numel() for _, p, _ in uses.values())
+    per_use = sum(p.numel() * n for _, p, n in uses.values())
+    shared = [
+        SharedTensor(name, tuple(p.shape), p.numel(), n) for name, p, n in uses.values() if n > 1
+    ]
+    return ParamCount(unique=unique, per_use=per_use, shared=shared)
+
+
+def count_flops(
+    model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32), *, batch_size: int = 1
+) -> int:
+    """Forward FLOPs of one batch (default: one image) with every use of a shared kernel counted.
+
+    A multiply-add counts as 2 FLOPs (``FlopCounterMode``'s convention). Only the forward pass is
+    counted: FlopCounterMode over-counts the backward of grouped convolutions
+    (``../shared/reference/PERFORMANCE.md``); a training step is about 3x the forward.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(batch_size, *input_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())

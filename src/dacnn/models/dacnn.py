@@ -1,0 +1,358 @@
+"""Deep Anchored CNNs (Huang, Dwivedi, Roig; arXiv 1904.09764).
+
+* :class:`PlainDACNN` (section 3, eq. 2-3): a stem conv 3->C, then one C x C 3x3 kernel applied at
+  every layer, each use followed by its own BatchNorm and ReLU; max-pooling between groups of
+  convolutions (VGG-16's grouping for 14 layers); a linear classifier.
+* :class:`ResidualDACNN` (eq. 6, used for depth > 17): residual blocks of two uses of the anchor,
+  four sections of equal width cut by three pooling layers (Table 4), optional *regulators*.
+* :class:`MixedDACNN` (section 3 "Mixed Architecture", Table 3): one shared kernel per resolution
+  section with widths 64->128->256->512, a free transition conv per channel expansion and, with
+  residual learning, a free 1x1 projection on the expanding shortcut.
+* :class:`Regulator` (Figure 3 right, Tables 4-5): free 1x1 conv + BN + ReLU appended to a block.
+
+``depth`` counts weight layers as the paper does: convolutions plus the one linear classifier
+(DACNN-14 = 13 convolutions + FC). Where the official release code differs (conv->ReLU->BN order,
+conv biases, unused regulators, channel rotation; see ``../shared/reference/SPEC.md`` section 3)
+this file follows the paper; ``docs/parameters.md`` says how that compares with the paper's counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dacnn.models.layers import conv1x1, conv3x3, conv_use, init_weights, split_evenly
+from dacnn.registry import ModelInfo, register_model
+from dacnn.sharing import SharedKernel
+
+__all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "dacnn"]
+
+PAPER = "arXiv 1904.09764"
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # He et al.'s layouts for the two templates
+
+
+def _norm(channels: int, batchnorm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+
+
+def parse_sections(regulators: Sequence[int] | str | None, num_sections: int = 4) -> tuple[int, ...]:
+    """``"all"``, ``"none"``, ``"1,3"`` or a sequence of 1-based section indices -> sorted tuple."""
+    if regulators is None or regulators == "none" or regulators == "":
+        return ()
+    if regulators == "all":
+        return tuple(range(1, num_sections + 1))
+    if isinstance(regulators, str):
+        regulators = [int(s) for s in regulators.split(",")]
+    sections = tuple(sorted(set(int(s) for s in regulators)))
+    bad = [s for s in sections if not 1 <= s <= num_sections]
+    if bad:
+        raise ValueError(f"regulator sections must be in 1..{num_sections}, got {bad}")
+    return sections
+
+
+class ConvBNReLU(nn.Sequential):
+    """One layer ``F_l`` of eq. 1: convolution (shared or free), BatchNorm (eq. 4), ReLU."""
+
+    def __init__(self, conv: nn.Module, channels: int, batchnorm: bool = True) -> None:
+        super().__init__(conv, _norm(channels, batchnorm), nn.ReLU(inplace=True))
+
+
+class Regulator(nn.Sequential):
+    """Free 1x1 conv + BN + ReLU appended to a residual block (paper Figure 3, right)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(conv1x1(channels, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+
+class AnchoredBlock(nn.Module):
+    """Residual block of eq. 6: ``relu(x + BN2(W2 * relu(BN1(W1 * x))))`` then an optional regulator.
+
+    ``conv1``/``conv2`` are uses of the section's shared kernel, or free convs. For the first block
+    of a mixed section ``conv1`` is the free transition conv and the shortcut a free 1x1 projection.
+    """
+
+    def __init__(
+        self,
+        conv1: nn.Module,
+        conv2: nn.Module,
+        channels: int,
+        *,
+        shortcut: nn.Module | None = None,
+        regulator: bool = False,
+        batchnorm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv1, _norm(channels, batchnorm)
+        self.conv2, self.bn2 = conv2, _norm(channels, batchnorm)
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.regulator = Regulator(channels) if regulator else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return self.regulator(out) if self.regulator is not None else out
+
+
+class _Classifier(nn.Module):
+    """Global average pooling + one linear layer."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class PlainDACNN(nn.Module):
+    """VGG-style DACNN of ``depth`` weight layers (``depth - 1`` convs + FC), paper eq. 2-3.
+
+    The ``depth - 1`` convolutions fall into ``min(5, depth - 1)`` groups (VGG-16's 2,2,3,3,3 for
+    depth 14), each followed by 2x2 max-pooling. ``shared=False`` gives the free-weight twin.
+    """
+
+    def __init__(
+        self,
+        depth: int = 14,
+        width: int = 128,
+        *,
+        shared: bool = True,
+        batchnorm: bool = True,
+        num_classes: int = 100,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if depth < 3:
+            raise ValueError(f"PlainDACNN depth must be >= 3 (stem, one anchored conv, FC), got {depth}")
+        bias = not batchnorm  # without BN a conv keeps its bias (Table 1 ablation)
+        self.anchor = SharedKernel(width, width, 3, bias=bias) if shared else None
+        layers: list[nn.Module] = []
+        groups = split_evenly(depth - 1, min(5, depth - 1))
+        for g, size in enumerate(groups):
+            for i in range(size):
+                if g == 0 and i == 0:
+                    conv = conv3x3(in_chans, width, bias=bias)  # eq. 2, the stem W_1
+                else:
+                    conv = conv_use(self.anchor, width, width, bias=bias)  # eq. 3, W_G
+                layers.append(ConvBNReLU(conv, width, batchnorm))
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = _Classifier(width, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class ResidualDACNN(nn.Module):
+    """DACNN with residual learning (eq. 6): stem, four equal-width sections of anchored blocks.
+
+    ``depth - 2`` must be even (two convs per block); 18 and 34 use ResNet-18/34's block layouts,
+    other depths split the blocks evenly (24 -> 2,3,3,3). Three 2x2 max-pools cut the sections
+    (Table 4). ``regulators`` lists the sections whose blocks get a :class:`Regulator`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 18,
+        width: int = 128,
+        *,
+        shared: bool = True,
+        batchnorm: bool = True,
+        regulators: Sequence[int] | str | None = None,
+        num_classes: int = 100,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if depth < 4 or (depth - 2) % 2:
+            raise ValueError(f"ResidualDACNN depth must be even and >= 4, got {depth}")
+        blocks = RESNET_BLOCKS.get(depth) or split_evenly((depth - 2) // 2, 4)
+        self.regulator_sections = parse_sections(regulators)
+        self.stem = ConvBNReLU(conv3x3(in_chans, width, bias=not batchnorm), width, batchnorm)
+        self.anchor = SharedKernel(width, width, 3, bias=not batchnorm) if shared else None
+        stages: list[nn.Module] = []
+        for s, n in enumerate(blocks, start=1):
+            stage = [
+                AnchoredBlock(
+                    conv_use(self.anchor, width, width, bias=not batchnorm),
+                    conv_use(self.anchor, width, width, bias=not batchnorm),
+                    width,
+                    regulator=s in self.regulator_sections,
+                    batchnorm=batchnorm,
+                )
+                for _ in range(n)
+            ]
+            if s < len(blocks):
+                stage.append(nn.MaxPool2d(2))
+            stages.append(nn.Sequential(*stage))
+        self.sections = nn.Sequential(*stages)
+        self.head = _Classifier(width, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.sections(self.stem(x)))
+
+
+class MixedDACNN(nn.Module):
+    """Mixed DACNN: one shared kernel per section width, 3 -> w -> 2w -> 4w -> 8w (w = 64).
+
+    ``template="vgg"`` (DACNN-14 MIX): VGG-16's 13 convs in five pooled sections; sections 4 and 5
+    (both 8w wide) share one kernel, so 8 kernels in all as the paper counts (4 for expansion,
+    4 shared). ``template="resnet"`` (DACNN-18/34 MIX): ResNet-18/34 block layouts; the first block
+    of sections 2-4 replaces its first conv by the free transition conv and projects the shortcut
+    with a free 1x1 conv + BN; three max-pools cut the sections.
+    """
+
+    def __init__(
+        self,
+        depth: int = 18,
+        width: int = 64,
+        *,
+        template: str = "resnet",
+        shared: bool = True,
+        regulators: Sequence[int] | str | None = None,
+        num_classes: int = 100,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.kernels = nn.ModuleDict(
+            {str(c): SharedKernel(c, c, 3) for c in widths} if shared else {}
+        )
+        kernel = (lambda c: self.kernels[str(c)]) if shared else (lambda c: None)
+        self.regulator_sections = parse_sections(regulators)
+        if template == "vgg":
+            if self.regulator_sections:
+                raise ValueError("regulators need residual blocks: use template='resnet'")
+            if depth != 14:
+                raise ValueError(f"the VGG template of MixedDACNN has depth 14, got {depth}")
+            layers: list[nn.Module] = []
+            cin = in_chans
+            for c, n in zip(widths + [widths[-1]], (2, 2, 3, 3, 3)):
+                for _ in range(n):
+                    conv = conv_use(kernel(c), c, c) if cin == c else conv3x3(cin, c)
+                    layers.append(ConvBNReLU(conv, c))
+                    cin = c
+                layers.append(nn.MaxPool2d(2))
+            self.features = nn.Sequential(*layers)
+        elif template == "resnet":
+            if depth not in RESNET_BLOCKS:
+                raise ValueError(f"the ResNet template of MixedDACNN has depth 18 or 34, got {depth}")
+            stages: list[nn.Module] = [ConvBNReLU(conv3x3(in_chans, widths[0]), widths[0])]
+            cin = widths[0]
+            for s, (c, n) in enumerate(zip(widths, RESNET_BLOCKS[depth]), start=1):
+                stage: list[nn.Module] = [] if s == 1 else [nn.MaxPool2d(2)]
+                for b in range(n):
+                    expand = b == 0 and cin != c
+                    stage.append(
+                        AnchoredBlock(
+                            conv3x3(cin, c) if expand else conv_use(kernel(c), c, c),
+                            conv_use(kernel(c), c, c),
+                            c,
+                            shortcut=nn.Sequential(conv1x1(cin, c), nn.BatchNorm2d(c)) if expand else None,
+                            regulator=s in self.regulator_sections,
+                        )
+                    )
+                    cin = c
+                stages.append(nn.Sequential(*stage))
+            self.features = nn.Sequential(*stages)
+        else:
+            raise ValueError(f"MixedDACNN template must be 'vgg' or 'resnet', got {template!r}")
+        self.head = _Classifier(widths[-1], num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def dacnn(
+    depth: int = 14,
+    width: int = 128,
+    *,
+    shared: bool = True,
+    batchnorm: bool = True,
+    residual: bool | None = None,
+    regulators: Sequence[int] | str | None = None,
+    num_classes: int = 100,
+    in_chans: int = 3,
+) -> nn.Module:
+    """Plain DACNN of any depth and width; residual learning for depth > 17 unless told otherwise."""
+    if residual is None:
+        residual = depth > 17
+    if residual:
+        return ResidualDACNN(
+            depth, width, shared=shared, batchnorm=batchnorm, regulators=regulators,
+            num_classes=num_classes, in_chans=in_chans,
+        )
+    if regulators not in (None, "none", "", ()):
+        raise ValueError("regulators are appended to residual blocks: use a residual DACNN")
+    return PlainDACNN(
+        depth, width, shared=shared, batchnorm=batchnorm, num_classes=num_classes, in_chans=in_chans
+    )
+
+
+def _info(name: str, row: str, twin: str | None = None, **extra: object) -> ModelInfo:
+    return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin, extra=dict(extra))
+
+
+# ---- registered variants: one per row of the paper's Table 6 (plus the generic builder) ----
+register_model(_info("dacnn", "Table 2 (any depth/width)"))(dacnn)
+
+
+@register_model(_info("dacnn14", "Table 6: DACNN-14 (plain)"))
+def dacnn14(**kw: object) -> nn.Module:
+    return dacnn(14, **kw)
+
+
+@register_model(_info("dacnn18", "Table 6: DACNN-18 (plain)"))
+def dacnn18(**kw: object) -> nn.Module:
+    return dacnn(18, **kw)
+
+
+@register_model(_info("dacnn34", "Table 6: DACNN-34 (plain)"))
+def dacnn34(**kw: object) -> nn.Module:
+    return dacnn(34, **kw)
+
+
+@register_model(_info("dacnn18_reg", "Table 6: DACNN-18 (REG)"))
+def dacnn18_reg(**kw: object) -> nn.Module:
+    return dacnn(18, regulators=kw.pop("regulators", "all"), **kw)
+
+
+@register_model(_info("dacnn24_reg", "Table 6: DACNN-24 (REG)"))
+def dacnn24_reg(**kw: object) -> nn.Module:
+    return dacnn(24, regulators=kw.pop("regulators", "all"), **kw)
+
+
+@register_model(_info("dacnn34_reg", "Table 6: DACNN-34 (REG)"))
+def dacnn34_reg(**kw: object) -> nn.Module:
+    return dacnn(34, regulators=kw.pop("regulators", "all"), **kw)
+
+
+@register_model(_info("dacnn14_mix", "Table 6: DACNN-14 (MIX)", twin="vgg16_1fc"))
+def dacnn14_mix(**kw: object) -> nn.Module:
+    return MixedDACNN(14, template="vgg", **kw)
+
+
+@register_model(_info("dacnn18_mix", "Table 6: DACNN-18 (MIX)", twin="resnet18"))
+def dacnn18_mix(**kw: object) -> nn.Module:
+    return MixedDACNN(18, **kw)
+
+
+@register_model(_info("dacnn34_mix", "Table 6: DACNN-34 (MIX)", twin="resnet34"))
+def dacnn34_mix(**kw: object) -> nn.Module:
+    return MixedDACNN(34, **kw)
+
+
+@register_model(_info("dacnn18_mix_reg", "Table 6: DACNN-18 (MIX, REG)"))
+def dacnn18_mix_reg(**kw: object) -> nn.Module:
+    return MixedDACNN(18, regulators=kw.pop("regulators", "all"), **kw)
+
+
+@register_model(_info("dacnn34_mix_reg", "Table 6: DACNN-34 (MIX, REG)"))
+def dacnn34_mix_reg(**kw: object) -> nn.Module:
+    return MixedDACNN(34, regulators=kw.pop("regulators", "all"), **kw)

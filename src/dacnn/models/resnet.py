@@ -1,0 +1,78 @@
+"""ResNet-18 and ResNet-34 for 32x32 input (He et al., arXiv 1512.03385; DACNN Tables 3, 6, 7).
+
+The usual CIFAR adaptation: a 3x3 stride-1 stem without max-pool, four stages of basic blocks at
+64/128/256/512 channels (strides 1, 2, 2, 2), 1x1 projection + BN on expanding shortcuts (option B),
+global average pooling and one linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dacnn.models.layers import conv1x1, conv3x3, init_weights
+from dacnn.registry import ModelInfo, register_model
+
+__all__ = ["BasicBlock", "ResNet", "resnet18", "resnet34"]
+
+
+class BasicBlock(nn.Module):
+    """``relu(BN(conv(relu(BN(conv(x))))) + shortcut(x))``."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet with basic blocks; ``layers`` blocks per stage, ``width`` channels in stage 1."""
+
+    def __init__(
+        self,
+        layers: tuple[int, int, int, int],
+        *,
+        width: int = 64,
+        num_classes: int = 100,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv3x3(in_chans, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages, cin = [], width
+        for i, n in enumerate(layers):
+            cout = width * 2**i
+            blocks = [BasicBlock(cin, cout, 1 if i == 0 else 2)]
+            blocks += [BasicBlock(cout, cout) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+def _info(name: str, row: str) -> ModelInfo:
+    return ModelInfo(name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=row)
+
+
+@register_model(_info("resnet18", "Table 6: ResNet18"))
+def resnet18(**kw: object) -> nn.Module:
+    return ResNet((2, 2, 2, 2), **kw)
+
+
+@register_model(_info("resnet34", "Table 6: ResNet34"))
+def resnet34(**kw: object) -> nn.Module:
+    return ResNet((3, 4, 6, 3), **kw)

@@ -1,0 +1,51 @@
+"""VGG-16 with one fully connected layer for 32x32 input ("VGG (1-fc)", DACNN Tables 3 and 6).
+
+Simonyan and Zisserman (arXiv 1409.1556) configuration D: 13 3x3 convolutions, each followed by
+BatchNorm and ReLU, five 2x2 max-pools, then global pooling and a single linear classifier (the CIFAR
+adaptation used as the DACNN baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dacnn.models.layers import conv3x3, init_weights
+from dacnn.registry import ModelInfo, register_model
+
+__all__ = ["VGG", "vgg16_1fc"]
+
+CFG_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG from a layer list (ints are conv widths, ``"M"`` max-pools); ``width`` scales channels."""
+
+    def __init__(
+        self, cfg: tuple = CFG_D, *, width: int = 64, num_classes: int = 100, in_chans: int = 3
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            c = v * width // 64
+            layers += [conv3x3(cin, c), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_model(
+    ModelInfo("vgg16_1fc", "vgg", paper="arXiv 1409.1556 (baseline of arXiv 1904.09764)",
+              table_row="Table 6: VGG (1-fc)")
+)
+def vgg16_1fc(**kw: object) -> nn.Module:
+    return VGG(CFG_D, **kw)
