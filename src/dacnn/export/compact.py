@@ -1,0 +1,302 @@
+"""Compact safetensors export (``dacnn export --format safetensors``): every tensor stored once.
+
+What the file holds (format ``dacnn-compact/1``):
+
+* each conv/linear weight (2-D or more) under its ``state_dict`` name, once: a shared kernel is one
+  tensor owned by its :class:`~dacnn.sharing.SharedKernel`, and aliases (a module registered under
+  two parents) are recorded in the metadata instead of stored again;
+* every 1-D tensor (BatchNorm weight/bias/running statistics, biases; int8 scales) concatenated into
+  one ``__vectors__`` tensor, with its index in the metadata. A deep DACNN has a BatchNorm per use,
+  and one safetensors header entry per vector would cost ~90 bytes each (3 % of an fp16 DACNN-34);
+* BatchNorm's ``num_batches_tracked`` is dropped: it is a training counter, not needed at inference;
+* ``fp16`` casts every float tensor; ``int8`` quantises the weights per output channel
+  (:mod:`dacnn.export.quantize`, a shared kernel once) and keeps vectors and scales in float32;
+* metadata: model name and kwargs (so the loader can rebuild it), shared tensors and their uses,
+  parameter counts and any extra key/values (dataset, accuracy, source).
+
+BatchNorm running statistics are kept (no folding: folding a per-use BN into a shared kernel would
+untie it, ``../shared/reference/PITFALLS.md`` item 5), so the size convention is
+``file bytes / ((unique params + float buffers) x bytes per value)``, at most 1.02 above 100k params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dacnn.counting import count_params
+from dacnn.errors import CheckpointError, ConfigError
+from dacnn.export.quantize import dequantize_per_channel, is_quantizable, quantize_per_channel
+from dacnn.registry import create_model
+
+__all__ = [
+    "FORMAT",
+    "DTYPES",
+    "ExportHeader",
+    "ExportInfo",
+    "unique_state",
+    "export_safetensors",
+    "read_export",
+    "load_exported",
+    "load_state_into",
+    "is_compact_export",
+]
+
+FORMAT = "dacnn-compact/1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+VECTORS = "__vectors__"
+SCALE_SUFFIX = ":scale"  # state_dict names never contain ':'
+TRAINING_ONLY = ("num_batches_tracked",)
+
+
+@dataclass(frozen=True)
+class ExportHeader:
+    """The parsed ``dacnn.*`` metadata of a compact export."""
+
+    dtype: str
+    model: str
+    model_kwargs: dict[str, Any]
+    vectors: list[tuple[str, tuple[int, ...]]]
+    quantized: list[str]
+    aliases: dict[str, str]
+    shared: list[tuple[str, int, int]]  # (name, uses, numel)
+    params: dict[str, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What :func:`export_safetensors` wrote."""
+
+    path: Path
+    dtype: str
+    file_bytes: int
+    unique_params: int
+    buffer_values: int
+
+    @property
+    def bytes_per_value(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def size_ratio(self) -> float:
+        """``file bytes / ((unique params + float buffers) x bytes per value)`` (int8: 1 byte)."""
+        return self.file_bytes / ((self.unique_params + self.buffer_values) * self.bytes_per_value)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=False)
+
+
+def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state_dict`` entries once per tensor, in order, without training counters.
+
+    Returns ``(stored, aliases)``: ``stored`` maps the first name of each tensor to it, ``aliases``
+    maps every further name of the same tensor to that first name.
+    """
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor) or name.rsplit(".", 1)[-1] in TRAINING_ONLY:
+            continue
+        if id(tensor) in first_name:
+            aliases[name] = first_name[id(tensor)]
+            continue
+        first_name[id(tensor)] = name
+        stored[name] = tensor.detach()
+    return stored, aliases
+
+
+def _default_spec(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """Model name and kwargs recorded on the module (``model.create_kwargs`` or ``model.info``)."""
+    info = getattr(model, "info", None)
+    name = getattr(info, "name", "") or ""
+    kwargs = getattr(model, "create_kwargs", None)
+    if kwargs is None and info is not None:
+        kwargs = {"num_classes": info.num_classes, "in_chans": info.input_size[0]}
+    return name, dict(kwargs or {})
+
+
+def export_safetensors(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    dtype: str = "fp32",
+    *,
+    model_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> ExportInfo:
+    """Write ``model`` as a compact safetensors file (see the module docstring) and describe it.
+
+    ``model_name``/``model_kwargs`` let :func:`load_exported` rebuild the model with
+    :func:`dacnn.create_model`; by default they are read from the model (``create_kwargs``/``info``).
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    default_name, default_kwargs = _default_spec(model)
+    name = model_name if model_name is not None else default_name
+    kwargs = model_kwargs if model_kwargs is not None else default_kwargs
+    stored, aliases = unique_state(model)
+    vector_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    tensors: dict[str, torch.Tensor] = {}
+    vectors: list[tuple[str, torch.Tensor]] = []
+    quantized: list[str] = []
+    for key, tensor in stored.items():
+        if not tensor.is_floating_point():
+            tensors[key] = tensor.contiguous()
+        elif tensor.dim() < 2:
+            vectors.append((key, tensor))
+        elif dtype == "int8" and is_quantizable(tensor):
+            tensors[key], scale = quantize_per_channel(tensor)
+            vectors.append((key + SCALE_SUFFIX, scale))
+            quantized.append(key)
+        else:
+            tensors[key] = tensor.to(DTYPES[dtype]).contiguous()
+    if vectors:
+        tensors[VECTORS] = torch.cat([v.reshape(-1).to(vector_dtype) for _, v in vectors]).cpu()
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+
+    counts = count_params(model)
+    buffer_values = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    metadata = {
+        "format": "pt",
+        "dacnn.format": FORMAT,
+        "dacnn.dtype": dtype,
+        "dacnn.model": name,
+        "dacnn.model_kwargs": _json(kwargs),
+        "dacnn.vectors": _json([[k, list(v.shape)] for k, v in vectors]),
+        "dacnn.quantized": _json(quantized),
+        "dacnn.aliases": _json(aliases),
+        "dacnn.shared": _json([[s.name, s.uses, s.numel] for s in counts.shared]),
+        "dacnn.params": _json({"unique": counts.unique, "per_use": counts.per_use, "buffers": buffer_values}),
+        "dacnn.meta": _json(meta or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return ExportInfo(path, dtype, path.stat().st_size, counts.unique, buffer_values)
+
+
+def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def is_compact_export(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`export_safetensors`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("dacnn.format") == FORMAT
+    except Exception:
+        return False
+
+
+def parse_header(metadata: dict[str, str], path: Path) -> ExportHeader:
+    """Parse and check the ``dacnn.*`` metadata; a bad field raises :class:`CheckpointError`."""
+    if metadata.get("dacnn.format") != FORMAT:
+        found = metadata.get("dacnn.format", "none")
+        raise CheckpointError(f"{path}: not a dacnn compact export (dacnn.format={found!r}, want {FORMAT!r})")
+
+    def field_(key: str, default: str) -> Any:
+        try:
+            return json.loads(metadata.get(key, default))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata field {key!r} is not valid JSON ({exc})") from exc
+
+    dtype = metadata.get("dacnn.dtype", "")
+    if dtype not in DTYPES:
+        raise CheckpointError(
+            f"{path}: metadata field 'dacnn.dtype' is {dtype!r}, want one of {list(DTYPES)}"
+        )
+    return ExportHeader(
+        dtype=dtype,
+        model=metadata.get("dacnn.model", ""),
+        model_kwargs=field_("dacnn.model_kwargs", "{}"),
+        vectors=[(k, tuple(shape)) for k, shape in field_("dacnn.vectors", "[]")],
+        quantized=list(field_("dacnn.quantized", "[]")),
+        aliases=dict(field_("dacnn.aliases", "{}")),
+        shared=[tuple(s) for s in field_("dacnn.shared", "[]")],
+        params=dict(field_("dacnn.params", "{}")),
+        meta=dict(field_("dacnn.meta", "{}")),
+    )
+
+
+def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ExportHeader]:
+    """The float state dict of a compact export (vectors unpacked, int8 dequantised) and its header."""
+    path = Path(path)
+    raw, metadata = _read_raw(path)
+    header = parse_header(metadata, path)
+    pack = raw.pop(VECTORS, torch.empty(0))
+    sizes = [int(torch.Size(shape).numel()) for _, shape in header.vectors]
+    if sum(sizes) != pack.numel():
+        raise CheckpointError(
+            f"{path}: {VECTORS} holds {pack.numel()} values but its index lists {sum(sizes)}"
+        )
+    scales: dict[str, torch.Tensor] = {}
+    for (key, shape), part in zip(header.vectors, torch.split(pack, sizes)):
+        if key.endswith(SCALE_SUFFIX):
+            scales[key[: -len(SCALE_SUFFIX)]] = part
+        else:
+            raw[key] = part.reshape(shape)
+    for key in header.quantized:
+        if key not in raw or key not in scales:
+            raise CheckpointError(f"{path}: quantised tensor {key!r} or its scale is missing")
+        raw[key] = dequantize_per_channel(raw[key], scales[key])
+    return raw, header
+
+
+def load_state_into(
+    model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], *, source: object = ""
+) -> None:
+    """Copy ``state`` into ``model`` (copy mode, so tying survives); names must match exactly.
+
+    Missing keys are allowed only for aliases of stored tensors and training counters.
+    """
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: tensors do not fit the model ({exc})") from exc
+    missing = [
+        k for k in result.missing_keys if k not in aliases and k.rsplit(".", 1)[-1] not in TRAINING_ONLY
+    ]
+    unexpected = result.unexpected_keys
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def load_exported(
+    path: str | os.PathLike[str], model: nn.Module | None = None, *, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, ExportHeader]:
+    """Rebuild (or fill ``model``) from a compact export; returns an eval-mode float model.
+
+    int8 weights are dequantised, fp16 ones upcast to ``dtype``. Shared kernels stay single tensors.
+    """
+    state, header = read_export(path)
+    if model is None:
+        if not header.model:
+            raise CheckpointError(f"{path}: no model name recorded; pass the model to load into")
+        try:
+            model = create_model(header.model, **header.model_kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: cannot build model {header.model!r} with {header.model_kwargs} ({exc})"
+            ) from exc
+        model.create_kwargs = dict(header.model_kwargs)
+    load_state_into(model, state, header.aliases, source=path)
+    return model.to(dtype).eval(), header
