@@ -162,7 +162,14 @@ def _annotate_uses(report: InspectReport, recorded_shared: list[tuple[str, int, 
     if not uses:
         uses = {name: n for name, n, _ in recorded_shared}
     report.rows = [
-        TensorRow(r.name, r.shape, r.dtype, r.bytes, uses.get(r.name, 1 if uses else None), r.note)
+        TensorRow(
+            r.name,
+            r.shape,
+            r.dtype,
+            r.bytes,
+            None if r.note == "scales" or not uses else uses.get(r.name, 1),
+            r.note,
+        )
         for r in report.rows
     ]
 

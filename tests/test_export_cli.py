@@ -1,0 +1,68 @@
+"""`dacnn export` / `dacnn inspect` from a run directory, and clean errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import pytest
+
+import dacnn
+from dacnn.cli import main
+from dacnn.export import inspect_file, load_exported
+from test_prune import make_run  # a run directory as `dacnn train` leaves it, on toy data
+
+
+def test_export_run_int8_with_accuracy(tmp_path, monkeypatch, capsys):
+    run, data = make_run(tmp_path, monkeypatch)
+    assert (
+        main(["export", str(run), "--dtype", "int8", "--evaluate", "--data-dir", str(data), "--limit", "30"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    path = run / "export" / "model-int8.safetensors"
+    assert f"wrote {path}" in out and "anchor.weight" in out and "used 12x, stored once" in out
+    assert "test accuracy (fashion_mnist, 30 images): source" in out and "points)" in out
+    model, header = load_exported(path)
+    assert header.meta["dataset"] == "fashion_mnist" and header.meta["pad_to"] == 32
+    assert header.model_kwargs == {"num_classes": 10, "in_chans": 1, "width": 4}
+    assert dacnn.count_params(model).shared[0].uses == 12
+
+
+def test_export_weights_file_fp16_then_inspect(tmp_path, monkeypatch, capsys):
+    run, _ = make_run(tmp_path, monkeypatch)
+    weights = next((run / "checkpoints").glob("e*.safetensors"))
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(weights), "--dtype", "fp16", "-o", str(out)]) == 0
+    assert "size ratio" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dacnn compact export (fp16)" in text and "anchor.weight used 12x" in text
+    assert main(["inspect", str(weights)]) == 0  # the training checkpoint itself, via its sidecar
+    assert "anchor.weight used 12x" in capsys.readouterr().out
+
+
+def test_export_onnx_from_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    run, _ = make_run(tmp_path, monkeypatch)
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "max |onnxruntime - PyTorch|" in out and "BatchNormalization nodes" in out
+    report = inspect_file(run / "export" / "model-fp32.onnx")
+    assert [(r.name, r.uses) for r in report.rows if r.name == "anchor.weight"] == [("anchor.weight", 12)]
+    assert report.rows[0].shape  # initializers listed with shapes
+
+
+def test_clean_errors(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["export", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "dacnn export: error:" in err and "missing" in err and "Traceback" not in err
+    assert main(["inspect", str(tmp_path / "nothing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    assert main(["inspect", str(junk)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: unknown format
+        main(["export", str(junk), "--format", "tflite"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    assert main(["export", str(junk), "--format", "onnx", "--dtype", "int8"]) == 2
+    assert "float32" in capsys.readouterr().err

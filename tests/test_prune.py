@@ -1,0 +1,181 @@
+"""Magnitude pruning: exact fractions, smallest weights first, masks kept while fine-tuning, end to end."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dacnn
+from dacnn.errors import ConfigError
+from dacnn.prune import count_nonzero, keep_masks, magnitude_prune, prunable_weights, prune_run
+
+
+def test_prunable_weights_list_a_shared_kernel_once():
+    model = dacnn.create_model("dacnn14", width=8, num_classes=10)
+    names = [n for n, _ in prunable_weights(model)]
+    assert names.count("anchor.weight") == 1
+    assert set(names) == {"anchor.weight", "features.0.0.weight", "head.fc.weight"}
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_prunes_exact_fraction_of_smallest_weights(scope):
+    torch.manual_seed(0)
+    model = dacnn.create_model("dacnn18_mix", width=4, num_classes=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    nonzero_before, _ = count_nonzero(model)  # BN biases start at zero
+    masks = magnitude_prune(model, 0.7, scope)
+    weights = dict(prunable_weights(model))
+    assert set(masks) == set(weights)
+    removed = sum(int((~m).sum()) for m in masks.values())
+    total = sum(w.numel() for w in weights.values())
+    assert removed == round(0.7 * total) if scope == "global" else abs(removed - 0.7 * total) <= len(masks)
+    kept, prunable = count_nonzero(model, prunable_only=True)
+    assert prunable == total and kept == total - removed
+    for name, mask in masks.items():
+        old = before[name].abs()
+        assert torch.equal(weights[name] == 0, ~mask)
+        if scope == "layer":
+            assert abs(int((~mask).sum()) - 0.7 * mask.numel()) <= 0.5
+            assert old[~mask].max() <= old[mask].min()  # smallest magnitudes of each tensor removed
+    if scope == "global":
+        kept_mags = torch.cat([before[n].abs()[m] for n, m in masks.items()])
+        gone_mags = torch.cat([before[n].abs()[~m] for n, m in masks.items()])
+        assert gone_mags.max() <= kept_mags.min()
+    for name, p in model.named_parameters():  # BN affine and biases untouched
+        if name not in masks:
+            assert torch.equal(p, before[name])
+    nonzero, unique = count_nonzero(model)
+    assert unique == dacnn.count_params(model).unique and nonzero == nonzero_before - removed
+
+
+def test_masks_survive_optimizer_steps():
+    torch.manual_seed(0)
+    model = dacnn.create_model("dacnn14", width=8, num_classes=10)
+    masks = magnitude_prune(model, 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    handle = keep_masks(optimizer, model, masks)
+    start = model.anchor.weight.detach().clone()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert not torch.equal(model.anchor.weight, start)  # the kept weights did train
+    for name, p in prunable_weights(model):
+        assert torch.all(p[~masks[name]] == 0)
+    handle.remove()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert count_nonzero(model, prunable_only=True)[0] > count_nonzero(model, prunable_only=True)[1] * 0.6
+
+
+def test_bad_ratio_or_scope():
+    model = dacnn.create_model("dacnn14", width=4)
+    with pytest.raises(ConfigError, match="1.5"):
+        magnitude_prune(model, 1.5)
+    with pytest.raises(ConfigError, match="channel"):
+        magnitude_prune(model, 0.5, scope="channel")
+
+
+# ---------------------------------------------------------------- end to end on a tiny run
+
+
+def _write_toy_fashion_mnist(root, n_train=96, n_test=40):
+    """Fashion-MNIST IDX files where the class sets the brightness (learnable, tiny)."""
+    from dacnn.data.synthetic import idx_bytes
+
+    rng = np.random.default_rng(0)
+    folder = root / "fashion_mnist"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        images = (rng.integers(0, 60, size=(n, 28, 28)) + labels[:, None, None] * 20).astype(np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(array)))
+
+
+def make_run(tmp_path, monkeypatch):
+    """A run directory as `dacnn train` leaves it (config.yaml + checkpoints), without training."""
+    from dacnn.train import checkpoint as ckpt
+    from dacnn.train.config import dump_yaml, resolve_config
+
+    monkeypatch.setenv("DACNN_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    _write_toy_fashion_mnist(data)
+    kwargs = {"num_classes": 10, "in_chans": 1, "width": 4}
+    cfg = resolve_config(
+        {
+            "model": "dacnn14",
+            "dataset": "fashion_mnist",
+            "data_dir": str(data),
+            "width": 4,
+            "batch_size": 32,
+            "val_size": 32,
+            "device": "cpu",
+            "epochs": 1,
+        }
+    )
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    torch.manual_seed(0)
+    model = dacnn.create_model("dacnn14", **kwargs)
+    meta = {
+        "model": "dacnn14",
+        "model_kwargs": kwargs,
+        "dataset": "fashion_mnist",
+        "normalize": True,
+        "pad_to": 32,
+    }
+    state = {"epoch": 0, "batches_done": 4, "global_step": 4}
+    ckpt.save_checkpoint(
+        run / "checkpoints", model=model, ema_model=None, state=state, meta=meta, is_best=True
+    )
+    return run, data
+
+
+def test_prune_run_end_to_end(tmp_path, monkeypatch):
+    from dacnn.export.source import load_source
+
+    run, data = make_run(tmp_path, monkeypatch)
+    result = prune_run(run, ratio=0.6, epochs=1, data_dir=str(data), limit=40, verbose=False)
+    out = tmp_path / "runs" / "tiny-pruned0.6"
+    assert result["output"] == str(out)
+    assert json.loads((out / "prune.json").read_text())["acc_after"] == result["acc_after"]
+    for key in ("acc_before", "acc_pruned", "acc_after"):
+        assert 0.0 <= result[key] <= 100.0
+    assert result["acc_drop"] == pytest.approx(result["acc_before"] - result["acc_after"])
+    assert len(result["history"]) == 1 and result["lr"] == pytest.approx(0.01)  # a tenth of the run's
+    # the saved pruned model reloads with its zeros (masks held through fine-tuning) and tying intact
+    model, meta = load_source(out)
+    assert meta["pruned"]["ratio"] == 0.6
+    kept, prunable = count_nonzero(model, prunable_only=True)
+    assert kept == result["prunable_kept"] and kept <= round(0.4 * prunable)
+    assert count_nonzero(model)[0] == result["nonzero_params"]
+    assert dacnn.count_params(model).shared[0].uses == 12
+
+
+def test_prune_cli_reports_and_errors(tmp_path, monkeypatch, capsys):
+    from dacnn.cli import main
+
+    run, data = make_run(tmp_path, monkeypatch)
+    out = tmp_path / "pruned"
+    code = main(
+        ["prune", str(run), "--ratio", "0.5", "--data-dir", str(data), "--limit", "20", "-o", str(out)]
+    )
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (
+        printed["ratio"] == 0.5 and printed["epochs"] == 0 and printed["acc_after"] == printed["acc_pruned"]
+    )
+    assert (out / "checkpoints" / "best.json").is_file()
+    assert main(["prune", str(tmp_path / "nope"), "--ratio", "0.5"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["prune", str(run), "--ratio", "1.0", "--data-dir", str(data)]) == 2
+    assert "ratio" in capsys.readouterr().err
