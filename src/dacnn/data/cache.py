@@ -1,0 +1,79 @@
+"""Decode once: decoded arrays are stored under ``<cache dir>/decoded/`` keyed by their source files.
+
+The key hashes, for every source file, its name, size, modification time and either the sha256
+the manifest lists for it or a digest of its first and last 64 KiB. A changed file therefore
+misses the cache and is decoded (and checked) again. Writes are atomic (temporary file + rename),
+so an interrupted run never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dacnn.data.catalog import get_cache_dir
+
+CACHE_FORMAT = 1
+_EDGE = 64 * 1024
+
+
+def _edge_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(_EDGE))
+        size = os.fstat(handle.fileno()).st_size
+        if size > 2 * _EDGE:
+            handle.seek(size - _EDGE)
+            digest.update(handle.read(_EDGE))
+    return digest.hexdigest()
+
+
+def cache_key(tag: list[str], files: list[Path], checksums: list[str | None] | None = None) -> str:
+    """A hex key for decoded data made from ``files`` (and their manifest sha256s where known)."""
+    checksums = checksums or [None] * len(files)
+    entries = []
+    for path, checksum in zip(files, checksums, strict=True):
+        stat = path.stat()
+        entries.append([path.name, stat.st_size, stat.st_mtime_ns, checksum or _edge_digest(path)])
+    blob = json.dumps([CACHE_FORMAT, tag, entries], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def cache_path(stem: str, key: str) -> Path:
+    return get_cache_dir() / "decoded" / f"{stem}-{key[:20]}.npz"
+
+
+def load_cached(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The cached ``(images, labels, classes)``, or None when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["images"], npz["labels"], [str(c) for c in npz["classes"]]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def store_cached(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    """Write an entry atomically and drop older entries of the same stem. Failures are not fatal."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, images=images, labels=labels, classes=np.asarray(classes, dtype=np.str_))
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        stem = path.name.rsplit("-", 1)[0]
+        for old in path.parent.glob(f"{stem}-*.npz"):
+            if old != path and old.name.rsplit("-", 1)[0] == stem:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only or full cache directory only costs a re-decode next time

@@ -1,0 +1,154 @@
+"""``DeviceLoader``: the whole split as one uint8 tensor on the device, batches by index.
+
+No worker processes and no per-image Python (airbench's design, STYLE.md): each batch is an
+``index_select`` of a seeded permutation, one pixel gather for crop/flip/rotation, one cast and
+one fused per-channel affine for normalisation. The order and the augmentation of epoch ``e`` depend
+only on ``(seed, e)``; ``set_epoch(e)`` picks the epoch, otherwise each pass advances by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dacnn.data.augment import Augment, cutout_mask, gather_pixels, sample_params, spatial_index
+from dacnn.data.catalog import DATASETS
+from dacnn.data.split import DatasetSplit
+from dacnn.errors import ConfigError
+
+_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def split_mean_std(split: DatasetSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std (0..1 units): the catalogue's for known datasets, else measured."""
+    info = DATASETS.get(split.name)
+    if info is not None and len(info.mean) == split.image_shape[2]:
+        return info.mean, info.std
+    sample = split.images[:: max(1, len(split) // 10000)].astype(np.float64) / 255.0
+    return tuple(sample.mean(axis=(0, 1, 2))), tuple(sample.std(axis=(0, 1, 2)) + 1e-8)
+
+
+class DeviceLoader:
+    """Iterate ``(x, y)``: x float (B, C, H, W) on ``device``, y int64 (B,).
+
+    ``normalize=True`` applies the dataset's mean/std (``mean``/``std`` override it); ``False``
+    gives pixels/255 as LruNet trains. ``pad_to`` zero-pads smaller images (Fashion-MNIST 28x28)
+    to ``pad_to`` x ``pad_to``: centred without augmentation; with ``crop_padding=p`` the crop is
+    torchvision's RandomCrop(pad_to, padding=p), LruNet's Fashion-MNIST recipe (SPEC 2.2).
+    """
+
+    def __init__(self, split: DatasetSplit, batch_size: int = 256, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                 augment: Augment | None = None, normalize: bool = True, pad_to: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.device = torch.device(device)
+        self.augment = augment if augment is not None and not augment.is_identity else None
+        self.normalize = normalize
+        self.dtype = dtype
+        self.epoch = 0
+        self._next_epoch = 0
+        height, width, channels = split.image_shape
+        out_h, out_w = (pad_to, pad_to) if pad_to else (height, width)
+        if out_h < height or out_w < width:
+            raise ConfigError(f"pad_to={pad_to} is smaller than the {height}x{width} images of {split.name}")
+        self.out_hw = (out_h, out_w)
+        images = torch.from_numpy(split.images).to(self.device).permute(0, 3, 1, 2)
+        extra_h, extra_w = out_h - height, out_w - width
+        if self.augment is None:  # centred padding only
+            lo_h, lo_w = extra_h // 2, extra_w // 2
+            images = F.pad(images, (lo_w, extra_w - lo_w, lo_h, extra_h - lo_h))
+            self._ranges = ((0, 0), (0, 0))
+        else:
+            pad = self.augment.crop_padding
+            if height + 2 * pad < out_h or width + 2 * pad < out_w:
+                raise ConfigError(f"crop_padding={pad} cannot fill a {out_h}x{out_w} crop of "
+                                  f"{height}x{width} images")
+            # Pad once by q: room for every crop window [-p, H+p-S] and for the centred window.
+            q_h, q_w = max(pad, extra_h - extra_h // 2), max(pad, extra_w - extra_w // 2)
+            images = F.pad(images, (q_w, q_w, q_h, q_h))
+            if pad:
+                self._ranges = ((q_h - pad, q_h + height + pad - out_h),
+                                (q_w - pad, q_w + width + pad - out_w))
+            else:
+                self._ranges = ((q_h - extra_h // 2,) * 2, (q_w - extra_w // 2,) * 2)
+        self.images = images.contiguous()  # uint8 (N, C, Hs, Ws), padded once
+        self.labels = torch.from_numpy(split.labels).to(self.device)
+        if normalize:
+            m, s = (mean, std) if mean is not None and std is not None else split_mean_std(split)
+            if len(m) != channels or len(s) != channels:
+                raise ConfigError(f"mean/std have {len(m)}/{len(s)} values for {channels}-channel images")
+            scale = [1.0 / (255.0 * v) for v in s]
+            shift = [-mu / v for mu, v in zip(m, s, strict=True)]
+        else:
+            scale, shift = [1.0 / 255.0] * channels, [0.0] * channels
+        self._scale = torch.tensor(scale, dtype=dtype, device=self.device).view(1, channels, 1, 1)
+        self._shift = torch.tensor(shift, dtype=dtype, device=self.device).view(1, channels, 1, 1)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.split)
+
+    @property
+    def num_classes(self) -> int:
+        return self.split.num_classes
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the batches."""
+        return (self.split.image_shape[2], *self.out_hw)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (its order and augmentation depend on seed and epoch only)."""
+        self._next_epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.epoch = self._next_epoch
+        self._next_epoch = self.epoch + 1
+        n = len(self.split)
+        if self.shuffle:
+            order = torch.randperm(n, generator=_generator(self.seed, self.epoch, _ORDER_STREAM))
+        else:
+            order = torch.arange(n)
+        order = order.to(self.device)
+        augment_gen = _generator(self.seed, self.epoch, _AUGMENT_STREAM)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start: start + self.batch_size]
+            yield self._batch(index, augment_gen), self.labels.index_select(0, index)
+
+    def _batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        pixels = self.images.index_select(0, index)
+        augment = self.augment
+        params = None
+        if augment is not None:
+            params = sample_params(augment, index.shape[0], self._ranges, self.out_hw, generator)
+            if augment.crop_padding or augment.flip or augment.rotate_degrees:
+                flat, valid = spatial_index(params, self.out_hw, self.images.shape[3], self.device)
+                pixels = gather_pixels(pixels, flat, valid, self.out_hw)
+            else:
+                (top, _), (left, _) = self._ranges
+                pixels = pixels[:, :, top: top + self.out_hw[0], left: left + self.out_hw[1]]
+        x = pixels.to(self.dtype).mul_(self._scale).add_(self._shift)
+        if augment is not None and augment.cutout:
+            assert params is not None
+            x.masked_fill_(cutout_mask(params, augment.cutout, self.out_hw, self.device), 0.0)
+        return x
