@@ -1,0 +1,161 @@
+"""Parameter and FLOP accounting: pinned counts of the DACNN/VGG/ResNet families, closed forms,
+free twins, static vs dynamic use counting, and FLOPs that count every use of a shared kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dacnn import count_flops, count_params, create_model, list_models, model_info
+from dacnn.models.layers import split_evenly
+
+# (unique, per_use) at the registered defaults: 100 classes, 3x32x32 input.
+PINNED = {
+    "dacnn": (167_140, 1_789_156),
+    "dacnn14": (167_140, 1_789_156),
+    "dacnn18": (168_164, 2_380_004),
+    "dacnn34": (172_260, 4_743_396),
+    "dacnn18_reg": (301_284, 2_513_124),
+    "dacnn24_reg": (352_740, 3_449_316),
+    "dacnn34_reg": (438_500, 5_009_636),
+    "dacnn14_mix": (4_743_204, 14_770_212),
+    "dacnn18_mix": (4_916_388, 11_220_132),
+    "dacnn34_mix": (4_923_812, 21_328_292),
+    "dacnn18_mix_reg": (5_616_548, 11_920_292),
+    "dacnn34_mix_reg": (6_188_836, 22_593_316),
+    "resnet18": (11_220_132, 11_220_132),
+    "resnet34": (21_328_292, 21_328_292),
+    "vgg16_1fc": (14_770_212, 14_770_212),
+}
+FAMILIES = ("dacnn", "vgg", "resnet")
+DACNN_MODELS = list_models("dacnn*")
+REGULATED_BLOCKS = {18: 8, 24: 11, 34: 16}  # residual blocks of DACNN-18/24/34 (one regulator each)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP barriers cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_pinned_counts(name: str) -> None:
+    counts = count_params(create_model(name))
+    assert (counts.unique, counts.per_use) == PINNED[name]
+    assert counts.unique == sum(p.numel() for p in create_model(name).parameters())
+
+
+def test_every_model_of_these_families_is_pinned() -> None:
+    ours = {n for n in list_models() if model_info(n).family in FAMILIES}
+    assert ours == set(PINNED)
+
+
+def _plain_counts(depth: int, width: int, classes: int, regulated_blocks: int = 0) -> tuple[int, int]:
+    """Closed form (paper eq. 2-3): stem 3->C + BN, one CxC 3x3 kernel used depth-2 times with a BN
+    per use, linear classifier; a regulator is a 1x1 CxC conv + BN."""
+    c, uses = width, depth - 2
+    common = 27 * c + 2 * c + uses * 2 * c + c * classes + classes + regulated_blocks * (c * c + 2 * c)
+    return common + 9 * c * c, common + uses * 9 * c * c
+
+
+@pytest.mark.parametrize("depth", [3, 5, 7, 9, 11, 14, 18, 24, 34])
+@pytest.mark.parametrize(("width", "classes"), [(128, 100), (16, 10)])
+def test_dacnn_closed_form(depth: int, width: int, classes: int) -> None:
+    model = create_model("dacnn", depth=depth, width=width, num_classes=classes)
+    counts = count_params(model)
+    assert (counts.unique, counts.per_use) == _plain_counts(depth, width, classes)
+    free = count_params(create_model("dacnn", depth=depth, width=width, num_classes=classes, shared=False))
+    assert free.unique == free.per_use == counts.per_use
+    assert [s.uses for s in counts.shared] == ([depth - 2] if depth > 3 else [])
+
+
+@pytest.mark.parametrize("depth", sorted(REGULATED_BLOCKS))
+def test_regulated_dacnn_closed_form(depth: int) -> None:
+    counts = count_params(create_model(f"dacnn{depth}_reg"))
+    assert (counts.unique, counts.per_use) == _plain_counts(depth, 128, 100, REGULATED_BLOCKS[depth])
+
+
+def test_dacnn_without_batchnorm_has_conv_biases() -> None:
+    """Table 1's ablation: no BN, so every conv keeps a bias (the shared kernel's bias is shared)."""
+    c, k = 128, 100
+    for depth in (14, 18):
+        counts = count_params(create_model("dacnn", depth=depth, batchnorm=False))
+        assert counts.unique == 27 * c + c + 9 * c * c + c + c * k + k
+        assert counts.per_use == 27 * c + c + (depth - 2) * (9 * c * c + c) + c * k + k
+
+
+@pytest.mark.parametrize("name", DACNN_MODELS)
+def test_per_use_equals_free_twin(name: str) -> None:
+    """per_use of a shared DACNN = unique of the same builder with ``shared=False``."""
+    counts = count_params(create_model(name))
+    free = count_params(create_model(name, shared=False))
+    assert free.shared == [] and free.unique == free.per_use == counts.per_use
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if model_info(n).shared_twin])
+def test_per_use_equals_registered_twin(name: str) -> None:
+    twin = model_info(name).shared_twin
+    assert count_params(create_model(name)).per_use == count_params(create_model(twin)).unique
+
+
+@pytest.mark.parametrize("name", DACNN_MODELS)
+def test_static_count_equals_dynamic(name: str) -> None:
+    """Uses seen statically (AnchoredConv2d) = module calls during a forward pass."""
+    model = create_model(name, width=4 if "mix" in name else 8)
+    x = torch.randn(1, *model.info.input_size)
+    static, dynamic = count_params(model), count_params(model, example_input=x)
+    assert static == dynamic
+    assert static.shared and all(s.uses > 1 for s in static.shared)
+
+
+def _plain_flops(depth: int, width: int, classes: int, size: int = 32) -> int:
+    """Forward FLOPs of a plain DACNN: 2 per multiply-add, every conv use at its resolution."""
+    flops, cin = 0, 3
+    for group in split_evenly(depth - 1, min(5, depth - 1)):
+        for _ in range(group):
+            flops += 2 * 9 * cin * width * size * size
+            cin = width
+        size //= 2
+    return flops + 2 * width * classes
+
+
+@pytest.mark.parametrize("depth", [3, 5, 9, 14])
+def test_flops_count_every_use(depth: int) -> None:
+    model = create_model("dacnn", depth=depth, width=16, num_classes=10)
+    assert count_flops(model) == _plain_flops(depth, 16, 10)
+
+
+def test_flops_grow_with_depth_params_do_not() -> None:
+    depths = (5, 9, 14, 18, 34)
+    models = [create_model("dacnn", depth=d, width=16) for d in depths]
+    flops = [count_flops(m) for m in models]
+    uniques = [count_params(m).unique for m in models]
+    assert flops == sorted(flops) and len(set(flops)) == len(flops)
+    # only the per-layer BatchNorm (2 x width per use) grows with depth
+    assert [u - uniques[0] for u in uniques] == [2 * 16 * (d - depths[0]) for d in depths]
+
+
+@pytest.mark.parametrize("name", ["dacnn14", "dacnn18_reg", "dacnn18_mix"])
+def test_shared_and_free_twin_cost_the_same_flops(name: str) -> None:
+    width = 4 if "mix" in name else 16
+    shared = count_flops(create_model(name, width=width))
+    assert shared == count_flops(create_model(name, width=width, shared=False))
+
+
+def test_count_params_sees_parameter_aliasing_and_shared_parents() -> None:
+    """The two other sharing mechanisms of SPEC.md: one Parameter under several modules, and one
+    module registered under several parents."""
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight  # aliasing (kernel-sharing reference code)
+    counts = count_params(nn.Sequential(a, b))
+    assert counts.unique == 16 + 4 + 4 and counts.per_use == 16 * 2 + 4 + 4
+    assert [(s.numel, s.uses) for s in counts.shared] == [(16, 2)]
+
+    conv = nn.Conv2d(2, 2, 3, bias=False)
+    model = nn.Sequential(nn.Sequential(conv), nn.Sequential(conv), nn.Sequential(conv))
+    counts = count_params(model)
+    assert (counts.unique, counts.per_use) == (36, 108)
