@@ -261,3 +261,13 @@ def test_subset_is_the_first_n_of_a_seeded_permutation():
     assert not np.array_equal(split.subset(50, seed=5).images, sub.images)
     with pytest.raises(DataError, match="subset size"):
         split.subset(0)
+
+
+def test_batches_do_not_depend_on_the_thread_setting_and_threads_are_restored():
+    split = random_split(n=48)
+    before = torch.get_num_threads()
+    settings = dict(batch_size=16, shuffle=True, augment=Augment.lrunet())
+    one = collect(DeviceLoader(split, cpu_threads=1, **settings))
+    assert torch.get_num_threads() == before
+    default = collect(DeviceLoader(split, cpu_threads=None, **settings))
+    assert torch.equal(one[0], default[0]) and torch.equal(one[1], default[1])
