@@ -131,9 +131,8 @@ def _verify_shards(name: str, ds_dir: Path, workers: int | None) -> list[SplitRe
 
 def _official_checksum(source: Source) -> tuple[list[str], list[str]]:
     """(notes, problems) from comparing the source's files with the published md5s."""
-    known = {f.filename: f.md5 for f in DATASETS[source.location.parent.name].official_files} \
-        if source.location.parent.name in DATASETS else {}
-    known[SVHN_EXTRA.filename] = SVHN_EXTRA.md5
+    info = DATASETS.get(source.location.parent.name)
+    known = {f.filename: f.md5 for f in (*(info.official_files if info else ()), SVHN_EXTRA)}
     notes, problems = [], []
     for path in source.files:
         want = known.get(path.name)

@@ -143,9 +143,12 @@ def decode_shard(ref: ShardRef, image_shape: tuple[int, int, int] | None = None,
     them); ``num_classes`` bounds the labels. Any problem raises DataError naming the shard.
     """
     path = ref.path
-    if not path.is_file():
-        raise DataError(f"{path}: shard file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     if check_sha256 and ref.sha256:
         got = hashlib.sha256(raw).hexdigest()
         if got != ref.sha256:
