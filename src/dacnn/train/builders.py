@@ -1,0 +1,215 @@
+"""Turn a :class:`~dacnn.train.config.TrainConfig` into the run's parts: device, data, model, optimizer, LR.
+
+Each builder maps library errors to :class:`ConfigError` naming the offending field, so the CLI
+reports them in one line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dacnn.errors import ConfigError
+from dacnn.train.config import TrainConfig
+from dacnn.train.distributed import DistContext
+
+__all__ = ["dataset_info", "resolve_device", "seed_everything", "set_deterministic", "RunData", "build_data",
+           "build_model", "build_optimizer", "LRSchedule"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU -> ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"field 'device': unknown device {name!r} (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"field 'device' is {name!r} but no CUDA GPU is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic algorithms (bitwise-reproducible runs on CPU) or cuDNN autotuning."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+@dataclass
+class RunData:
+    """Loaders of the run and what the model needs to know about the data."""
+
+    train: Any
+    val: Any | None
+    test: Any | None
+    num_classes: int
+    in_chans: int
+    pad_to: int | None
+    train_size: int
+
+
+def dataset_info(name: str | None) -> Any:
+    """``DATASETS[name]``, or a :class:`ConfigError` listing the known names."""
+    from dacnn.data import DATASETS
+
+    if name is None:
+        raise ConfigError("no dataset given: use --dataset NAME or a recipe that sets one")
+    if name not in DATASETS:
+        raise ConfigError(f"field 'dataset': unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None) -> RunData:
+    """Load the dataset, hold out ``val_size``, take ``train_subset``, make the device loaders.
+
+    The validation split and the subset use seed 0 whatever ``cfg.seed`` is, so runs with different
+    seeds see the same data; ``cfg.seed`` sets the order and augmentation.
+    """
+    from dacnn.data import Augment, DeviceLoader, load_dataset
+
+    info = dataset_info(cfg.dataset)
+    full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
+    val = None
+    if cfg.val_size:
+        if cfg.val_size >= len(full):
+            raise ConfigError(f"field 'val_size' {cfg.val_size} leaves no training images "
+                              f"({len(full)} in all)")
+        full, val = full.train_val_split(val_size=cfg.val_size, seed=0)
+    train = full
+    if cfg.train_subset is not None:
+        if cfg.train_subset > len(full):
+            raise ConfigError(f"field 'train_subset' {cfg.train_subset} exceeds the {len(full)} "
+                              "training images")
+        train = full.subset(cfg.train_subset, seed=0)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"field 'batch_size' {cfg.batch_size} exceeds the {len(train)} training images")
+    height = info.image_size[0]
+    pad_to = cfg.pad_to if cfg.pad_to is not None else (model_hw if model_hw and model_hw > height else None)
+    augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, rotate_degrees=cfg.rotate_degrees,
+                      cutout=cfg.cutout)
+    common = {"device": device, "normalize": cfg.normalize, "pad_to": pad_to}
+    train_loader = DeviceLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                                augment=augment, **common)
+
+    def eval_loader(split: Any) -> Any:
+        return DeviceLoader(split, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, seed=0,
+                            augment=None, **common)
+
+    test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir) if cfg.eval_test else None
+    return RunData(
+        train=train_loader,
+        val=eval_loader(val) if val is not None else None,
+        test=eval_loader(test) if test is not None else None,
+        num_classes=info.num_classes,
+        in_chans=info.image_size[2],
+        pad_to=pad_to,
+        train_size=len(train),
+    )
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The ``create_model`` keyword arguments of a run (``None`` dropped), as stored in sidecars."""
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, "width": cfg.width, "depth": cfg.depth,
+              **cfg.model_kwargs}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build_model(name: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """``create_model`` with its errors turned into :class:`ConfigError`."""
+    from dacnn.registry import create_model
+
+    if name is None:
+        raise ConfigError("no model given: use --model NAME (see `dacnn models`) or a recipe that sets one")
+    try:
+        return create_model(name, **kwargs)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0]) if exc.args else f"unknown model {name!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model {name!r} rejects its arguments {kwargs}: {exc}") from None
+
+
+def model_input_hw(name: str | None) -> int | None:
+    """Input height the registered model is designed for (to pad smaller images), if known."""
+    from dacnn.registry import model_info
+
+    if name is None:
+        return None
+    try:
+        return model_info(name).input_size[1]
+    except KeyError:
+        return None
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD / Adagrad / Adam / AdamW over deduplicated parameters (each shared tensor once)."""
+    from dacnn.optim import param_groups
+
+    groups = param_groups(model, cfg.weight_decay, decay_1d=cfg.decay_norm_and_bias)
+    eps = {} if cfg.eps is None else {"eps": cfg.eps}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=cfg.lr, **eps)
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, **eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, **eps)
+
+
+class LRSchedule:
+    """Learning rate as a pure function of the position ``(epoch, batch)`` (nothing to checkpoint).
+
+    ``multistep`` changes per epoch (lr x gamma from each milestone epoch on, 0-based: milestone 45
+    means epochs 0-44 at lr, 45 on at lr x gamma, the DACNN paper's "0.01 from epoch 45");
+    ``cosine`` decays per iteration to ``min_lr`` (ConvMixer, SPEC.md 1.2); an optional linear
+    warm-up per iteration precedes either.
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        self.kind = cfg.lr_schedule
+        self.base, self.min_lr, self.gamma = cfg.lr, cfg.min_lr, cfg.lr_gamma
+        self.milestones = sorted(cfg.lr_milestones)
+        self.steps_per_epoch = steps_per_epoch
+        self.total = cfg.epochs * steps_per_epoch
+        self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def __call__(self, epoch: int, batch: int) -> float:
+        it = epoch * self.steps_per_epoch + batch
+        if it < self.warmup:
+            return self.base * (it + 1) / self.warmup
+        if self.kind == "multistep":
+            return self.base * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.kind == "cosine":
+            progress = (it - self.warmup) / max(1, self.total - self.warmup)
+            return self.min_lr + (self.base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.base
+
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, batch: int) -> float:
+        lr = self(epoch, batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+def device_for_rank(device: torch.device, ctx: DistContext) -> torch.device:
+    """Under torchrun each GPU process uses ``cuda:LOCAL_RANK``."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device

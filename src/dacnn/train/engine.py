@@ -1,0 +1,131 @@
+"""One training step and one evaluation pass: the two pieces of arithmetic the loop repeats.
+
+Kept free of files and logging so ``benchmarks/train_throughput.py`` times exactly what ``dacnn
+train`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dacnn.train.distributed import DistContext, all_reduce_sum, shard_batch
+
+__all__ = ["StepRunner", "evaluate", "autocast_context", "EvalResult"]
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on GPU; a no-op on CPU (``amp`` is a GPU option)."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class StepRunner:
+    """``step(x, y)``: forward, loss, backward, clip, optimizer step; returns (loss, correct) tensors.
+
+    The returned tensors stay on the device (no synchronisation); the caller checks the loss for
+    nan/inf before the weights of the *next* step are touched: :meth:`step` computes the loss and
+    only calls ``optimizer.step()`` if ``check_finite`` says so (see :meth:`forward_backward`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        amp: str = "none",
+        label_smoothing: float = 0.0,
+        clip_grad: float | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.amp, self.label_smoothing, self.clip_grad = amp, label_smoothing, clip_grad
+        self.channels_last = channels_last
+        use_scaler = amp == "fp16" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and gradients of one batch; the weights are not changed yet."""
+        x = self.prepare(x)
+        with autocast_context(self.device, self.amp):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        correct = (logits.detach().argmax(1) == y).sum()
+        return loss.detach(), correct
+
+    def apply(self) -> None:
+        """Clip (optionally) and take the optimizer step with the gradients just computed."""
+        if self.clip_grad is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, correct = self.forward_backward(x, y)
+        self.apply()
+        return loss, correct
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    acc: float  # percent
+    n: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    ctx: DistContext | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> EvalResult:
+    """Cross-entropy and top-1 accuracy (%) over a loader; with DDP each rank takes its slice and
+    the sums are all-reduced, so every rank gets the full-set figures."""
+    ctx = ctx or DistContext()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    try:
+        for x, y in loader:
+            x, y = shard_batch(x, y, ctx)
+            if y.numel() == 0:
+                continue
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp):
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            n += y.numel()
+    finally:
+        model.train(was_training)
+    total_loss, total_correct, total_n = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)],
+                                                        ctx, device)
+    if total_n == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    return EvalResult(total_loss / total_n, 100.0 * total_correct / total_n, int(total_n))

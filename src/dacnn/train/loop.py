@@ -1,0 +1,357 @@
+"""The training loop: ``train(config) -> TrainResult``.
+
+One epoch = shuffle (a function of seed and epoch), for each batch: set lr, forward/backward, check
+the loss is finite, clip, step, update the EMA, maybe checkpoint; then validate, log a line, save
+the epoch's checkpoint. The model is selected on the validation split (best accuracy) and only that
+model is evaluated on the test split, once, at the end.
+
+Resuming restores weights, optimizer, EMA, position (epoch, batches done) and RNG states: the
+loader's order and augmentation are functions of (seed, epoch, batch), so the resumed run skips
+the batches already done and continues bitwise as the uninterrupted run would (CPU, deterministic
+mode, same thread count).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dacnn.counting import count_params
+from dacnn.errors import CheckpointError, DacnnError
+from dacnn.train import checkpoint as ckpt
+from dacnn.train.builders import (
+    LRSchedule,
+    build_data,
+    build_model,
+    build_optimizer,
+    dataset_info,
+    device_for_rank,
+    model_input_hw,
+    model_kwargs,
+    resolve_device,
+    seed_everything,
+    set_deterministic,
+)
+from dacnn.train.config import TrainConfig, dump_yaml
+from dacnn.train.distributed import (
+    DistContext,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    shard_batch,
+    wrap_ddp,
+)
+from dacnn.train.engine import StepRunner, evaluate
+from dacnn.train.runlog import RunLog, format_duration, progress_bar
+
+__all__ = ["train", "TrainResult", "TrainingDiverged", "new_run_dir", "find_run_dir"]
+
+
+class TrainingDiverged(DacnnError):
+    """The loss became nan or inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written to ``<run>/result.json``)."""
+
+    run_dir: str | None
+    model: str
+    dataset: str
+    epochs: int
+    best_epoch: int | None
+    best_val_acc: float | None
+    test_acc: float | None
+    test_loss: float | None
+    unique_params: int
+    per_use_params: int
+    wall_time: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_line(self) -> str:
+        test = f"test accuracy {self.test_acc:.2f} %" if self.test_acc is not None else "no test evaluation"
+        val = ""
+        if self.best_val_acc is not None and self.best_epoch is not None:
+            val = f" (val {self.best_val_acc:.2f} % at epoch {self.best_epoch + 1})"
+        return (f"{test}{val} | unique params {self.unique_params:,} | "
+                f"wall time {format_duration(self.wall_time)}")
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """``<out_dir>/<run_name or date-model-dataset>``, with ``-2``, ``-3``... if it exists."""
+    name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.dataset}"
+    path, n = Path(cfg.out_dir) / name, 1
+    while path.exists():
+        n += 1
+        path = Path(cfg.out_dir) / f"{name}-{n}"
+    return path
+
+
+def find_run_dir(run: str | Path, out_dir: str | Path = "runs") -> Path:
+    """A run directory given as a path or as a name under ``out_dir``."""
+    for candidate in (Path(run), Path(out_dir) / str(run)):
+        if (candidate / "checkpoints").is_dir() or (candidate / "config.yaml").is_file():
+            return candidate
+    raise CheckpointError(f"no run directory {str(run)!r} (looked for it as a path and under {out_dir}/)")
+
+
+class _Running:
+    """Sums over the current epoch (device tensors: no synchronisation per step)."""
+
+    def __init__(self, device: torch.device, saved: dict[str, Any] | None = None) -> None:
+        saved = saved or {}
+        self.loss = torch.tensor(saved.get("loss_sum", 0.0), dtype=torch.float64, device=device)
+        self.correct = torch.tensor(saved.get("correct", 0), dtype=torch.int64, device=device)
+        self.seen = int(saved.get("seen", 0))
+        self.seconds = float(saved.get("train_seconds", 0.0))
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.loss += loss.double() * n
+        self.correct += correct
+        self.seen += n
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss.item(), "correct": int(self.correct.item()), "seen": self.seen,
+                "train_seconds": self.seconds}
+
+
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool = True) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset``; ``resume`` (a run directory) continues a run."""
+    device = resolve_device(cfg.device)
+    ctx = init_distributed(device)
+    try:
+        return _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose).run()
+    finally:
+        cleanup(ctx)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, device: torch.device, ctx: DistContext,
+                 resume: str | Path | None, verbose: bool) -> None:
+        self.start = time.perf_counter()
+        self.cfg, self.device, self.ctx = cfg, device, ctx
+        self.say = print if verbose and ctx.is_main else (lambda *a, **k: None)
+        self.resume_state: dict[str, Any] | None = None
+        if resume is not None:
+            self.run_dir = find_run_dir(resume, cfg.out_dir)
+            pointer = ckpt.read_pointer(self.run_dir / "checkpoints", "last")
+            self.resume_state = ckpt.load_state(self.run_dir / "checkpoints" / pointer["state"])
+        else:
+            self.run_dir = new_run_dir(cfg)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, device = self.cfg, self.device
+        set_deterministic(cfg.deterministic)
+        seed_everything(cfg.seed)
+        info = dataset_info(cfg.dataset)
+        self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
+        self.model = build_model(cfg.model, self.kwargs).to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data = build_data(cfg, device, model_input_hw(cfg.model))
+        if self.ctx.enabled:
+            torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
+        self.ema = None
+        if cfg.ema is not None:
+            from dacnn.ema import ModelEMA
+
+            self.ema = ModelEMA(self.model, decay=cfg.ema)
+        self.optimizer = build_optimizer(self.model, cfg)
+        side = self.data.pad_to or info.image_size[0]
+        self.input_size = (info.image_size[2], side, side)
+        train_model = wrap_ddp(self.model, self.ctx, device, self.input_size)
+        eval_model = self.ema.module if self.ema is not None else self.model
+        if cfg.compile:
+            train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
+        self.eval_model = eval_model
+        self.runner = StepRunner(train_model, self.optimizer, device, amp=cfg.amp,
+                                 label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad,
+                                 channels_last=cfg.channels_last)
+        self.steps_per_epoch = len(self.data.train)
+        self.schedule = LRSchedule(cfg, self.steps_per_epoch)
+        self.log = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard)
+        self.meta = {"model": cfg.model, "model_kwargs": self.kwargs, "dataset": cfg.dataset,
+                     "normalize": cfg.normalize, "pad_to": self.data.pad_to}
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, int, int]:
+        """Load a training state; returns (start epoch, batches to skip, global step)."""
+        ckpt.load_weights(self.model, self.ckpt_dir / state["weights"], self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state.get("ema_weights") is None:
+                raise CheckpointError(f"{self.ckpt_dir}: the run has no EMA weights; drop --ema to resume it")
+            ckpt.load_weights(self.ema.module, self.ckpt_dir / state["ema_weights"], self.device)
+            self.ema.updates = state["ema_updates"]
+        if self.runner.scaler is not None and state.get("scaler"):
+            self.runner.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state["best"])
+        self.elapsed_before = float(state["wall_time"])
+        epoch = int(state["epoch"])
+        start, skip = (epoch + 1, 0) if state["epoch_done"] else (epoch, int(state["batches_done"]))
+        self.log.resume(start)
+        self.say(f"resuming {self.run_dir} at epoch {start + 1}, batch {skip} (step {state['global_step']})")
+        return start, skip, int(state["global_step"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, epoch: int, batches_done: int, step: int, running: _Running, *, epoch_done: bool,
+             is_best: bool = False) -> None:
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):  # never save a broken model
+            self.diverged(f"the weights or BatchNorm statistics are no longer finite at step {step}")
+        if not self.ctx.is_main:
+            return
+        state = {
+            "epoch": epoch, "batches_done": batches_done, "epoch_done": epoch_done, "global_step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.runner.scaler.state_dict() if self.runner.scaler is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else None,
+            "schedule": {"kind": self.schedule.kind, "lr": self.optimizer.param_groups[0]["lr"]},
+            "rng": ckpt.capture_rng(), "best": self.best, "running": running.state(),
+            "wall_time": self.elapsed(), "config": self.cfg.to_dict(),
+            "torch_version": str(torch.__version__),
+        }
+        meta = {**self.meta, "epoch": epoch, "global_step": step}
+        ckpt.save_checkpoint(self.ckpt_dir, model=self.model,
+                             ema_model=self.ema.module if self.ema is not None else None,
+                             state=state, meta=meta, is_best=is_best)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def check_finite(self, loss: torch.Tensor, epoch: int, batch: int, step: int) -> None:
+        bad = 0.0 if bool(torch.isfinite(loss)) else 1.0
+        if self.ctx.enabled:
+            bad = all_reduce_sum([bad], self.ctx, self.device)[0]
+        if bad:
+            self.diverged(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}/"
+                          f"{self.steps_per_epoch} (step {step + 1})")
+
+    def diverged(self, what: str) -> None:
+        last = self.ckpt_dir / "last.json"
+        kept = f"the last good checkpoint is kept ({last})" if last.exists() else "no checkpoint was written"
+        raise TrainingDiverged(f"{what}; training stopped and {kept}. Lower --lr (now {self.cfg.lr:g}) "
+                               "or set --clip-grad.")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.setup()
+        self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
+        self.elapsed_before = 0.0
+        start_epoch, skip, step = 0, 0, 0
+        if self.resume_state is not None:
+            start_epoch, skip, step = self.restore(self.resume_state)
+        elif self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self.say(f"run {self.run_dir}: {cfg.model} on {cfg.dataset} ({self.data.train_size} train images, "
+                 f"{self.steps_per_epoch} steps/epoch, {count_params(self.model).unique:,} unique params, "
+                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''})")
+
+        for epoch in range(start_epoch, cfg.epochs):
+            first = epoch == start_epoch
+            saved = self.resume_state["running"] if first and skip and self.resume_state else None
+            running = _Running(self.device, saved)
+            self.data.train.set_epoch(epoch)
+            batches = iter(self.data.train)
+            batch = skip if first else 0
+            for _ in range(batch):  # resume mid-epoch: the same batches, discarded
+                next(batches)
+            if first and self.resume_state is not None:
+                ckpt.restore_rng(self.resume_state["rng"])  # after skipping, see the module docstring
+            step = self.train_epoch(epoch, batches, batch, step, running)
+
+            val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=cfg.amp,
+                           channels_last=cfg.channels_last) if self.data.val is not None else None
+            if val is not None and not math.isfinite(val.loss):
+                self.diverged(f"validation loss became {val.loss} after epoch {epoch + 1}")
+            is_best = val is None or self.best["val_acc"] is None or val.acc > self.best["val_acc"]
+            if is_best:
+                self.best = {"val_acc": val.acc if val else None, "epoch": epoch}
+            sums = [running.loss.item(), float(running.correct.item()), float(running.seen)]
+            train_loss, train_correct, seen = all_reduce_sum(sums, self.ctx, self.device)
+            record = {
+                "epoch": epoch, "step": step, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": train_loss / max(seen, 1), "train_acc": 100.0 * train_correct / max(seen, 1),
+                "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
+                "images_per_s": seen / max(running.seconds, 1e-9), "epoch_train_s": running.seconds,
+                "wall_time": self.elapsed(),
+            }
+            self.log.log_epoch(record)
+            self.say(self.epoch_line(record))
+            self.save(epoch, self.steps_per_epoch, step, running, epoch_done=True, is_best=is_best)
+        return self.finish()
+
+    def train_epoch(self, epoch: int, batches: Any, batch: int, step: int, running: _Running) -> int:
+        cfg, runner = self.cfg, self.runner
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", self.ctx.is_main)
+        if bar is not None:
+            bar.update(batch)
+        tick = time.perf_counter()
+        self.model.train()
+        for x, y in batches:
+            self.schedule.apply(self.optimizer, epoch, batch)
+            x, y = shard_batch(x, y, self.ctx)
+            loss, correct = runner.forward_backward(x, y)
+            will_save = cfg.ckpt_every_steps and (step + 1) % cfg.ckpt_every_steps == 0
+            if (step + 1) % cfg.nan_check_every == 0 or will_save or batch + 1 == self.steps_per_epoch:
+                self.check_finite(loss, epoch, batch, step)
+            runner.apply()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            running.add(loss, correct, y.numel() * self.ctx.world)
+            batch, step = batch + 1, step + 1
+            if bar is not None:
+                bar.update(1)
+            if will_save and batch < self.steps_per_epoch:  # the epoch's end saves anyway
+                running.seconds += time.perf_counter() - tick
+                self.save(epoch, batch, step, running, epoch_done=False)
+                tick = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        running.seconds += time.perf_counter() - tick
+        if bar is not None:
+            bar.close()
+        return step
+
+    def epoch_line(self, r: dict[str, Any]) -> str:
+        val = f"  val loss {r['val_loss']:.4f} acc {r['val_acc']:5.2f} %" if r["val_acc"] is not None else ""
+        return (f"epoch {r['epoch'] + 1:>3}/{self.cfg.epochs}  train loss {r['train_loss']:.4f} "
+                f"acc {r['train_acc']:5.2f} %{val}  lr {r['lr']:.3g}  {r['images_per_s']:.0f} img/s  "
+                f"{format_duration(r['wall_time'])}")
+
+    def finish(self) -> TrainResult:
+        cfg = self.cfg
+        counts = count_params(self.model)
+        test = None
+        if self.data.test is not None and self.ctx.is_main:
+            pointer = ckpt.read_pointer(self.ckpt_dir, "best")
+            selected = build_model(cfg.model, self.kwargs).to(self.device)
+            ckpt.load_weights(selected, self.ckpt_dir / pointer["eval_weights"], self.device)
+            if cfg.channels_last:
+                selected = selected.to(memory_format=torch.channels_last)
+            test = evaluate(selected, self.data.test, self.device, amp=cfg.amp,
+                            channels_last=cfg.channels_last)
+        self.ctx.barrier()
+        result = TrainResult(
+            run_dir=str(self.run_dir), model=str(cfg.model), dataset=str(cfg.dataset), epochs=cfg.epochs,
+            best_epoch=self.best["epoch"], best_val_acc=self.best["val_acc"],
+            test_acc=test.acc if test else None, test_loss=test.loss if test else None,
+            unique_params=counts.unique, per_use_params=counts.per_use, wall_time=self.elapsed(),
+            history=list(self.log.records),
+        )
+        self.log.write_result({k: v for k, v in result.to_dict().items() if k != "history"})
+        self.log.close()
+        self.say(result.summary_line())
+        return result
