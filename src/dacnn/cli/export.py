@@ -137,10 +137,10 @@ def run_export(args: argparse.Namespace) -> int:
         diff = max_abs_diff(out, model, torch.randn(8, *size, generator=torch.Generator().manual_seed(0)))
         print(f"max |onnxruntime - PyTorch| on 8 random inputs: {diff:.2e}")
         exported = OnnxRuntimeModel(out)
-    shared = "; ".join(f"{s.name} ({s.numel:,} values) used {s.uses}x, stored once" for s in counts.shared)
     print(
-        f"params: {counts.unique:,} unique, {counts.per_use:,} counting every use"
-        f" (x{counts.compression:.2f}){'; ' + shared if shared else ''}"
+        f"params: {counts.unique:,} unique, {counts.per_use:,} counting every use "
+        f"(x{counts.compression:.2f}); {len(counts.shared)} shared tensor(s), each stored once: "
+        + ", ".join(f"{s.name} used {s.uses}x" for s in counts.shared)
     )
     if args.evaluate:
         loader = test_loader(meta, data_dir=args.data_dir, limit=args.limit)
