@@ -108,11 +108,34 @@ def test_int8_quantises_shared_kernel_once(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         assert all(f.get_tensor(k).dtype == torch.int8 for k in header.quantized)
+        assert f.get_tensor("__vectors__").dtype == torch.float16  # BN vectors and scales
     kernels = [n + ".weight" for n, _ in iter_shared_kernels(model)]
     assert set(kernels) <= set(header.quantized) <= keys
     assert [k for k, _ in header.vectors if k.endswith(":scale")].count(kernels[0] + ":scale") == 1
     fp32 = export_safetensors(model, tmp_path / "f.safetensors", "fp32", model_name="dacnn18_mix")
     assert info.file_bytes < fp32.file_bytes / 3
+
+
+def test_int8_keeps_float32_vectors_that_float16_would_spoil(tmp_path):
+    model = dacnn.create_model("dacnn14", width=8, num_classes=10).eval()
+    with torch.no_grad():
+        model.head.fc.weight[3] = 1e-7 * torch.randn(8)  # its scale would be subnormal in float16
+    path = tmp_path / "m.safetensors"
+    kwargs = {"width": 8, "num_classes": 10}
+    export_safetensors(model, path, "int8", model_name="dacnn14", model_kwargs=kwargs)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("__vectors__").dtype == torch.float32
+    loaded, _ = load_exported(path)
+    row, ref = loaded.head.fc.weight[3], model.head.fc.weight[3]
+    assert (row - ref).abs().max() <= ref.abs().max() / 254 * 1.001
+
+
+def test_fp16_overflow_is_an_error(tmp_path):
+    model = dacnn.create_model("dacnn14", width=8)
+    with torch.no_grad():
+        model.features[1][1].running_var[0] = 1e6
+    with pytest.raises(ConfigError, match="float16 range"):
+        export_safetensors(model, tmp_path / "m.safetensors", "fp16")
 
 
 def test_aliased_module_stored_once_and_retied(tmp_path):
