@@ -103,7 +103,8 @@ def test_int8_quantisation_per_output_channel():
 def test_int8_quantises_shared_kernel_once(tmp_path):
     model = calibrated("dacnn18_mix", width=8, num_classes=10)
     path = tmp_path / "m.safetensors"
-    info = export_safetensors(model, path, "int8", model_name="dacnn18_mix", model_kwargs={"width": 8})
+    kwargs = {"width": 8, "num_classes": 10}
+    info = export_safetensors(model, path, "int8", model_name="dacnn18_mix", model_kwargs=kwargs)
     _, header = read_export(path)
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
@@ -112,7 +113,9 @@ def test_int8_quantises_shared_kernel_once(tmp_path):
     kernels = [n + ".weight" for n, _ in iter_shared_kernels(model)]
     assert set(kernels) <= set(header.quantized) <= keys
     assert [k for k, _ in header.vectors if k.endswith(":scale")].count(kernels[0] + ":scale") == 1
-    fp32 = export_safetensors(model, tmp_path / "f.safetensors", "fp32", model_name="dacnn18_mix")
+    fp32 = export_safetensors(
+        model, tmp_path / "f.safetensors", "fp32", model_name="dacnn18_mix", model_kwargs=kwargs
+    )
     assert info.file_bytes < fp32.file_bytes / 3
 
 
@@ -135,7 +138,7 @@ def test_fp16_overflow_is_an_error(tmp_path):
     with torch.no_grad():
         model.features[1][1].running_var[0] = 1e6
     with pytest.raises(ConfigError, match="float16 range"):
-        export_safetensors(model, tmp_path / "m.safetensors", "fp16")
+        export_safetensors(model, tmp_path / "m.safetensors", "fp16", model_kwargs={"width": 8})
 
 
 def test_aliased_module_stored_once_and_retied(tmp_path):
@@ -180,6 +183,9 @@ def test_metadata_rebuilds_model_and_keeps_meta(tmp_path):
 
 def test_bad_inputs_raise_named_errors(tmp_path):
     model = dacnn.create_model("dacnn14", width=8)
+    with pytest.raises(ConfigError, match="model_kwargs"):  # width 8 cannot be guessed from the model
+        export_safetensors(model, tmp_path / "m.safetensors")
+    export_safetensors(dacnn.create_model("dacnn14", num_classes=10), tmp_path / "m.safetensors")  # guessed
     with pytest.raises(ConfigError, match="bf8"):
         export_safetensors(model, tmp_path / "m.safetensors", "bf8")
     with pytest.raises(CheckpointError, match="no such file"):

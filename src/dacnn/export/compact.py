@@ -159,6 +159,20 @@ def _default_spec(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return name, dict(kwargs or {})
 
 
+def _check_rebuilds(name: str, kwargs: dict[str, Any], stored: dict[str, torch.Tensor]) -> None:
+    """Guessed kwargs must rebuild tensors of the same shapes (built on the meta device: no memory)."""
+    try:
+        with torch.device("meta"):
+            rebuilt, _ = unique_state(create_model(name, **kwargs))
+    except (KeyError, TypeError, ValueError):
+        rebuilt = {}
+    if {k: v.shape for k, v in rebuilt.items()} != {k: v.shape for k, v in stored.items()}:
+        raise ConfigError(
+            f"cannot tell which create_model({name!r}, ...) arguments built this model ({kwargs} do not "
+            "rebuild it): pass model_kwargs= (e.g. width, num_classes)"
+        )
+
+
 def export_safetensors(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -179,6 +193,8 @@ def export_safetensors(
     name = model_name if model_name is not None else default_name
     kwargs = model_kwargs if model_kwargs is not None else default_kwargs
     stored, aliases = unique_state(model)
+    if name and model_kwargs is None and getattr(model, "create_kwargs", None) is None:
+        _check_rebuilds(name, kwargs, stored)
     tensors: dict[str, torch.Tensor] = {}
     vectors: list[tuple[str, torch.Tensor]] = []
     quantized: list[str] = []
