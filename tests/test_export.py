@@ -34,6 +34,11 @@ def calibrated(name: str, seed: int = 0, **kwargs: object) -> nn.Module:
     return model.eval()
 
 
+def prunable_like(model: nn.Module) -> list[str]:
+    """Names of the unique conv/linear weights (what int8 quantises)."""
+    return [n for n, p in model.named_parameters() if p.dim() >= 2]
+
+
 def shared_tensor_ids(model: nn.Module) -> set[int]:
     return {id(k.weight) for _, k in iter_shared_kernels(model)}
 
@@ -109,17 +114,19 @@ def test_int8_quantises_shared_kernel_once(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         assert all(f.get_tensor(k).dtype == torch.int8 for k in header.quantized)
-        assert f.get_tensor("__vectors__").dtype == torch.float16  # BN vectors and scales
+        assert f.get_tensor("__vectors__").dtype == torch.float16  # BN vectors
+        scales = f.get_tensor("__scales__")  # one per output channel of each quantised tensor, once
+        assert scales.numel() == sum(f.get_tensor(k).shape[0] for k in header.quantized)
     kernels = [n + ".weight" for n, _ in iter_shared_kernels(model)]
     assert set(kernels) <= set(header.quantized) <= keys
-    assert [k for k, _ in header.vectors if k.endswith(":scale")].count(kernels[0] + ":scale") == 1
+    assert len(header.quantized) == len(set(header.quantized)) == len(list(prunable_like(model)))
     fp32 = export_safetensors(
         model, tmp_path / "f.safetensors", "fp32", model_name="dacnn18_mix", model_kwargs=kwargs
     )
     assert info.file_bytes < fp32.file_bytes / 3
 
 
-def test_int8_keeps_float32_vectors_that_float16_would_spoil(tmp_path):
+def test_int8_scales_stay_float32(tmp_path):
     model = dacnn.create_model("dacnn14", width=8, num_classes=10).eval()
     with torch.no_grad():
         model.head.fc.weight[3] = 1e-7 * torch.randn(8)  # its scale would be subnormal in float16
@@ -127,7 +134,8 @@ def test_int8_keeps_float32_vectors_that_float16_would_spoil(tmp_path):
     kwargs = {"width": 8, "num_classes": 10}
     export_safetensors(model, path, "int8", model_name="dacnn14", model_kwargs=kwargs)
     with safe_open(str(path), framework="pt") as f:
-        assert f.get_tensor("__vectors__").dtype == torch.float32
+        assert f.get_tensor("__scales__").dtype == torch.float32
+        assert f.get_tensor("__scales__").numel() == 8 + 8 + 10  # stem, shared kernel once, classifier
     loaded, _ = load_exported(path)
     row, ref = loaded.head.fc.weight[3], model.head.fc.weight[3]
     assert (row - ref).abs().max() <= ref.abs().max() / 254 * 1.001

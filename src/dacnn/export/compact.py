@@ -5,16 +5,17 @@ What the file holds (format ``dacnn-compact/1``):
 * each conv/linear weight (2-D or more) under its ``state_dict`` name, once: a shared kernel is one
   tensor owned by its :class:`~dacnn.sharing.SharedKernel`, and aliases (a module registered under
   two parents) are recorded in the metadata instead of stored again;
-* every 1-D tensor (BatchNorm weight/bias/running statistics, biases; int8 scales) concatenated into
+* every 1-D tensor (BatchNorm weight/bias/running statistics, biases) concatenated into
   one ``__vectors__`` tensor, with its index (names and shapes; JSON, zlib-compressed, base64) in
   the metadata. A deep DACNN or LruNet has a BatchNorm per use, and one safetensors header entry
   per vector would cost ~90 bytes each (3 % of an fp16 DACNN-34);
 * BatchNorm's ``num_batches_tracked`` is dropped: it is a training counter, not needed at inference;
 * ``fp16`` casts every float tensor (a value beyond the float16 range is an error, not an inf);
   ``int8`` quantises the weights per output channel (:mod:`dacnn.export.quantize`, a shared kernel
-  once) and stores vectors and scales in float16, or float32 unless float16 holds every one of
-  them to 0.1 % (tiny scales would be subnormal). LruNet's per-use BatchNorms are 27 % of its
-  values: with float32 vectors its int8 file would be 0.63 of fp32 instead of 0.38;
+  once), stores their float32 scales in ``__scales__`` (in the order of ``dacnn.quantized``) and
+  the vectors in float16 as the fp16 export does (float32 if one would overflow). LruNet's
+  per-use BatchNorms are 27 % of its values: float32 vectors would keep its int8 file at 0.63 of
+  fp32 instead of ~0.38;
 * metadata: model name and kwargs (so the loader can rebuild it), shared tensors and their uses,
   parameter counts and any extra key/values (dataset, accuracy, source).
 
@@ -59,7 +60,8 @@ __all__ = [
 FORMAT = "dacnn-compact/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 VECTORS = "__vectors__"
-SCALE_SUFFIX = ":scale"  # state_dict names never contain ':'
+SCALES = "__scales__"
+SCALE_SUFFIX = ":scale"  # how inspect names a scale row; state_dict names never contain ':'
 TRAINING_ONLY = ("num_batches_tracked",)
 ZLIB_PREFIX = "zlib+base64:"
 
@@ -122,11 +124,6 @@ def _to_half(tensor: torch.Tensor, name: str) -> torch.Tensor:
         big = tensor.detach().abs().max().item()
         raise ConfigError(f"{name}: values up to {big:.3g} exceed the float16 range; export fp32 or int8")
     return half
-
-
-def _half_is_exact_enough(values: torch.Tensor, rtol: float = 1e-3) -> bool:
-    """Whether float16 keeps every value within ``rtol`` (no overflow, no subnormal scales)."""
-    return bool(((values.half().float() - values).abs() <= rtol * values.abs()).all())
 
 
 def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -198,6 +195,7 @@ def export_safetensors(
     tensors: dict[str, torch.Tensor] = {}
     vectors: list[tuple[str, torch.Tensor]] = []
     quantized: list[str] = []
+    scales: list[torch.Tensor] = []
     for key, tensor in stored.items():
         if not tensor.is_floating_point():
             tensors[key] = tensor.contiguous()
@@ -205,7 +203,7 @@ def export_safetensors(
             vectors.append((key, tensor))
         elif dtype == "int8" and is_quantizable(tensor):
             tensors[key], scale = quantize_per_channel(tensor)
-            vectors.append((key + SCALE_SUFFIX, scale))
+            scales.append(scale)
             quantized.append(key)
         else:
             tensors[key] = _to_half(tensor, key) if dtype == "fp16" else tensor.float().contiguous()
@@ -213,9 +211,11 @@ def export_safetensors(
         pack = torch.cat([v.detach().reshape(-1).float() for _, v in vectors])
         if dtype == "fp16":
             pack = _to_half(pack, "BatchNorm/bias vectors")
-        elif dtype == "int8" and _half_is_exact_enough(pack):
+        elif dtype == "int8" and bool(torch.isfinite(pack.half()).all()):
             pack = pack.half()  # per-use BN vectors are most of an int8 LruNet
         tensors[VECTORS] = pack
+    if scales:
+        tensors[SCALES] = torch.cat(scales)
     tensors = {k: v.cpu() for k, v in tensors.items()}
 
     counts = count_params(model)
@@ -299,16 +299,15 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
         raise CheckpointError(
             f"{path}: {VECTORS} holds {pack.numel()} values but its index lists {sum(sizes)}"
         )
-    scales: dict[str, torch.Tensor] = {}
     for (key, shape), part in zip(header.vectors, torch.split(pack, sizes)):
-        if key.endswith(SCALE_SUFFIX):
-            scales[key[: -len(SCALE_SUFFIX)]] = part
-        else:
-            raw[key] = part.reshape(shape)
-    for key in header.quantized:
-        if key not in raw or key not in scales:
-            raise CheckpointError(f"{path}: quantised tensor {key!r} or its scale is missing")
-        raw[key] = dequantize_per_channel(raw[key], scales[key])
+        raw[key] = part.reshape(shape)
+    missing = [key for key in header.quantized if key not in raw]
+    scales = raw.pop(SCALES, torch.empty(0))
+    channels = [raw[key].shape[0] for key in header.quantized if key in raw]
+    if missing or sum(channels) != scales.numel():
+        raise CheckpointError(f"{path}: quantised tensors {missing} missing or {SCALES} does not fit them")
+    for key, scale in zip(header.quantized, torch.split(scales, channels)):
+        raw[key] = dequantize_per_channel(raw[key], scale)
     return raw, header
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from dacnn.counting import count_params, parameter_uses
 from dacnn.errors import CheckpointError
-from dacnn.export.compact import FORMAT, SCALE_SUFFIX, VECTORS, parse_header
+from dacnn.export.compact import FORMAT, SCALE_SUFFIX, SCALES, VECTORS, parse_header
 from dacnn.registry import create_model
 
 __all__ = ["TensorRow", "InspectReport", "inspect_file", "format_report"]
@@ -105,21 +105,29 @@ def _safetensors_rows(path: Path) -> tuple[list[TensorRow], dict[str, str]]:
 
 
 def _unpack_vector_rows(rows: list[TensorRow], metadata: dict[str, str], path: Path) -> list[TensorRow]:
-    """Replace the ``__vectors__`` row of a compact export by one row per packed vector."""
+    """Replace the ``__vectors__`` and ``__scales__`` rows of a compact export by a row per vector."""
     header = parse_header(metadata, path)
-    pack = next((r for r in rows if r.name == VECTORS), None)
+    by_name = {r.name: r for r in rows}
     out = [
         TensorRow(
             r.name, r.shape, r.dtype, r.bytes, note="int8 per-channel" if r.name in header.quantized else ""
         )
         for r in rows
-        if r.name != VECTORS
+        if r.name not in (VECTORS, SCALES)
     ]
-    if pack is not None:
-        itemsize = ITEMSIZE.get(pack.dtype, 0)
+    if SCALES in by_name:
+        itemsize = ITEMSIZE.get(by_name[SCALES].dtype, 0)
+        for key in header.quantized:
+            channels = by_name[key].shape[0]
+            out.append(
+                TensorRow(
+                    key + SCALE_SUFFIX, (channels,), by_name[SCALES].dtype, channels * itemsize, note="scales"
+                )
+            )
+    if VECTORS in by_name:
+        itemsize = ITEMSIZE.get(by_name[VECTORS].dtype, 0)
         for key, shape in header.vectors:
-            note = "scales" if key.endswith(SCALE_SUFFIX) else "packed"
-            out.append(TensorRow(key, shape, pack.dtype, _numel(shape) * itemsize, note=note))
+            out.append(TensorRow(key, shape, by_name[VECTORS].dtype, _numel(shape) * itemsize, note="packed"))
     return out
 
 
