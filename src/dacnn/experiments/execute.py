@@ -1,0 +1,246 @@
+"""Run one planned row and build its results record (used by :func:`dacnn.experiments.runner.reproduce`).
+
+A ``train`` row trains (or resumes, or reads back a finished run directory), evaluates the selected
+model on the test split (or its seeded subset), counts FLOPs and per-use parameters of the model,
+and writes it all into one record. A run that diverges (nan/inf loss) is a result too: its best
+checkpoint before the divergence is tested and the record says so. ``filters`` rows add Figure 7's
+activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.prune`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dacnn.errors import ConfigError
+from dacnn.experiments.store import (
+    MACHINE_KEYS,
+    ResultsStore,
+    code_version,
+    dataset_checksum,
+    device_description,
+    git_commit,
+    now_utc,
+)
+
+__all__ = ["run_training_row", "run_prune_row", "base_record"]
+
+
+def _machine_config(p: Any, opts: Any) -> Any:
+    from dacnn.train.config import config_from_dict
+
+    assert p.run_dir is not None
+    settings = {**p.train, "out_dir": str(p.run_dir.parent), "run_name": p.run_dir.name}
+    if opts.data_dir is not None:
+        settings["data_dir"] = opts.data_dir
+    if opts.device is not None:
+        settings["device"] = opts.device
+    return config_from_dict(settings, source=f"{p.spec.name}/{p.row.id}")
+
+
+def _result_from_dir(run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``result.json`` with its per-epoch history from ``metrics.jsonl``."""
+    result = json.loads((run_dir / "result.json").read_text())
+    history = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    result["history"] = history
+    return result
+
+
+def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
+    """Train (or resume, or read back) the row's run; returns the TrainResult as a dict."""
+    from dacnn.train import train
+
+    run_dir = p.run_dir
+    assert run_dir is not None
+    if (run_dir / "result.json").is_file() and (run_dir / "checkpoints" / "best.json").is_file():
+        opts.say(f"  finished run found in {run_dir}")
+        return _result_from_dir(run_dir)
+    if (run_dir / "checkpoints" / "last.json").is_file():
+        opts.say(f"  resuming the interrupted run in {run_dir}")
+        return train(cfg, resume=run_dir, verbose=opts.verbose).to_dict()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # started but no checkpoint yet: nothing to resume
+    return train(cfg, verbose=opts.verbose).to_dict()
+
+
+def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
+    """What a run that stopped on nan/inf leaves: its epochs so far and its best checkpoint, if any."""
+    from dacnn.counting import count_params
+    from dacnn.train.builders import build_model, dataset_info, model_kwargs
+
+    assert p.run_dir is not None
+    history = []
+    if (p.run_dir / "metrics.jsonl").is_file():
+        lines = (p.run_dir / "metrics.jsonl").read_text().splitlines()
+        history = [json.loads(line) for line in lines if line]
+    scored = [h for h in history if h.get("val_acc") is not None]
+    best = max(scored, key=lambda h: h["val_acc"]) if scored else None
+    info = dataset_info(cfg.dataset)
+    counts = count_params(build_model(cfg.model, model_kwargs(cfg, info.num_classes, info.image_size[2])))
+    has_best = (p.run_dir / "checkpoints" / "best.json").is_file()
+    return {"run_dir": str(p.run_dir), "best_epoch": best["epoch"] if best and has_best else None,
+            "best_val_acc": best["val_acc"] if best else None, "test_acc": None,
+            "unique_params": counts.unique, "wall_time": history[-1]["wall_time"] if history else None,
+            "history": history}
+
+
+def _model_figures(cfg: Any) -> dict[str, Any]:
+    """FLOPs, per-use parameters (every call counted) and input size of the row's model."""
+    import torch
+
+    from dacnn.counting import count_flops, count_params
+    from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs
+
+    info = dataset_info(cfg.dataset)
+    kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
+    model = build_model(cfg.model, kwargs)
+    hw = model_input_hw(cfg.model)
+    side = cfg.pad_to or (hw if hw and hw > info.image_size[0] else info.image_size[0])
+    input_size = (info.image_size[2], side, side)
+    per_use = count_params(model, torch.zeros(1, *input_size)).per_use
+    return {"model_kwargs": kwargs, "flops": count_flops(model, input_size), "per_use_params": per_use,
+            "input_size": input_size, "mean": info.mean, "std": info.std}
+
+
+def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
+    from dacnn.data import load_dataset
+
+    n_train = len(load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir))
+    train = n_train - cfg.val_size
+    if cfg.train_subset is not None:
+        train = min(train, cfg.train_subset)
+    n_test = len(load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir))
+    return train, cfg.val_size, min(n_test, test_subset) if test_subset else n_test
+
+
+def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> float:
+    from dacnn.export.source import load_source, test_accuracy, test_loader
+
+    model, meta = load_source(run_dir)
+    return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n))
+
+
+def _curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+    return [{k: h.get(k) for k in keys} for h in history]
+
+
+_checksums: dict[tuple[str, str | None], str | None] = {}
+
+
+def _checksum(name: str, data_dir: str | None) -> str | None:
+    if (name, data_dir) not in _checksums:
+        _checksums[(name, data_dir)] = dataset_checksum(name, data_dir)
+    return _checksums[(name, data_dir)]
+
+
+def base_record(p: Any) -> dict[str, Any]:
+    return {
+        "experiment": p.spec.name, "row": p.row.id, "label": p.row.label, "scale": p.resolved.scale,
+        "kind": p.row.kind, "config_hash": p.chash, "code_version": code_version(),
+        "git_commit": git_commit(), "finished": now_utc(), "reused_from": None, "extra": {},
+    }
+
+
+def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
+    from dacnn.train import TrainingDiverged
+    from dacnn.train.builders import resolve_device
+
+    cfg = _machine_config(p, opts)
+    start = time.perf_counter()
+    diverged = None
+    try:
+        result = _train(p, cfg, opts)
+    except TrainingDiverged as exc:  # a result in itself (Table 1 without BatchNorm): keep the best model
+        diverged = str(exc)
+        opts.say(f"  diverged: {diverged}")
+        result = _diverged_result(p, cfg)
+    test_acc = result.get("test_acc")
+    if p.resolved.test_subset or (diverged and result.get("best_epoch") is not None):
+        n = p.resolved.test_subset or 10**9
+        test_acc = _test_subset_accuracy(Path(result["run_dir"]), cfg.data_dir, n)
+    figures = _model_figures(cfg)
+    n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
+    record = base_record(p)
+    record.update({
+        "model": cfg.model, "model_kwargs": figures["model_kwargs"], "dataset": cfg.dataset,
+        "dataset_checksum": _checksum(cfg.dataset, cfg.data_dir), "train_images": n_train,
+        "val_images": n_val, "test_images": n_test,
+        "device": device_description(str(resolve_device(cfg.device))),
+        "torch_version": _torch_version(), "epochs": cfg.epochs, "best_epoch": result.get("best_epoch"),
+        "best_val_acc": result.get("best_val_acc"), "test_acc": test_acc,
+        "test_error": None if test_acc is None else 100.0 - test_acc,
+        "unique_params": result["unique_params"], "per_use_params": figures["per_use_params"],
+        "flops": figures["flops"], "wall_time": result.get("wall_time"), "run_dir": result["run_dir"],
+        "curve": _curve(result.get("history") or []),
+        "config": {k: v for k, v in p.train.items() if k not in MACHINE_KEYS},
+    })
+    if diverged:
+        record["extra"]["diverged"] = diverged
+    if p.row.kind == "filters":
+        record["extra"].update(_run_filters(p, figures, opts, store))
+    record["extra"]["reproduce_seconds"] = time.perf_counter() - start
+    return record
+
+
+def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
+                 store: ResultsStore) -> dict[str, Any]:
+    from dacnn.experiments.filters import activation_maximisation, save_filters
+    from dacnn.export.source import load_source
+
+    assert p.run_dir is not None
+    model, _ = load_source(p.run_dir)
+    settings = dict(p.resolved.filters)
+    images, layers = activation_maximisation(model, figures["input_size"], figures["mean"], figures["std"],
+                                             **settings)
+    relative = Path("artifacts") / p.spec.name / f"{p.row.id}-{p.chash}.npz"
+    save_filters(store.scale_dir(p.resolved.scale) / relative, images, layers)
+    opts.say(f"  filter visualisation: {len(layers)} layers x {images.shape[1]} filters -> {relative}")
+    return {"artifact": relative.as_posix(), "layers": layers, "filters": settings}
+
+
+def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
+    from dacnn.prune import prune_run
+
+    src_dir = Path(source["run_dir"])
+    if not (src_dir / "checkpoints").is_dir():
+        raise ConfigError(f"{p.spec.name}/{p.row.id}: the trained model of row {p.row.prune['source']!r} "
+                          f"is gone ({src_dir}); re-train it with --force --rows {p.row.prune['source']}")
+    settings = {k: v for k, v in p.runner.items() if k not in ("kind", "source", "test_subset")}
+    start = time.perf_counter()
+    out = prune_run(src_dir, ratio=float(settings["ratio"]), epochs=int(settings.get("epochs", 0)),
+                    scope=settings.get("scope", "global"), lr=settings.get("lr"),
+                    train_subset=settings.get("train_subset"), limit=p.resolved.test_subset,
+                    data_dir=opts.data_dir, output=p.run_dir, verbose=opts.verbose)
+    record = base_record(p)
+    test_acc = out["acc_after"]
+    extra_keys = ("ratio", "scope", "epochs", "lr", "acc_before", "acc_pruned", "acc_drop", "nonzero_params",
+                  "unique_params", "prunable_kept", "prunable_total", "compression")
+    record.update({
+        "model": out["model"], "model_kwargs": source.get("model_kwargs"), "dataset": out.get("dataset"),
+        "dataset_checksum": source.get("dataset_checksum"), "train_images": source.get("train_images"),
+        "val_images": source.get("val_images"), "test_images": source.get("test_images"),
+        "device": source.get("device"), "torch_version": _torch_version(), "epochs": out["epochs"],
+        "best_epoch": None, "best_val_acc": None, "test_acc": test_acc, "test_error": 100.0 - test_acc,
+        "unique_params": out["nonzero_params"], "per_use_params": None, "flops": source.get("flops"),
+        "wall_time": time.perf_counter() - start, "run_dir": out["output"],
+        "curve": out.get("history") or [], "config": {"source_row": p.row.prune["source"], **settings},
+        "extra": {k: out.get(k) for k in extra_keys} | {"source_config_hash": p.runner["source"]},
+    })
+    return record
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

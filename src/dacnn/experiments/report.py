@@ -1,0 +1,247 @@
+"""``dacnn report``: rebuild ``docs/results.md`` and its plots from the results store alone.
+
+Per spec and scale: a table with the paper's numbers and ours side by side (scale, dataset and
+protocol stated), the spec's comparisons written out as sentences ("sharing the kernel costs X
+points at cpu scale; the paper: Y"), and the plots. Hand-written text survives regeneration: anything
+between ``<!-- reading:NAME:begin -->`` and ``<!-- reading:NAME:end -->`` in the existing file is
+carried over (``summary`` at the top, one block per experiment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dacnn.experiments import plots
+from dacnn.experiments.spec import SPEC_DIR, Spec, get_spec, load_specs, rows_at_scale
+from dacnn.experiments.store import ResultsStore
+
+__all__ = ["build_report", "read_blocks"]
+
+BLOCK = re.compile(r"<!-- reading:([\w-]+):begin -->\n?(.*?)<!-- reading:\1:end -->", re.DOTALL)
+PLACEHOLDER = "_No reading written yet._\n"
+SCALE_WORDS = {"paper": "paper scale (the paper's protocol)", "cpu": "cpu scale (reduced protocol)",
+               "smoke": "smoke scale (pipeline check only: the numbers mean nothing)"}
+
+
+def read_blocks(path: Path) -> dict[str, str]:
+    """The hand-written reading blocks of an existing report, by name."""
+    if not path.is_file():
+        return {}
+    return {m.group(1): m.group(2) for m in BLOCK.finditer(path.read_text(encoding="utf-8"))}
+
+
+def _block(name: str, blocks: dict[str, str]) -> list[str]:
+    body = blocks.get(name, PLACEHOLDER)
+    return [f"<!-- reading:{name}:begin -->", body.rstrip("\n"), f"<!-- reading:{name}:end -->", ""]
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "—"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f} K"
+    return str(n)
+
+
+def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _current_hashes(spec: Spec, scale: str) -> dict[str, str]:
+    """Config hashes the spec resolves to now (records with another hash are from an older protocol)."""
+    from dacnn.experiments.runner import RunOptions, plan
+
+    try:
+        _, planned = plan(spec, RunOptions(scale=scale))
+    except Exception:  # noqa: BLE001 - a spec that no longer resolves: mark nothing stale
+        return {}
+    return {p.row.id: p.chash for p in planned}
+
+
+def _paper_params(row: Any) -> str:
+    return "—" if row.paper.get("params_m") is None else f"{row.paper['params_m']} M"
+
+
+def _relative(row: Any, records: dict[str, dict[str, Any]]) -> tuple[float | None, float | None, int | None]:
+    """``(accuracy drop, % of parameters removed, extra parameters)`` against the row's baseline."""
+    base_id = row.baseline or row.prune.get("source")
+    rec, base = records.get(row.id), records.get(base_id) if base_id else None
+    if rec is None or base is None or rec.get("test_acc") is None or base.get("test_acc") is None:
+        return None, None, None
+    drop = base["test_acc"] - rec["test_acc"]
+    ratio = 100.0 * (1.0 - rec["unique_params"] / base["unique_params"]) if base["unique_params"] else None
+    return drop, ratio, rec["unique_params"] - base["unique_params"]
+
+
+def _table(spec: Spec, rows: Sequence[Any], records: dict[str, dict[str, Any]], stale: set[str]) -> list[str]:
+    has_extra = any("extra_params" in r.paper for r in rows)
+    has_drop = any("acc_drop" in r.paper for r in rows)
+    has_acc = any("accuracy" in r.paper for r in rows)
+    head = ["row", "paper err. (%)", "ours err. (%)"]
+    head += ["paper acc. (%)", "ours acc. (%)"] if has_acc else []
+    head += ["paper params", "ours params"]
+    head += ["paper extra", "ours extra"] if has_extra else []
+    head += ["paper acc. drop", "ours acc. drop", "paper prune ratio", "ours prune ratio"] if has_drop else []
+    head += ["per-use params", "GFLOPs", "epochs", "data (train/val/test)", "time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        rec = records.get(row.id)
+        label = row.label + (" (quoted)" if row.kind == "quoted" else "") + (" †" if row.id in stale else "")
+        acc = rec.get("test_acc") if rec else None
+        drop, ratio, extra = _relative(row, records)
+        cells = [label, _num(row.paper.get("error")), _num(rec.get("test_error") if rec else None)]
+        cells += [_num(row.paper.get("accuracy")), _num(acc)] if has_acc else []
+        cells += [_paper_params(row), _count(rec.get("unique_params")) if rec else "—"]
+        cells += [str(row.paper.get("extra_params", "—")), _count(extra)] if has_extra else []
+        if has_drop:
+            ratio_paper = row.paper.get("prune_ratio")
+            cells += [_num(row.paper.get("acc_drop")), _num(drop), _num(ratio_paper, 1, " %") if ratio_paper
+                      is not None else "—", _num(ratio, 1, " %")]
+        if rec:
+            sizes = "/".join(str(rec.get(k)) for k in ("train_images", "val_images", "test_images"))
+            data = f"{rec['dataset']} {sizes}"
+            flops = None if rec.get("flops") is None else rec["flops"] / 1e9
+            cells += [_count(rec.get("per_use_params")), _num(flops, 3), str(rec.get("epochs")), data,
+                      _duration(rec.get("wall_time"))]
+        else:
+            cells += ["—"] * 5
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _duration(seconds: float | None) -> str:
+    from dacnn.train.runlog import format_duration
+
+    return "—" if seconds is None else format_duration(seconds)
+
+
+def _comparisons(spec: Spec, records: dict[str, dict[str, Any]], scale: str) -> list[str]:
+    out = []
+    for comp in spec.comparisons:
+        a, b = spec.row(comp["a"]), spec.row(comp["b"])
+        paper = comp.get("paper_delta")
+        if paper is None and a.paper.get("error") is not None and b.paper.get("error") is not None:
+            paper = b.paper["error"] - a.paper["error"]
+        ra, rb = records.get(a.id), records.get(b.id)
+        ours = None
+        if ra and rb and ra.get("test_error") is not None and rb.get("test_error") is not None:
+            ours = rb["test_error"] - ra["test_error"]
+        text = f"- {comp.get('label', f'{b.label} vs {a.label}')}: error of *{b.label}* minus *{a.label}*"
+        text += f" = **{ours:+.2f} points** at {scale} scale ({ra['dataset']})" if ours is not None else \
+            f": not measured at {scale} scale yet"
+        text += f"; paper: {paper:+.2f} points" if paper is not None else "; paper: no number"
+        if ours is not None and paper is not None and abs(paper) > 1e-9:
+            text += ", same direction" if (ours > 0) == (paper > 0) else ", **opposite direction**"
+        out.append(text + ".")
+    return out
+
+
+def _plots(spec: Spec, source: Spec, rows: Sequence[Any], records: dict[str, dict[str, Any]], scale: str,
+           figures: Path, store: ResultsStore, caption: str) -> list[Path]:
+    made = []
+    for kind in spec.plots:
+        path = figures / f"{spec.name}_{kind}_{scale}.png"
+        title = f"{spec.title} — {scale} scale"
+        if kind == "error_vs_params":
+            made.append(plots.plot_error_vs_params(path, rows, records, title, caption))
+        elif kind == "curves":
+            made.append(plots.plot_curves(path, rows, records, title, caption))
+        elif kind in ("depth", "reuse"):
+            label = {"depth": "depth (weight layers)", "reuse": "layer reuse N"}[kind]
+            made.append(plots.plot_sweep(path, rows, records, title, label, caption))
+        elif kind == "filters":
+            from dacnn.experiments.filters import load_filters
+
+            for row in rows:
+                rec = records.get(row.id)
+                artifact = (rec or {}).get("extra", {}).get("artifact")
+                if artifact and (store.scale_dir(scale) / artifact).is_file():
+                    images, layers = load_filters(store.scale_dir(scale) / artifact)
+                    made.append(plots.plot_filters(path, images, layers, f"{title}: {row.label}"))
+    return made
+
+
+def _provenance(records: dict[str, dict[str, Any]]) -> str:
+    def values(key: str) -> str:
+        return ", ".join(sorted({str(r.get(key)) for r in records.values() if r.get(key) is not None})) or "—"
+
+    sums = sorted({f"{r['dataset']} {r['dataset_checksum']}" for r in records.values()
+                   if r.get("dataset_checksum")})
+    return (f"Provenance: code version {values('code_version')}; git {values('git_commit')}; "
+            f"device {values('device')}; dataset checksums {', '.join(sums) or '—'}.")
+
+
+def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, doc_dir: Path) -> list[str]:
+    source = get_spec(spec.from_spec, spec.path.parent) if spec.from_spec else spec
+    scale_info = source.scales.get(scale)
+    all_records = store.latest(source.name, scale)
+    if spec.row_ids:
+        rows = [source.row(i) for i in spec.row_ids]
+    else:
+        rows = rows_at_scale(source, scale) if scale in source.scales else list(source.rows)
+    records = {r.id: all_records[r.id] for r in rows if r.id in all_records}
+    lines = [f"### {SCALE_WORDS.get(scale, scale)}", ""]
+    if scale_info is not None and scale_info.note:
+        lines += [f"Protocol: {scale_info.note}", ""]
+    if not records:
+        return lines + [f"Not run at {scale} scale yet (`dacnn reproduce {spec.name} --scale {scale}`).", ""]
+    hashes = _current_hashes(source, scale)
+    stale = {i for i, r in records.items() if hashes.get(i) not in (None, r.get("config_hash"))}
+    datasets = sorted({r["dataset"] for r in records.values() if r.get("dataset")})
+    caption = f"ours, {scale} scale ({', '.join(datasets)})"
+    if spec.from_spec is None or not spec.plots:
+        lines += _table(source, rows, records, stale) + [""]
+    if stale:
+        lines += ["† result of an earlier protocol (its config hash differs from the spec's now).", ""]
+    if not spec.from_spec:
+        lines += _comparisons(source, records, scale) + ([""] if source.comparisons else [])
+    for path in _plots(spec, source, rows, records, scale, figures, store, caption):
+        lines += [f"![{spec.title}, {scale} scale]({os.path.relpath(path, doc_dir)})", ""]
+    lines += [_provenance(records), ""]
+    return lines
+
+
+def build_report(results: str | Path = "results", output: str | Path = "docs/results.md",
+                 figures: str | Path | None = None, scales: Sequence[str] = ("paper", "cpu"),
+                 spec_dir: Path = SPEC_DIR) -> Path:
+    """Write ``output`` (markdown) and its PNGs (``figures``, default ``<output dir>/figures``)."""
+    store = ResultsStore(Path(results))
+    output = Path(output)
+    figures = Path(figures) if figures is not None else output.parent / "figures"
+    blocks = read_blocks(output)
+    specs = load_specs(spec_dir)
+    lines = ["# Reproducing the papers", "",
+             f"Generated by `dacnn report` from the results store (`{results}`); edit only inside the "
+             "`reading` blocks, which regeneration keeps. Re-run with `dacnn reproduce NAME --scale "
+             "cpu|paper` then `dacnn report`.", "", "## Summary", ""]
+    lines += _block("summary", blocks)
+    lines += ["| experiment | what | " + " | ".join(f"{s} rows done" for s in scales) + " |",
+              "|---|---|" + "---|" * len(scales)]
+    for spec in specs:
+        source = get_spec(spec.from_spec, spec_dir) if spec.from_spec else spec
+        counts = []
+        for scale in scales:
+            rows = [source.row(i) for i in spec.row_ids] if spec.row_ids else rows_at_scale(source, scale)
+            rows = [r for r in rows if r.kind != "quoted"]
+            done = store.latest(source.name, scale)
+            counts.append(f"{sum(r.id in done for r in rows)}/{len(rows)}")
+        lines.append(f"| [{spec.name}](#{spec.name}) | {spec.title} | " + " | ".join(counts) + " |")
+    lines.append("")
+    for spec in specs:
+        lines += [f'<a id="{spec.name}"></a>', f"## {spec.title}", "", f"Source: {spec.source}.", ""]
+        if spec.claim:
+            lines += [f"Claim: {spec.claim}", ""]
+        if spec.from_spec:
+            lines += [f"Drawn from the runs of [{spec.from_spec}](#{spec.from_spec}).", ""]
+        for scale in scales:
+            lines += _scale_section(spec, scale, store, figures, output.parent)
+        lines += ["#### Reading", ""] + _block(spec.name, blocks)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    return output

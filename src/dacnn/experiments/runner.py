@@ -1,0 +1,212 @@
+"""Run the rows of a spec at a scale, skipping those already in the results store.
+
+``dacnn reproduce table2 --scale cpu`` calls :func:`reproduce`. Each row is resolved to a training
+config (:func:`~dacnn.experiments.spec.resolve_row`) and hashed; a row whose hash already has a
+record for this code version is skipped (and a run shared with another table is copied, not
+re-trained). Run directories are content-addressed (``runs/reproduce/<scale>/<model>-<hash>``), so
+a killed ``reproduce`` re-run resumes the interrupted row from its last checkpoint and goes on.
+
+Row kinds: ``train`` (one training run), ``filters`` (a training run, then Figure 7's activation
+maximisation stored under ``results/artifacts/``), ``prune`` (magnitude pruning + fine-tuning of
+another row's trained model, Table 8), ``quoted`` (the paper's number only: nothing runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dacnn.errors import ConfigError
+from dacnn.experiments.execute import run_prune_row, run_training_row
+from dacnn.experiments.spec import SPEC_DIR, ResolvedRow, Spec, get_spec, resolve_row, rows_at_scale
+from dacnn.experiments.store import ResultsStore, config_hash
+
+__all__ = ["RunOptions", "PlannedRow", "plan", "reproduce", "row_status"]
+
+
+@dataclass
+class RunOptions:
+    """Where results and runs go, and how to run (see ``dacnn reproduce --help``)."""
+
+    scale: str
+    results: Path = Path("results")
+    runs_dir: Path = Path("runs/reproduce")
+    data_dir: str | None = None
+    device: str | None = None
+    force: bool = False
+    verbose: bool = True
+    rows: list[str] | None = None
+    threads: int | None = None  # torch intra-op threads (1 is much faster on a loaded CPU)
+    spec_dir: Path = SPEC_DIR
+    say: Any = field(default=print, repr=False)
+
+
+@dataclass
+class PlannedRow:
+    """A resolved row with its training config, hash and run directory."""
+
+    resolved: ResolvedRow
+    train: dict[str, Any]  # the full resolved TrainConfig as a dict (empty for prune/quoted rows)
+    runner: dict[str, Any]
+    chash: str
+    run_dir: Path | None
+
+    @property
+    def row(self) -> Any:
+        return self.resolved.row
+
+    @property
+    def spec(self) -> Spec:
+        return self.resolved.spec
+
+
+def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
+    settings: dict[str, Any] = {"kind": rr.row.kind, "test_subset": rr.test_subset}
+    if rr.row.kind == "filters":
+        settings["filters"] = rr.filters
+    return settings
+
+
+def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow]) -> PlannedRow:
+    from dacnn.train.config import resolve_config
+
+    row = rr.row
+    if row.kind == "quoted":
+        chash = config_hash({}, {"kind": "quoted", "row": row.id})
+        return PlannedRow(rr, {}, {"kind": "quoted"}, chash, None)
+    if row.kind == "prune":
+        source = planned[row.prune["source"]]
+        runner = {"kind": "prune", "source": source.chash, "test_subset": rr.test_subset,
+                  **{k: v for k, v in rr.prune.items() if k != "source"}}
+        chash = config_hash({}, runner)
+        return PlannedRow(rr, {}, runner, chash, opts.runs_dir / opts.scale / f"prune-{chash}")
+    try:
+        cfg = resolve_config(rr.train)
+    except ConfigError as exc:
+        raise ConfigError(f"{rr.spec.path}: row {row.id!r} at {rr.scale} scale: {exc}") from None
+    train = cfg.to_dict()
+    runner = _runner_settings(rr)
+    if rr.test_subset:
+        train["eval_test"] = False
+    chash = config_hash(train, runner)
+    return PlannedRow(rr, train, runner, chash, opts.runs_dir / opts.scale / f"{cfg.model}-{chash}")
+
+
+def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
+    """The rows to consider (``opts.rows`` or all at the scale, plus prune sources), in run order.
+
+    A figure drawn from another spec's runs plans that spec's rows; the returned spec is the one
+    whose store file receives the records.
+    """
+    if spec.from_spec is not None:
+        wanted = list(opts.rows or spec.row_ids or [])
+        spec = get_spec(spec.from_spec, spec.path.parent)
+        if not wanted:
+            wanted = [r.id for r in rows_at_scale(spec, opts.scale)]
+    else:
+        wanted = list(opts.rows) if opts.rows else [r.id for r in rows_at_scale(spec, opts.scale)]
+    for row_id in wanted:
+        spec.row(row_id)  # raises on an unknown id
+    order: list[str] = []
+
+    def add(row_id: str) -> None:
+        row = spec.row(row_id)
+        dep = row.prune.get("source")
+        if dep and dep not in order:
+            add(dep)
+        if row_id not in order:
+            order.append(row_id)
+
+    for row_id in wanted:
+        add(row_id)
+    planned: dict[str, PlannedRow] = {}
+    for row_id in order:
+        planned[row_id] = _plan_row(resolve_row(spec, spec.row(row_id), opts.scale), opts, planned)
+    return spec, list(planned.values())
+
+
+def row_status(p: PlannedRow, store: ResultsStore) -> str:
+    """``done``, ``shared`` (another table has the same run), ``partial`` (resumable), ``missing``,
+    or ``quoted``."""
+    if p.row.kind == "quoted":
+        return "quoted"
+    if store.find(p.spec.name, p.row.id, p.resolved.scale, p.chash):
+        return "done"
+    if store.find_any(p.resolved.scale, p.chash):
+        return "shared"
+    if p.run_dir is not None and (p.run_dir / "checkpoints" / "last.json").is_file():
+        return "partial"
+    return "missing"
+
+
+def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dict[str, Any]]:
+    """Run the missing rows of experiment ``name`` at ``opts.scale``; returns the records written.
+
+    With ``dry_run`` nothing runs: each row's status, hash and protocol are printed.
+    """
+    spec, rows = plan(get_spec(name, opts.spec_dir), opts)
+    store = ResultsStore(opts.results)
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
+    say = opts.say
+    written: list[dict[str, Any]] = []
+    todo = [p for p in rows if p.row.kind != "quoted"]
+    say(f"{spec.name} ({spec.title}) at {opts.scale} scale: {len(todo)} rows to check"
+        + (f"; {len(rows) - len(todo)} quoted from the paper" if len(rows) > len(todo) else ""))
+    for i, p in enumerate(todo, start=1):
+        head = f"[{i}/{len(todo)}] {spec.name}/{p.row.id}"
+        existing = None if opts.force else store.find(spec.name, p.row.id, opts.scale, p.chash)
+        if existing is not None:
+            say(f"{head}: done ({_summary(existing)}), skipped")
+            continue
+        shared = None if opts.force else store.find_any(opts.scale, p.chash)
+        if dry_run:
+            status = (f"shared with {shared['experiment']}/{shared['row']}" if shared
+                      else row_status(p, store))
+            say(f"{head}: {status} | hash {p.chash} | {_protocol_line(p)}")
+            continue
+        if shared is not None:
+            record = {**shared, "experiment": spec.name, "row": p.row.id, "label": p.row.label,
+                      "reused_from": f"{shared['experiment']}/{shared['row']}"}
+            store.append(record)
+            written.append(record)
+            say(f"{head}: same run as {record['reused_from']} ({_summary(record)}), copied")
+            continue
+        say(f"{head}: running | {_protocol_line(p)} -> {p.run_dir}")
+        if p.row.kind == "prune":
+            src = next(q for q in rows if q.row.id == p.row.prune["source"])
+            source = store.find(spec.name, src.row.id, opts.scale, src.chash)
+            if source is None:
+                raise ConfigError(f"{spec.name}/{p.row.id}: its source row {src.row.id!r} has no result")
+            record = run_prune_row(p, source, opts)
+        else:
+            record = run_training_row(p, opts, store)
+        store.append(record)
+        written.append(record)
+        say(f"{head}: finished ({_summary(record)})")
+    return written
+
+
+def _summary(record: dict[str, Any]) -> str:
+    from dacnn.train.runlog import format_duration
+
+    err = record.get("test_error")
+    parts = [f"test error {err:.2f} %" if err is not None else "no test error",
+             f"{record.get('unique_params') or 0:,} params"]
+    if record.get("wall_time"):
+        parts.append(format_duration(record["wall_time"]))
+    return ", ".join(parts)
+
+
+def _protocol_line(p: PlannedRow) -> str:
+    if p.row.kind == "prune":
+        r = p.runner
+        return f"prune {p.row.prune['source']} ratio {r['ratio']} + {r.get('epochs', 0)} fine-tuning epochs"
+    t = p.train
+    data = f"{t['dataset']} {t['train_subset'] or 'all'} images"
+    width = f" width {t['width']}" if t.get("width") else ""
+    extra = f" {t['model_kwargs']}" if t.get("model_kwargs") else ""
+    return f"{t['model']}{width}{extra} on {data} x {t['epochs']} epochs (recipe {t.get('recipe')})"
