@@ -1,0 +1,93 @@
+"""``dacnn report`` rebuilds the results page and its plots from a results store alone.
+
+The store is filled by real smoke-scale runs on tiny random data (see ``test_experiments.py``), so
+every number in the page comes from a record; the test checks that the paper's numbers and ours
+both appear, that the plots exist, and that hand-written reading blocks survive regeneration.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dacnn.cli import main
+from dacnn.experiments import ResultsStore
+from dacnn.experiments.report import read_blocks
+
+RUNS = {"table2": "d3-shared,d3-free", "figure7": "dacnn5", "lrunet_sweep": "n1,n2", "table8": "sm-27"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dacnn.data.synthetic import write_cifar, write_fashion_mnist
+
+    root = tmp_path_factory.mktemp("report")
+    data = root / "data"
+    write_cifar(data / "cifar10", "cifar10", n_train=320, n_test=128)
+    write_fashion_mnist(data / "fashion_mnist", "train", n=320)
+    write_fashion_mnist(data / "fashion_mnist", "test", n=128, seed=1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DACNN_CACHE", str(root / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, rows in RUNS.items():
+            assert main(["reproduce", name, "--scale", "smoke", "--rows", rows, "--results",
+                         str(root / "results"), "--runs-dir", str(root / "runs"), "--data-dir", str(data),
+                         "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    return root / "results"
+
+
+def test_report_puts_paper_and_ours_side_by_side(store, tmp_path):
+    out = tmp_path / "docs" / "results.md"
+    assert main(["report", "--results", str(store), "--output", str(out), "--scales", "smoke"]) == 0
+    text = out.read_text()
+    records = ResultsStore(store).latest("table2", "smoke")
+    d3 = records["d3-shared"]
+    row = next(line for line in text.splitlines() if line.startswith("| 3 layers, DACNN (shared)"))
+    assert "56.91" in row and "0.164 M" in row  # the paper's error and size
+    assert f"{d3['test_error']:.2f}" in row and "cifar10 256/64/128" in row  # ours, with its data
+    delta = records["d3-shared"]["test_error"] - records["d3-free"]["test_error"]
+    assert f"= **{delta:+.2f} points** at smoke scale (cifar10); paper: +2.50 points" in text
+    sm = next(line for line in text.splitlines() if line.startswith("| SM Pruning 27.1 %"))
+    assert "1.30" in sm and "27.1 %" in sm
+    assert "| Agent Pruning 37.0 % (quoted) |" in text
+    assert "Not run at smoke scale yet" in text  # e.g. table1, absent from this store
+    assert not (out.parent / "figures" / "figure5_error_vs_params_smoke.png").exists()  # no table6 runs
+    for png in ("table2_depth_smoke.png", "figure7_filters_smoke.png", "lrunet_sweep_reuse_smoke.png"):
+        path = out.parent / "figures" / png
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"](figures/{png})" in text
+
+
+def test_report_keeps_hand_written_reading_and_is_stable(store, tmp_path):
+    out = tmp_path / "results.md"
+    args = ["report", "--results", str(store), "--output", str(out), "--scales", "smoke"]
+    assert main(args) == 0
+    text = out.read_text()
+    assert read_blocks(out)["table2"] == "_No reading written yet._\n"
+    edited = re.sub(r"(<!-- reading:table2:begin -->\n).*?(<!-- reading:table2:end -->)",
+                    r"\1Sharing costs little here.\n\2", text, flags=re.S)
+    edited = edited.replace("_No reading written yet._\n<!-- reading:summary:end -->",
+                            "Hand-written summary.\n<!-- reading:summary:end -->")
+    out.write_text(edited)
+    figure = tmp_path / "figures" / "table2_depth_smoke.png"
+    before = figure.read_bytes()
+    assert main(args) == 0
+    blocks = read_blocks(out)
+    assert blocks["table2"] == "Sharing costs little here.\n"
+    assert blocks["summary"] == "Hand-written summary.\n"
+    assert out.read_text() == edited  # nothing else changed: the same records give the same page
+    assert figure.read_bytes() == before
+
+
+def test_report_rejects_an_unknown_scale(tmp_path, capsys):
+    out = str(tmp_path / "r.md")
+    assert main(["report", "--results", str(tmp_path), "--output", out, "--scales", "gpu"]) == 2
+    assert "unknown scale 'gpu'" in capsys.readouterr().err
