@@ -1,3 +1,3 @@
 """Model families; importing this package registers every model (timm's habit)."""
 
-from dacnn.models import dacnn, resnet, vgg  # noqa: F401
+from dacnn.models import convmixer, dacnn, lrunet, resnet, se_resnet, sharesnet, vgg  # noqa: F401

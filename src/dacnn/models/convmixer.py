@@ -1,0 +1,118 @@
+"""ConvMixer with inter-layer kernel sharing (Azadbakht et al., arXiv 2210.14151; SPEC.md section 1.1).
+
+ConvMixer-h/d (Trockman and Kolter): a patch-embedding conv, then ``d`` mixer layers, each a
+depthwise ``k x k`` conv with a residual connection followed by a pointwise 1x1 conv; every conv is
+followed by GELU and then BatchNorm (activation before normalisation), and a global-pool + linear head.
+
+Kernel sharing (paper section 3, "isomorphic layers"): with ``shared=True`` all ``d`` depthwise
+convs apply one :class:`~dacnn.sharing.SharedKernel` (weight *and* bias, ``groups=h``) and all ``d``
+pointwise convs another; each layer keeps its own two BatchNorms. Patch embedding and head are free.
+Counts (CIFAR-10): 1,409,034 free, 107,274 shared (SPEC.md table in 1.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dacnn.errors import ConfigError
+from dacnn.registry import ModelInfo, register_model
+from dacnn.sharing import AnchoredConv2d, SharedKernel
+
+__all__ = ["ConvMixer", "MixerLayer", "convmixer_256_16", "convmixer_256_16_shared"]
+
+PAPER = "arXiv 2210.14151"
+
+
+class Residual(nn.Module):
+    """``x + fn(x)``."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(x)
+
+
+class MixerLayer(nn.Sequential):
+    """``x + BN(GELU(dw(x)))`` then ``BN(GELU(pw(.)))``; ``dw``/``pw`` are free convs or shared uses."""
+
+    def __init__(self, depthwise: nn.Module, pointwise: nn.Module, width: int) -> None:
+        super().__init__(
+            Residual(nn.Sequential(depthwise, nn.GELU(), nn.BatchNorm2d(width))),
+            pointwise,
+            nn.GELU(),
+            nn.BatchNorm2d(width),
+        )
+
+
+class ConvMixer(nn.Module):
+    """ConvMixer-h/d: width ``width`` (h), ``depth`` (d) layers, depthwise kernel ``kernel_size``,
+    patch ``patch_size``.
+
+    ``shared=True`` ties every depthwise conv to one kernel and every pointwise conv to another
+    (weights and biases, PyTorch default init as in the reference code).
+    """
+
+    def __init__(
+        self,
+        width: int = 256,
+        depth: int = 16,
+        *,
+        kernel_size: int = 9,
+        patch_size: int = 1,
+        shared: bool = False,
+        num_classes: int = 10,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        for field, value in (("width", width), ("depth", depth), ("kernel_size", kernel_size),
+                             ("patch_size", patch_size), ("num_classes", num_classes)):
+            if int(value) < 1:
+                raise ConfigError(f"ConvMixer: {field} must be >= 1, got {value}")
+        self.width, self.depth, self.shared = width, depth, shared
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(in_chans, width, patch_size, stride=patch_size),
+            nn.GELU(),
+            nn.BatchNorm2d(width),
+        )
+        if shared:
+            self.depthwise_kernel = SharedKernel(width, width, kernel_size, groups=width, bias=True,
+                                                 init="default")
+            self.pointwise_kernel = SharedKernel(width, width, 1, bias=True, init="default")
+
+        def depthwise() -> nn.Module:
+            if shared:
+                return AnchoredConv2d(self.depthwise_kernel, padding="same")
+            return nn.Conv2d(width, width, kernel_size, groups=width, padding="same")
+
+        def pointwise() -> nn.Module:
+            if shared:
+                return AnchoredConv2d(self.pointwise_kernel, padding=0)
+            return nn.Conv2d(width, width, 1)
+
+        self.layers = nn.Sequential(*(MixerLayer(depthwise(), pointwise(), width) for _ in range(depth)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.layers(self.patch_embed(x))), 1))
+
+
+def _info(name: str, twin: str | None) -> ModelInfo:
+    return ModelInfo(
+        name, "convmixer", num_classes=10, paper=PAPER, shared_twin=twin,
+        table_row="SPEC 1.1: ConvMixer-256/16, kernel 9, patch 1",
+        notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
+    )
+
+
+@register_model(_info("convmixer_256_16", None))
+def convmixer_256_16(**kw: object) -> nn.Module:
+    return ConvMixer(256, 16, kernel_size=9, patch_size=1, shared=False, **kw)
+
+
+@register_model(_info("convmixer_256_16_shared", "convmixer_256_16"))
+def convmixer_256_16_shared(**kw: object) -> nn.Module:
+    return ConvMixer(256, 16, kernel_size=9, patch_size=1, shared=True, **kw)

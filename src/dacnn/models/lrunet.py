@@ -1,0 +1,307 @@
+"""LruNet: convolutional networks with layer reuse (Köpüklü et al., arXiv 1901.09615; SPEC.md 2.1).
+
+``N``-LruNet-``w``x: a stride-2 3x3 stem (64 channels), four :class:`LruBlock` stages at
+``w * (64, 128, 256, 512)`` channels joined by 3x3/2 max-pooling and channel doubling (the tensor
+concatenated with itself), and a grouped 1x1 classifier (BN, ReLU, dropout 0.5, 1x1 conv, **ReLU on
+the logits**, 2x2 average pooling).
+
+A block (paper Fig. 2) owns two kernels, a depthwise 3x3 conv with channel multiplier 2 (``q -> 2q``,
+groups ``q``) and a grouped pointwise conv (``2q -> q``, groups 8), each a
+:class:`~dacnn.sharing.SharedKernel` applied ``N`` times ("layer reuse"). Iteration ``i``:
+``y = relu(BN_pw_i(pw(BN_dw_i(dw(x)))) + x)``, followed (except after the last) by the channel
+shuffle of the reference code: swap the two halves, then the 2-group shuffle. Every iteration has
+its own two BatchNorms; no activation between ``dw`` and ``pw``.
+
+The arithmetic is the reference's; the execution is reorganised for speed (``LruBlock.fast``, on by
+default; ``False`` runs the reference's op sequence): channels-last tensors; the multiplier-2
+depthwise conv as a multiplier-1 depthwise conv on a channel-duplicated input, duplicated together
+with the shuffle in one copy (:class:`_ShuffleDuplicate`); in eval mode each iteration's
+BatchNorms folded into per-iteration kernel copies and, in the narrow stages, dw, pw and the
+residual merged into one grouped 3x3 conv. ``benchmarks/lrunet_speed.py`` measures the gain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dacnn.errors import ConfigError
+from dacnn.registry import ModelInfo, register_model
+from dacnn.sharing import AnchoredConv2d, SharedKernel
+
+__all__ = ["LruBlock", "LruNet", "channel_shuffle", "lrunet_1x", "lrunet_2x"]
+
+PAPER = "arXiv 1901.09615"
+STAGE_WIDTHS = (64, 128, 256, 512)
+STEM_WIDTH = 64
+PW_GROUPS = 8
+
+
+def channel_shuffle(x: torch.Tensor) -> torch.Tensor:
+    """The reference shuffle, written as it is: swap the two channel halves, then the 2-group
+    shuffle (view ``(2, C/2)``, transpose, flatten). Output channel ``2j`` is input ``C/2 + j``,
+    ``2j + 1`` is input ``j``."""
+    b, c, h, w = x.shape
+    x = torch.cat([x[:, c // 2:], x[:, : c // 2]], 1)
+    return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` channels-last tensor -> its contiguous ``(B, H, W, C)`` view."""
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+class _ShuffleDuplicate(torch.autograd.Function):
+    """``y -> (s, d)``: ``s`` = :func:`channel_shuffle` of ``y`` (or ``y`` itself when ``shuffle`` is
+    False) and ``d`` = ``s`` with every channel repeated twice (``d[2c] = d[2c+1] = s[c]``).
+
+    A depthwise conv with channel multiplier 2 on ``s`` equals a plain depthwise conv (multiplier
+    1, groups ``2q``) on ``d`` with the same ``(2q, 1, 3, 3)`` weight; oneDNN runs the latter 5-25x
+    faster. One copy per output forward; backward sums the pairs and undoes the shuffle in two passes
+    (autograd's backward of ``expand`` is a slow reduction).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.shuffle = shuffle
+        yh = _nhwc(y)
+        b, h, w, c = yh.shape
+        rows = yh.reshape(b * h * w, c)  # 2-D copies vectorise better than 5-D ones
+        if shuffle:
+            rows = torch.stack((rows[:, c // 2:], rows[:, : c // 2]), dim=-1).view(b * h * w, c)
+        dup = rows.unsqueeze(-1).expand(b * h * w, c, 2).reshape(b, h, w, 2 * c)
+        s = _nchw(rows.view(b, h, w, c))
+        if not shuffle:
+            s = s.view_as(s)  # an output must not be the input itself
+        return s, _nchw(dup)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_s: torch.Tensor | None, grad_d: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None]:
+        gh = None
+        if grad_d is not None:
+            gd = _nhwc(grad_d)
+            b, h, w, c2 = gd.shape
+            pairs = gd.view(b, h, w, c2 // 2, 2)
+            gh = pairs[..., 0] + pairs[..., 1]
+        if grad_s is not None:
+            gs = grad_s.permute(0, 2, 3, 1)
+            gh = gs.clone(memory_format=torch.contiguous_format) if gh is None else gh.add_(gs)
+        if gh is None:
+            return None, None
+        if ctx.shuffle:  # inverse shuffle: y[j] = s[2j + 1], y[C/2 + j] = s[2j]
+            b, h, w, c = gh.shape
+            pairs = gh.view(b, h, w, c // 2, 2)
+            gh = torch.cat((pairs[..., 1], pairs[..., 0]), dim=-1)
+        return _nchw(gh), None
+
+
+def _is_tracing() -> bool:
+    return bool(
+        torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    )
+
+
+def _kernel_of(use: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias an (anchored or, after :func:`dacnn.untie`, free) conv applies."""
+    owner = use.kernel if isinstance(use, AnchoredConv2d) else use
+    return owner.weight, owner.bias
+
+
+def _folded(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode ``BN(conv(x, W, b))`` as one conv: ``W * a``, ``(b - mean) * a + beta``."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.view(-1, 1, 1, 1), shift
+
+
+def _merge_dw_pw(
+    w_dw: torch.Tensor, b_dw: torch.Tensor, w_pw: torch.Tensor, b_pw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + pw(dw(x))`` as one 3x3 conv with ``groups=8``: pw group ``g`` reads dw channels
+    ``[gK, (g+1)K)`` (``K = 2q/8``), which come from input channels ``[gK/2, (g+1)K/2)``, so
+    ``W[o, c] = sum_m W_pw[o, 2c+m] W_dw[g K + 2c + m]`` and ``b = b_pw + W_pw b_dw``; the
+    residual is a 1 at the centre tap of ``W[o, o mod (q/8)]`` (input ``o`` is in ``o``'s group)."""
+    q = w_pw.shape[0]
+    k = w_pw.shape[1]
+    pw = w_pw.reshape(PW_GROUPS, q // PW_GROUPS, k)
+    dw = w_dw.reshape(PW_GROUPS, 1, k, 9)
+    weight = (pw.unsqueeze(-1) * dw).reshape(PW_GROUPS, q // PW_GROUPS, k // 2, 2, 9).sum(3)
+    weight = weight.reshape(q, k // 2, 3, 3)
+    identity = torch.zeros_like(weight)
+    identity[torch.arange(q), torch.arange(q) % (k // 2), 1, 1] = 1.0
+    bias = b_pw + torch.bmm(pw, b_dw.reshape(PW_GROUPS, k, 1)).reshape(q)
+    return weight + identity, bias
+
+
+def _shuffle_rows(x: torch.Tensor) -> torch.Tensor:
+    """:func:`channel_shuffle` as one copy of a channels-last tensor (no duplicate needed)."""
+    xh = _nhwc(x)
+    b, h, w, c = xh.shape
+    rows = xh.reshape(b * h * w, c)
+    out = torch.stack((rows[:, c // 2:], rows[:, : c // 2]), dim=-1)
+    return _nchw(out.view(b, h, w, c))
+
+
+class LruBlock(nn.Module):
+    """One LruNet stage: a depthwise (``q -> 2q``) and a pointwise (``2q -> q``, groups 8) kernel
+    reused ``layer_reuse`` times, each use with its own BatchNorm.
+
+    ``forward`` follows the reference op for op when ``fast`` is False (and while being traced or
+    exported); otherwise it computes the same function in fewer, cheaper passes (channels-last,
+    :class:`_ShuffleDuplicate`, in eval mode BatchNorm folded into per-iteration kernel copies).
+    """
+
+    def __init__(self, planes: int, layer_reuse: int) -> None:
+        super().__init__()
+        if planes % PW_GROUPS:
+            raise ConfigError(f"LruBlock: planes={planes} must be divisible by {PW_GROUPS}")
+        self.planes, self.layer_reuse, self.fast = planes, layer_reuse, True
+        self.dw = SharedKernel(planes, 2 * planes, 3, groups=planes)
+        self.pw = SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS)
+        self.dw_uses = nn.ModuleList(AnchoredConv2d(self.dw, padding=1) for _ in range(layer_reuse))
+        self.pw_uses = nn.ModuleList(AnchoredConv2d(self.pw, padding=0) for _ in range(layer_reuse))
+        self.dw_bns = nn.ModuleList(nn.BatchNorm2d(2 * planes) for _ in range(layer_reuse))
+        self.pw_bns = nn.ModuleList(nn.BatchNorm2d(planes) for _ in range(layer_reuse))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = [self._modules.get(name) for name in ("dw", "pw")]  # gone after dacnn.untie
+        hooked = any(k._forward_hooks or k._forward_pre_hooks for k in kernels if k is not None)
+        if not self.fast or hooked or _is_tracing():  # hooks on a kernel expect it to be called
+            return self._forward_reference(x)
+        frozen = all(bn.running_mean is not None for bn in (*self.dw_bns, *self.pw_bns))
+        if not self.training and frozen:
+            return self._forward_eval(x)
+        q2 = 2 * self.planes
+        for i in range(self.layer_reuse):
+            x, x2 = _ShuffleDuplicate.apply(x, i > 0)
+            (w_dw, b_dw), (w_pw, b_pw) = _kernel_of(self.dw_uses[i]), _kernel_of(self.pw_uses[i])
+            h = self.dw_bns[i](F.conv2d(x2, w_dw, b_dw, 1, 1, 1, q2))
+            out = self.pw_bns[i](F.conv2d(h, w_pw, b_pw, 1, 0, 1, PW_GROUPS))
+            x = torch.relu_(out.add_(x))
+        return x
+
+    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode: each iteration's BNs folded into its kernel copies. With ``q/8 <= 16`` channels
+        per group the dw->pw pair (linear, no activation between) is also merged into one grouped
+        3x3 conv (``groups=8``), cheaper there than duplicating the input for the depthwise conv."""
+        q, q2 = self.planes, 2 * self.planes
+        merge = q // PW_GROUPS <= 16
+        for i in range(self.layer_reuse):
+            (w_dw, b_dw), (w_pw, b_pw) = _kernel_of(self.dw_uses[i]), _kernel_of(self.pw_uses[i])
+            w_dw, b_dw = _folded(w_dw, b_dw, self.dw_bns[i])
+            w_pw, b_pw = _folded(w_pw, b_pw, self.pw_bns[i])
+            if merge:
+                x = _shuffle_rows(x) if i > 0 else x.contiguous(memory_format=torch.channels_last)
+                x = torch.relu_(F.conv2d(x, *_merge_dw_pw(w_dw, b_dw, w_pw, b_pw), 1, 1, 1, PW_GROUPS))
+            else:
+                x, x2 = _ShuffleDuplicate.apply(x, i > 0)
+                out = F.conv2d(F.conv2d(x2, w_dw, b_dw, 1, 1, 1, q2), w_pw, b_pw, 1, 0, 1, PW_GROUPS)
+                x = torch.relu_(out.add_(x))
+        return x
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.layer_reuse):
+            out = self.pw_bns[i](self.pw_uses[i](self.dw_bns[i](self.dw_uses[i](x))))
+            x = F.relu(out + x)
+            if i != self.layer_reuse - 1:
+                x = channel_shuffle(x)
+        return x
+
+
+class LruNet(nn.Module):
+    """``layer_reuse``-LruNet-``width_mult``x for 32x32 (CIFAR) or 28x28 (Fashion-MNIST) input."""
+
+    def __init__(
+        self,
+        layer_reuse: int = 8,
+        width_mult: int = 1,
+        *,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if isinstance(width_mult, float) and width_mult.is_integer():
+            width_mult = int(width_mult)
+        if not isinstance(width_mult, int) or width_mult < 1:
+            raise ConfigError(
+                f"LruNet: width_mult must be a positive integer (the reference trains 1 and 2; its "
+                f"64-channel stem is tiled to 64*width), got {width_mult!r}"
+            )
+        if layer_reuse < 1:
+            raise ConfigError(f"LruNet: layer_reuse must be >= 1, got {layer_reuse}")
+        self.layer_reuse, self.width_mult, self.num_classes = layer_reuse, width_mult, num_classes
+        widths = [width_mult * c for c in STAGE_WIDTHS]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, STEM_WIDTH, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(STEM_WIDTH),
+            nn.ReLU(inplace=True),
+        )
+        self.stage1, self.stage2, self.stage3, self.stage4 = (LruBlock(c, layer_reuse) for c in widths)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        head = 256 * width_mult
+        self.classifier = nn.Sequential(
+            nn.Conv2d(widths[-1], head, 1, groups=PW_GROUPS, bias=False),
+            nn.BatchNorm2d(head),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_rate),
+            nn.Conv2d(head, num_classes, 1),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(2, stride=1),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Kaiming-normal (fan_out) on every conv, BN weight 1 / bias 0 (reference init)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, SharedKernel)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stem(x)
+        if self.width_mult > 1:
+            out = torch.cat([out] * self.width_mult, 1)
+        out = self.pool(self.stage1(out))
+        out = self.pool(self.stage2(torch.cat([out, out], 1)))
+        out = self.stage3(torch.cat([out, out], 1))
+        out = self.pool(self.stage4(torch.cat([out, out], 1)))
+        out = self.classifier(out.contiguous())  # dropout masks follow memory order: keep the reference's
+        return out.reshape(out.shape[0], self.num_classes)
+
+
+def _info(name: str, width: int) -> ModelInfo:
+    return ModelInfo(
+        name, "lrunet", num_classes=10, paper=PAPER,
+        table_row=f"SPEC 2.1: N-LruNet-{width}x (layer_reuse=N, default 8 as the reference code)",
+        notes="CIFAR-10 by default; in_chans=1 for Fashion-MNIST (28x28); no input normalisation",
+        extra={"width_mult": width},
+    )
+
+
+@register_model(_info("lrunet_1x", 1))
+def lrunet_1x(layer_reuse: int = 8, **kw: object) -> nn.Module:
+    return LruNet(layer_reuse, 1, **kw)  # type: ignore[arg-type]
+
+
+@register_model(_info("lrunet_2x", 2))
+def lrunet_2x(layer_reuse: int = 8, **kw: object) -> nn.Module:
+    return LruNet(layer_reuse, 2, **kw)  # type: ignore[arg-type]

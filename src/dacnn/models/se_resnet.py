@@ -1,0 +1,161 @@
+"""SE-ResNet for CIFAR with per-stage kernel sharing (Azadbakht et al., arXiv 2210.14151; SPEC.md 1.3).
+
+A 16-wide 3x3 stem, three stages of ``n`` post-activation squeeze-and-excitation basic blocks at
+64/128/256 channels (strides 1, 2, 2), global pooling and a linear head. Every stage's first block
+projects its shortcut (1x1 conv + BN) because the stem is narrower than stage 1.
+
+Kernel sharing: in a shared stage one ``C x C`` 3x3 :class:`~dacnn.sharing.SharedKernel` is applied
+by the second conv of every block and by the first conv of every block whose input already has ``C``
+channels, i.e. ``2n - 1`` times; the first block's first conv (``Cin -> C``, maybe strided), the
+projections, SE layers and all BatchNorms stay free. ``share_stages`` switches stages one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dacnn.errors import ConfigError
+from dacnn.models.layers import conv1x1, conv3x3
+from dacnn.registry import ModelInfo, register_model
+from dacnn.sharing import AnchoredConv2d, SharedKernel
+
+__all__ = ["SqueezeExcitation", "SEBasicBlock", "SEResNet", "se_resnet"]
+
+PAPER = "arXiv 2210.14151"
+STAGE_WIDTHS = (64, 128, 256)
+STEM_WIDTH = 16
+
+
+class SqueezeExcitation(nn.Module):
+    """Hu et al.'s SE gate: ``x * sigmoid(W2 relu(W1 avgpool(x)))``, bias-free linears, ratio ``r``."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.fc(x.mean((2, 3)))
+        return x * scale[:, :, None, None]
+
+
+class SEBasicBlock(nn.Module):
+    """``relu(SE(BN(conv2(relu(BN(conv1(x)))))) + shortcut(x))``; convs are free or shared uses."""
+
+    def __init__(
+        self, conv1: nn.Module, conv2: nn.Module, cin: int, cout: int, stride: int, reduction: int
+    ) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv1, nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv2, nn.BatchNorm2d(cout)
+        self.se = SqueezeExcitation(cout, reduction)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + self.shortcut(x))
+
+
+class SEResNet(nn.Module):
+    """CIFAR SE-ResNet with ``blocks`` blocks per stage; ``share_stages[s]`` ties stage ``s``'s 3x3 convs.
+
+    Shared kernels live in ``self.kernels`` (a ModuleDict keyed by stage index), so each is saved
+    and counted once.
+    """
+
+    def __init__(
+        self,
+        blocks: int = 2,
+        *,
+        share_stages: Sequence[bool] | bool = False,
+        reduction: int = 16,
+        num_classes: int = 10,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if blocks < 1:
+            raise ConfigError(f"SEResNet: blocks per stage must be >= 1, got {blocks}")
+        if isinstance(share_stages, bool):
+            share_stages = (share_stages,) * len(STAGE_WIDTHS)
+        share_stages = tuple(bool(s) for s in share_stages)
+        if len(share_stages) != len(STAGE_WIDTHS):
+            raise ConfigError(f"SEResNet: share_stages needs {len(STAGE_WIDTHS)} flags, got {share_stages}")
+        self.share_stages = share_stages
+        self.stem = nn.Sequential(
+            conv3x3(in_chans, STEM_WIDTH), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU(inplace=True)
+        )
+        self.kernels = nn.ModuleDict(
+            {str(s): SharedKernel(c, c, 3, init="kaiming_normal")
+             for s, (c, share) in enumerate(zip(STAGE_WIDTHS, share_stages)) if share}
+        )
+        stages: list[nn.Module] = []
+        cin = STEM_WIDTH
+        for s, cout in enumerate(STAGE_WIDTHS):
+            kernel = self.kernels[str(s)] if share_stages[s] else None
+            stage = []
+            for b in range(blocks):
+                stride = 2 if (s > 0 and b == 0) else 1
+                free_conv1 = kernel is None or cin != cout or stride != 1
+                conv1 = conv3x3(cin, cout, stride) if free_conv1 else AnchoredConv2d(kernel, padding=1)
+                conv2 = conv3x3(cout, cout) if kernel is None else AnchoredConv2d(kernel, padding=1)
+                stage.append(SEBasicBlock(conv1, conv2, cin, cout, stride, reduction))
+                cin = cout
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Kaiming-normal convs (fan_in, as the reference), BN 1/0, PyTorch default Linear."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, SharedKernel):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Module:
+    """SE-ResNet with ``blocks`` per stage; ``shared=True`` shares all three stages (unless
+    ``share_stages`` is given)."""
+    share_stages = kw.pop("share_stages", shared)
+    return SEResNet(blocks, share_stages=share_stages, **kw)  # type: ignore[arg-type]
+
+
+def _register(blocks: int) -> None:
+    for shared in (False, True):
+        name = f"se_resnet_d_{blocks}" + ("_shared" if shared else "")
+        info = ModelInfo(
+            name, "se_resnet", num_classes=10, paper=PAPER,
+            table_row=f"SPEC 1.3: se_resnet_d_{blocks}" + (" (all stages shared)" if shared else " (free)"),
+            shared_twin=f"se_resnet_d_{blocks}" if shared else None,
+            notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
+            extra={"blocks": blocks},
+        )
+
+        def build(_blocks: int = blocks, _shared: bool = shared, **kw: object) -> nn.Module:
+            return se_resnet(_blocks, shared=_shared, **kw)
+
+        build.__name__ = name
+        register_model(info)(build)
+
+
+for _n in (2, 3, 4, 6, 8, 10):
+    _register(_n)
