@@ -6,6 +6,7 @@ and ShaResNet (arXiv 1702.08782) on one sharing core (:mod:`dacnn.sharing`).
 
 from dacnn.counting import ParamCount, count_flops, count_params
 from dacnn.registry import ModelInfo, create_model, list_models, model_info, register_model
+from dacnn.share import share_kernels, untie
 from dacnn.sharing import AnchoredConv2d, SharedKernel
 
 __version__ = "0.1.0"
@@ -21,4 +22,6 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "share_kernels",
+    "untie",
 ]
