@@ -17,6 +17,7 @@ import torch
 __all__ = ["measure_speed", "estimate_row"]
 
 _speeds: dict[str, tuple[float, float]] = {}
+ROW_OVERHEAD_S = 5.0  # loading the data, building loaders, the test subset and FLOP count (measured ~4-6 s)
 
 
 def measure_speed(cfg: Any, steps: int = 2, batch: int = 32) -> tuple[float, float]:
@@ -79,12 +80,12 @@ def estimate_row(planned: Any, source_cfg: Any | None = None) -> tuple[float, st
         epochs = int(planned.runner.get("epochs", 0))
         n_train = planned.runner.get("train_subset") or n_train
         test = planned.resolved.test_subset or 10000
-        seconds = epochs * n_train / train_speed + 3 * test / eval_speed
+        seconds = ROW_OVERHEAD_S + epochs * n_train / train_speed + 3 * test / eval_speed
         return seconds, f"{epochs} x {n_train} fine-tuning images at {train_speed:.0f} img/s"
     cfg = config_from_dict(planned.train)
     train_speed, eval_speed = measure_speed(cfg)
     n_train, n_val, n_test = _images(cfg, planned.resolved.test_subset)
-    seconds = cfg.epochs * n_train / train_speed + (cfg.epochs * n_val + n_test) / eval_speed
+    seconds = ROW_OVERHEAD_S + cfg.epochs * n_train / train_speed + (cfg.epochs * n_val + n_test) / eval_speed
     if row.kind == "filters":
         steps = int(planned.resolved.filters.get("steps", 200))
         seconds += 5 * steps * int(planned.resolved.filters.get("filters", 5)) / train_speed
