@@ -43,10 +43,10 @@ PW_GROUPS = 8
 def channel_shuffle(x: torch.Tensor) -> torch.Tensor:
     """The reference shuffle, written as it is: swap the two channel halves, then the 2-group
     shuffle (view ``(2, C/2)``, transpose, flatten). Output channel ``2j`` is input ``C/2 + j``,
-    ``2j + 1`` is input ``j``."""
-    b, c, h, w = x.shape
-    x = torch.cat([x[:, c // 2:], x[:, : c // 2]], 1)
-    return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+    ``2j + 1`` is input ``j``. (No shape unpacking, so ``torch.fx`` can trace it.)"""
+    half = x.shape[1] // 2
+    x = torch.cat([x[:, half:], x[:, :half]], 1)
+    return x.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
