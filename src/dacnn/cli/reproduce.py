@@ -126,6 +126,7 @@ def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
 
     store = ResultsStore(Path(args.results))
     grand = 0.0
+    earlier: dict[str, str] = {}  # hash -> row that an earlier spec of this command runs
     for name in names:
         _, planned = plan(get_spec(name, _spec_dir(args)), _options(args, scale))
         total = 0.0
@@ -133,7 +134,10 @@ def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
         by_id = {p.row.id: p for p in planned}
         for p in planned:
             status = row_status(p, store)
-            if status in ("done", "shared", "quoted"):
+            if p.chash in earlier:
+                status = f"shared with {earlier[p.chash]}"
+            earlier.setdefault(p.chash, f"{name}/{p.row.id}")
+            if status in ("done", "shared", "quoted") or status.startswith("shared with"):
                 print(f"  {p.row.id:22s} {status}")
                 continue
             source = by_id.get(p.row.prune.get("source", ""))

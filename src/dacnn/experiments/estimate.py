@@ -20,7 +20,7 @@ _speeds: dict[str, tuple[float, float]] = {}
 ROW_OVERHEAD_S = 5.0  # loading the data, building loaders, the test subset and FLOP count (measured ~4-6 s)
 
 
-def measure_speed(cfg: Any, steps: int = 2, batch: int = 32) -> tuple[float, float]:
+def measure_speed(cfg: Any, steps: int = 3, batch: int = 32) -> tuple[float, float]:
     """``(train images/s, eval images/s)`` of ``cfg``'s model with its optimizer, on this machine."""
     from dacnn.train.builders import build_model, build_optimizer, dataset_info, model_input_hw, model_kwargs
 
