@@ -5,6 +5,7 @@ Data: Fashion-MNIST from ``../shared/data`` (or ``$DACNN_DATA``); the tests are 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import yaml
 
 from dacnn.cli import main
+from dacnn.errors import ConfigError
 from dacnn.train import TrainingDiverged, resolve_config, train
 from dacnn.train import loop as loop_module
 from dacnn.train.evaluation import evaluate_checkpoint
@@ -110,3 +112,20 @@ def test_huge_learning_rate_exits_nonzero_with_a_message(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "Lower --lr" in err and "Traceback" not in err
+
+
+def test_tensorboard_without_the_package_is_a_config_error(tmp_path):
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    cfg = resolve_config({**TINY, "train_subset": 128, "val_size": 64, "epochs": 1, "tensorboard": True,
+                          "eval_test": False, "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"dacnn\[tb\]"):
+        train(cfg, verbose=False)
+
+
+@pytest.mark.slow
+def test_compile_channels_last_and_ema_train(tmp_path):
+    cfg = resolve_config({**TINY, "train_subset": 512, "val_size": 128, "epochs": 1, "compile": True,
+                          "channels_last": True, "ema": 0.99, "out_dir": str(tmp_path)})
+    result = train(cfg, verbose=False)
+    assert result.test_acc > 20.0

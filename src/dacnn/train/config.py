@@ -80,8 +80,10 @@ class TrainConfig:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms; bitwise-reproducible on CPU")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(False, "channels_last memory format")
-    amp: str = _f("none", "autocast dtype on GPU: none, bf16, fp16 (ignored on CPU)", choices=AMP_MODES)
+    amp: str = _f("none", "autocast dtype: none, bf16, fp16 (fp16 on GPU only; a bare --amp means bf16)",
+                  choices=AMP_MODES)
     nan_check_every: int = _f(1, "check the loss for nan/inf every N steps")
+    threads: int | None = _f(None, "CPU threads of torch (default: torch's choice, one per core)")
     # output
     out_dir: str = _f("runs", "directory holding run directories")
     run_name: str | None = _f(None, "run directory name (default: <date>-<model>-<dataset>)")
@@ -193,6 +195,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: field {name!r} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ConfigError(f"{source}: field 'lr' must be > 0, got {cfg.lr}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"{source}: field 'threads' must be >= 1, got {cfg.threads}")
     if cfg.train_subset is not None and cfg.train_subset < 1:
         raise ConfigError(f"{source}: field 'train_subset' must be >= 1, got {cfg.train_subset}")
     if cfg.ema is not None and not 0.0 < cfg.ema < 1.0:

@@ -20,19 +20,18 @@ __all__ = ["StepRunner", "evaluate", "autocast_context", "EvalResult"]
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on GPU; a no-op on CPU (``amp`` is a GPU option)."""
-    if amp == "none" or device.type != "cuda":
+    """bf16/fp16 autocast on GPU; on CPU only bf16 applies (AMX/AVX-512 bf16), fp16 is ignored."""
+    if amp == "none" or (device.type != "cuda" and amp != "bf16"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class StepRunner:
-    """``step(x, y)``: forward, loss, backward, clip, optimizer step; returns (loss, correct) tensors.
+    """One optimisation step: :meth:`forward_backward` (loss, gradients) then :meth:`apply` (clip, step).
 
-    The returned tensors stay on the device (no synchronisation); the caller checks the loss for
-    nan/inf before the weights of the *next* step are touched: :meth:`step` computes the loss and
-    only calls ``optimizer.step()`` if ``check_finite`` says so (see :meth:`forward_backward`).
+    The two halves are separate so the loop can check the loss for nan/inf before the weights
+    change; :meth:`step` runs both. Returned tensors stay on the device (no synchronisation).
     """
 
     def __init__(

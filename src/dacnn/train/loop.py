@@ -153,6 +153,8 @@ class _Run:
     def setup(self) -> None:
         cfg, device = self.cfg, self.device
         set_deterministic(cfg.deterministic)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
@@ -252,7 +254,7 @@ class _Run:
         start_epoch, skip, step = 0, 0, 0
         if self.resume_state is not None:
             start_epoch, skip, step = self.restore(self.resume_state)
-        elif self.ctx.is_main:
+        if self.ctx.is_main:  # the resolved config (on resume: with any changed settings)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         self.say(f"run {self.run_dir}: {cfg.model} on {cfg.dataset} ({self.data.train_size} train images, "

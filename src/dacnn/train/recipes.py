@@ -118,8 +118,8 @@ def ks_convmixer() -> dict[str, Any]:
 
     AdamW lr 0.01, eps 1e-3, betas (0.9, 0.999), weight decay 0.01 on tensors with more than one
     dimension only, cosine per iteration to 1e-6 without warm-up, 200 epochs, batch 128, gradient
-    norm clipped at 1.0, label smoothing 0.1, mixed precision (bf16 here; the reference used fp16
-    AMP); random crop (padding 4) + horizontal flip.
+    norm clipped at 1.0, label smoothing 0.1, fp16 mixed precision on GPU (the reference's AMP;
+    plain fp32 on CPU); random crop (padding 4) + horizontal flip.
     **Out of reach here** (no timm): RandAugment rand-m9-mstd0.5-inc1, mixup (alpha 0.5) and CutMix
     (alpha 0.5) with their soft-target loss, and RandomErasing (p 0.25); without them expect lower
     accuracy than the reference. Normalisation uses our dataset mean/std rather than ImageNet's.
@@ -127,21 +127,23 @@ def ks_convmixer() -> dict[str, Any]:
     return {"model": "convmixer_256_16_shared", "dataset": "cifar10", "optimizer": "adamw", "lr": 0.01,
             "eps": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01, "decay_norm_and_bias": False,
             "lr_schedule": "cosine", "min_lr": 1e-6, "warmup_epochs": 0.0, "epochs": 200,
-            "batch_size": 128, "clip_grad": 1.0, "label_smoothing": 0.1, "amp": "bf16",
+            "batch_size": 128, "clip_grad": 1.0, "label_smoothing": 0.1, "amp": "fp16",
             "crop_padding": 4, "flip": True, "normalize": True}
 
 
 @_recipe("demo")
 def demo() -> dict[str, Any]:
-    """The README's demo: a narrow plain DACNN-14 learns Fashion-MNIST on a 2-core CPU in minutes.
+    """The README's demo: DACNN-14 (paper section 3, one shared kernel) at width 32 on Fashion-MNIST.
 
-    The DACNN optimiser (Adagrad lr 0.1, section 4.1) on 12,000 training images, 1,000 held out for
-    validation, width 32, 3 epochs with lr /10 for the last one; images padded 28 -> 32 for the five
-    pooling stages. Measured on the 2-core development machine: see the README.
+    Sized for a 2-core CPU: 12,000 training images (1,000 more held out for validation), 3 epochs,
+    images padded 28 -> 32 for the five pooling stages, channels_last. Not the paper's optimiser:
+    Adagrad (section 4.1) needs more epochs than a demo has, so SGD with Nesterov momentum and a
+    cosine schedule (measured here: ~86 % test accuracy vs ~78 % with Adagrad in the same 3 epochs).
     """
-    return {**_DACNN_OPTIM, "model": "dacnn14", "dataset": "fashion_mnist", "width": 32, "epochs": 3,
-            "lr_milestones": [2], "batch_size": 128, "train_subset": 12000, "val_size": 1000,
-            "flip": True, "normalize": True}
+    return {"model": "dacnn14", "dataset": "fashion_mnist", "width": 32, "epochs": 3, "batch_size": 128,
+            "train_subset": 12000, "val_size": 1000, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+            "nesterov": True, "lr_schedule": "cosine", "channels_last": True, "flip": False,
+            "normalize": True}
 
 
 def get_recipe(name: str) -> Recipe:
