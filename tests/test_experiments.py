@@ -181,6 +181,7 @@ def test_config_hash_ignores_where_but_not_what():
     assert config_hash(base, runner) == same
     assert config_hash({**base, "epochs": 4}, runner) != same
     assert config_hash(base, {**runner, "test_subset": 200}) != same
+    assert config_hash({**base, "threads": 1, "new_setting": None}, runner) == same
 
 
 def test_diverged_training_is_a_recorded_result(tmp_path, data_dir, capsys):

@@ -38,6 +38,8 @@ def _machine_config(p: Any, opts: Any) -> Any:
         settings["data_dir"] = opts.data_dir
     if opts.device is not None:
         settings["device"] = opts.device
+    if opts.threads is not None:
+        settings["threads"] = opts.threads
     return config_from_dict(settings, source=f"{p.spec.name}/{p.row.id}")
 
 

@@ -45,7 +45,7 @@ RECORD_FIELDS = (
     "config",
 )
 # Training settings that say where or how fast a run happens, not what it computes: left out of the hash.
-MACHINE_KEYS = ("data_dir", "out_dir", "run_name", "device", "tensorboard", "ckpt_every_steps",
+MACHINE_KEYS = ("data_dir", "out_dir", "run_name", "device", "threads", "tensorboard", "ckpt_every_steps",
                 "nan_check_every", "eval_batch_size")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -62,8 +62,13 @@ def round_floats(value: Any, digits: int = 4) -> Any:
 
 
 def config_hash(train: dict[str, Any], runner: dict[str, Any]) -> str:
-    """16 hex digits naming a resolved training config plus the runner's settings (test subset...)."""
-    payload = {"train": {k: v for k, v in train.items() if k not in MACHINE_KEYS}, "runner": runner}
+    """16 hex digits naming a resolved training config plus the runner's settings (test subset...).
+
+    Machine settings (:data:`MACHINE_KEYS`) and unset (``None``) values are left out, so a training
+    setting added later with a ``None`` default does not orphan the records made before it.
+    """
+    kept = {k: v for k, v in train.items() if k not in MACHINE_KEYS and v is not None}
+    payload = {"train": kept, "runner": {k: v for k, v in runner.items() if v is not None}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
