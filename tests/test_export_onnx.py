@@ -29,14 +29,12 @@ def calibrated(name: str, **kwargs: object) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize(
-    "name, kwargs",
-    [("dacnn14", {"width": 16}), ("dacnn18_mix", {"width": 8})],
-)
+@pytest.mark.parametrize("name, kwargs", [("dacnn14", {"width": 16}), ("dacnn18_mix_reg", {"width": 4})])
 def test_shared_kernel_is_one_initializer_and_bn_kept(tmp_path, name, kwargs):
     model = calibrated(name, num_classes=10, **kwargs)
     path = tmp_path / "m.onnx"
     report = export_onnx(model, path)
+    assert report.exporter == "torchscript"
     counts = dacnn.count_params(model)
     tensors = len(list(model.parameters())) + sum(1 for b in model.buffers() if b.is_floating_point())
     values = counts.unique + sum(b.numel() for b in model.buffers() if b.is_floating_point())
@@ -79,3 +77,14 @@ def test_constant_folding_would_duplicate_the_kernel(tmp_path):
     report = onnx_sharing_report(path, model)
     assert report.batchnorm_nodes == 0 and report.shared_copies["anchor.weight"] == 0
     assert report.initializer_values > dacnn.count_params(model).per_use * 0.9
+
+
+def test_lrunet_batch_stays_dynamic(tmp_path):
+    """LruNet's TorchScript trace bakes batch 1 into its final reshape: the dynamo exporter takes over."""
+    model = calibrated("lrunet_1x", layer_reuse=2, in_chans=1)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, input_size=(1, 28, 28))
+    assert len(report.shared_copies) == 8 and report.shared_stored_once
+    assert report.batchnorm_nodes == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for batch in (1, 3):
+        assert max_abs_diff(path, model, torch.randn(batch, 1, 28, 28)) <= 1e-4

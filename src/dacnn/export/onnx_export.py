@@ -6,14 +6,18 @@ BatchNorm per use writes one folded copy of the kernel per use (DACNN-14 at widt
 initializers and 457 kB instead of 56 and 62 kB, ``../shared/reference/PITFALLS.md`` items 5 and
 10). Without folding every shared kernel is one initializer used by several ``Conv`` nodes, and each
 use keeps its own ``BatchNormalization`` node. :func:`onnx_sharing_report` checks both after export;
-:func:`max_abs_diff` compares onnxruntime with PyTorch.
+:func:`max_abs_diff` compares onnxruntime with PyTorch. A model whose forward bakes the batch size
+into the traced graph (``x.reshape(x.shape[0], ...)``) is exported again with the dynamo exporter
+(symbolic batch, no graph optimisation, node stack traces stripped).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ class OnnxReport:
     shared_copies: dict[str, int]  # shared tensor name -> initializers holding exactly its values
     conv_nodes: int
     batchnorm_nodes: int
+    exporter: str = ""  # "torchscript" or "dynamo" (see export_onnx)
 
     @property
     def shared_stored_once(self) -> bool:
@@ -61,22 +66,7 @@ def _input_size(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[i
     return tuple(info.input_size)
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    *,
-    input_size: tuple[int, ...] | None = None,
-    opset: int = OPSET,
-) -> OnnxReport:
-    """Export ``model`` (eval mode, float32, dynamic batch) to ONNX and check the sharing survived.
-
-    Raises :class:`CheckpointError` if a shared kernel ends up stored more than once.
-    """
-    _require_onnx()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.float().eval()
-    example = torch.zeros(1, *_input_size(model, input_size))
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -90,7 +80,68 @@ def export_onnx(
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
-    report = onnx_sharing_report(path, model)
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """torch.export-based exporter: the batch size stays symbolic even where the tracer sees an int."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            optimize=False,
+            opset_version=max(opset, 18),
+            dynamic_shapes=({0: batch},),
+            input_names=["input"],
+            output_names=["logits"],
+            verbose=False,
+        )
+        program.save(str(path))
+    import onnx
+
+    graph_model = onnx.load(str(path))
+    for node in graph_model.graph.node:  # stack traces and FX names: a third of the file, local paths
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(graph_model, str(path))
+
+
+def _runs_at_batch(path: Path, example: torch.Tensor, batch: int) -> bool:
+    try:
+        return OnnxRuntimeModel(path)(example.expand(batch, *example.shape[1:])).shape[0] == batch
+    except Exception:  # onnxruntime raises its own types for shape errors
+        return False
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    input_size: tuple[int, ...] | None = None,
+    opset: int = OPSET,
+) -> OnnxReport:
+    """Export ``model`` (eval mode, float32, dynamic batch) to ONNX and check the sharing survived.
+
+    The TorchScript exporter runs first; if its graph has the example's batch size baked in (a
+    forward doing ``x.reshape(x.shape[0], ...)`` is traced as a constant), the dynamo exporter
+    (``torch.export``, symbolic batch, no graph optimisation so no BN folding) replaces it.
+    Raises :class:`CheckpointError` if a shared kernel ends up stored more than once.
+    """
+    _require_onnx()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    example = torch.zeros(1, *_input_size(model, input_size))
+    _export_torchscript(model, example, path, opset)
+    exporter = "torchscript"
+    if not _runs_at_batch(path, example, 2):
+        _export_dynamo(model, example.expand(2, *example.shape[1:]).contiguous(), path, opset)
+        exporter = "dynamo"
+        if not _runs_at_batch(path, example, 3):
+            raise CheckpointError(f"{path}: neither ONNX exporter gave a graph with a dynamic batch size")
+    report = replace(onnx_sharing_report(path, model), exporter=exporter)
     if not report.shared_stored_once:
         raise CheckpointError(f"{path}: a shared kernel was duplicated in the graph: {report.shared_copies}")
     return report
@@ -131,11 +182,16 @@ class OnnxRuntimeModel(nn.Module):
             import onnxruntime as ort
         except ImportError as exc:
             raise ConfigError("running an ONNX file needs onnxruntime: pip install 'dacnn[onnx]'") from exc
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # failures raise; do not also log them
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})
+        feed = {self.input_name: x.detach().float().cpu().contiguous().numpy()}
+        (out,) = self.session.run(None, feed, self.run_options)
         return torch.from_numpy(out)
 
 
