@@ -18,7 +18,7 @@ def test_export_run_int8_with_accuracy(tmp_path, monkeypatch, capsys):
     )
     out = capsys.readouterr().out
     path = run / "export" / "model-int8.safetensors"
-    assert f"wrote {path}" in out and "each stored once: anchor.weight used 12x" in out
+    assert f"wrote {path}" in out and "shared tensors, each stored once: anchor.weight used 12x" in out
     assert "test accuracy (fashion_mnist, 30 images): source" in out and "points)" in out
     model, header = load_exported(path)
     assert header.meta["dataset"] == "fashion_mnist" and header.meta["pad_to"] == 32

@@ -132,15 +132,15 @@ def run_export(args: argparse.Namespace) -> int:
         print(
             f"wrote {out}: {report.file_bytes:,} bytes, {report.initializers} initializers "
             f"({report.initializer_values:,} values), {report.conv_nodes} Conv and "
-            f"{report.batchnorm_nodes} BatchNormalization nodes (BN not folded)"
+            f"{report.batchnorm_nodes} BatchNormalization nodes (BN not folded; {report.exporter} exporter)"
         )
         diff = max_abs_diff(out, model, torch.randn(8, *size, generator=torch.Generator().manual_seed(0)))
         print(f"max |onnxruntime - PyTorch| on 8 random inputs: {diff:.2e}")
         exported = OnnxRuntimeModel(out)
+    shared = ", ".join(f"{s.name} used {s.uses}x" for s in counts.shared) or "none"
     print(
-        f"params: {counts.unique:,} unique, {counts.per_use:,} counting every use "
-        f"(x{counts.compression:.2f}); {len(counts.shared)} shared tensor(s), each stored once: "
-        + ", ".join(f"{s.name} used {s.uses}x" for s in counts.shared)
+        f"params: {counts.unique:,} unique, {counts.per_use:,} counting every use (x{counts.compression:.2f}); "
+        f"shared tensors, each stored once: {shared}"
     )
     if args.evaluate:
         loader = test_loader(meta, data_dir=args.data_dir, limit=args.limit)

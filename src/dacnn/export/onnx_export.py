@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -85,6 +86,9 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, ops
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     """torch.export-based exporter: the batch size stays symbolic even where the tracer sees an int."""
     batch = torch.export.Dim("batch", min=1, max=65536)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -99,6 +103,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             verbose=False,
         )
         program.save(str(path))
+    registration.setLevel(level)
     import onnx
 
     graph_model = onnx.load(str(path))
