@@ -139,8 +139,8 @@ def run_export(args: argparse.Namespace) -> int:
         exported = OnnxRuntimeModel(out)
     shared = ", ".join(f"{s.name} used {s.uses}x" for s in counts.shared) or "none"
     print(
-        f"params: {counts.unique:,} unique, {counts.per_use:,} counting every use (x{counts.compression:.2f}); "
-        f"shared tensors, each stored once: {shared}"
+        f"params: {counts.unique:,} unique, {counts.per_use:,} counting every use "
+        f"(x{counts.compression:.2f}); shared tensors, each stored once: {shared}"
     )
     if args.evaluate:
         loader = test_loader(meta, data_dir=args.data_dir, limit=args.limit)
