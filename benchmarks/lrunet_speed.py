@@ -1,0 +1,215 @@
+"""LruNet speed: the reference forward pass, re-implemented op for op, against dacnn's LruNet.
+
+Both networks compute the same function (checked before timing: outputs in eval mode, and in train
+mode with the same dropout seed, after copying our weights into the reference). In one run, with
+the two interleaved and medians taken, it times
+
+* a training step: SGD (lr 0.1, momentum 0.9, weight decay 5e-4, the LruNet recipe) on a batch of
+  256 CIFAR-sized images, cross-entropy, forward + backward + update;
+* inference: eval mode, ``torch.no_grad``, batch 256;
+
+and prints images per second and the ratio ours / reference. Default: 14-LruNet-1x on 3x32x32.
+
+    python benchmarks/lrunet_speed.py [--reuse 14] [--width 1] [--batch 256] [--reps 3]
+                                      [--threads N] [--tune-malloc] [--compile]
+
+``--tune-malloc`` keeps freed memory in glibc's heap (no ``mmap`` for large blocks, no trimming)
+for the whole process, i.e. for both networks: PyTorch's CPU allocator has no cache, and a fresh
+33 MB activation costs page faults on every step. ``--compile`` times ``torch.compile`` of ours too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dacnn.models.lrunet import LruNet
+
+
+# ---- the reference, op for op (okankop/CNN-layer-reuse models/lrunet.py, restated) ----------------
+class ReferenceShuffle(nn.Module):
+    """Swap the channel halves with ``cat``, then view (2, C/2), permute, contiguous, view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.size()
+        x = torch.cat([x[:, c // 2:, :, :], x[:, : c // 2, :, :]], 1)
+        x = x.view(b, 2, c // 2, h, w).permute(0, 2, 1, 3, 4).contiguous()
+        return x.view(b, c, h, w)
+
+
+class ReferenceBlock(nn.Module):
+    """One dw (multiplier 2) and one pw (groups 8) ``nn.Conv2d`` called ``n`` times, BN lists."""
+
+    def __init__(self, planes: int, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.shuffle = ReferenceShuffle()
+        self.relu = nn.ReLU(inplace=True)
+        self.dw = nn.Conv2d(planes, planes * 2, 3, 1, 1, groups=planes, bias=False)
+        self.pw = nn.Conv2d(planes * 2, planes, 1, 1, 0, groups=8, bias=False)
+        self.dw_bn_list = nn.ModuleList(nn.BatchNorm2d(planes * 2) for _ in range(n))
+        self.pw_bn_list = nn.ModuleList(nn.BatchNorm2d(planes) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i in range(self.n):
+            res = x if i == 0 else out
+            out = self.dw_bn_list[i](self.dw(x if i == 0 else out))
+            out = self.pw_bn_list[i](self.pw(out))
+            out += res
+            out = self.relu(out)
+            if i != self.n - 1:
+                out = self.shuffle(out)
+        return out
+
+
+class ReferenceLruNet(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 1, n: int = 14, in_chans: int = 3) -> None:
+        super().__init__()
+        self.width, self.num_classes = width, num_classes
+        cfg = [c * width for c in (64, 128, 256, 512, 256)]
+        self.features = nn.Sequential(nn.Conv2d(in_chans, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64),
+                                      nn.ReLU(inplace=True))
+        self.stage1, self.stage2, self.stage3, self.stage4 = (ReferenceBlock(c, n) for c in cfg[:4])
+        self.classifier = nn.Sequential(
+            nn.Conv2d(cfg[3], cfg[4], 1, 1, 0, groups=8, bias=False), nn.BatchNorm2d(cfg[4]),
+            nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Conv2d(cfg[4], num_classes, 1),
+            nn.ReLU(inplace=True), nn.AvgPool2d(2, stride=1))
+        self.mpool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.features(x)
+        if self.width == 2:
+            out = torch.cat([out, out], 1)
+        out = self.mpool(self.stage1(out))
+        out = torch.cat([out, out], 1)
+        out = self.mpool(self.stage2(out))
+        out = torch.cat([out, out], 1)
+        out = self.stage3(out)
+        out = torch.cat([out, out], 1)
+        out = self.mpool(self.stage4(out))
+        out = self.classifier(out)
+        return out.view(out.size(0), self.num_classes)
+
+
+def reference_from(ours: LruNet) -> ReferenceLruNet:
+    """A reference network holding a copy of ``ours``'s weights (key renames only)."""
+    ref = ReferenceLruNet(ours.num_classes, ours.width_mult, ours.layer_reuse, ours.stem[0].in_channels)
+    renames = (("stem.", "features."), (".dw_bns.", ".dw_bn_list."), (".pw_bns.", ".pw_bn_list."))
+    state = {}
+    for key, value in ours.state_dict().items():
+        for a, b in renames:
+            key = key.replace(a, b)
+        state[key] = value.clone()
+    ref.load_state_dict(state)
+    return ref
+
+
+# ---- measurement ----------------------------------------------------------------------------------
+def tune_malloc() -> bool:
+    """glibc only: serve every block from the heap and never trim it (M_MMAP_MAX=0, M_TRIM_THRESHOLD)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))
+    except OSError:
+        return False
+
+
+def check_same_function(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> float:
+    """Largest output difference, eval mode and train mode (same dropout seed)."""
+    worst = 0.0
+    for train in (False, True):
+        ours.train(train)
+        ref.train(train)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            a = ours(x)
+            torch.manual_seed(0)
+            b = ref(x)
+        scale = b.abs().max().item() + 1e-6
+        worst = max(worst, (a - b).abs().max().item() / scale)
+    return worst
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def make_infer(model: nn.Module, x: torch.Tensor):  # noqa: ANN201
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return infer
+
+
+def timed(fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reuse", type=int, default=14)
+    parser.add_argument("--width", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per network and task")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tune-malloc", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tuned = tune_malloc() if args.tune_malloc else False
+    torch.manual_seed(0)
+    ours = LruNet(args.reuse, args.width)
+    ref = reference_from(ours)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(args.batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    diff = check_same_function(ours, ref, x[:16])
+    print(f"{args.reuse}-LruNet-{args.width}x, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"malloc tuned: {tuned}; max relative output difference ours vs reference: {diff:.1e}")
+    if diff > 1e-4:
+        raise SystemExit("outputs differ: not the same function")
+
+    tasks = {
+        "train step": {"reference": make_step(ref, x, y), "ours": make_step(ours, x, y)},
+        "inference": {"reference": make_infer(ref, x), "ours": make_infer(ours, x)},
+    }
+    if args.compile:
+        compiled = torch.compile(ours)
+        tasks["train step"]["ours+compile"] = make_step(compiled, x, y)
+        tasks["inference"]["ours+compile"] = make_infer(compiled, x)
+    for task, fns in tasks.items():
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for fn in fns.values():  # warm-up (oneDNN primitives, allocator, compilation)
+            fn()
+        for _ in range(args.reps):  # interleaved
+            for name, fn in fns.items():
+                times[name].append(timed(fn))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for name, t in medians.items():
+            ratio = medians["reference"] / t
+            print(f"{task:11s} {name:13s} {args.batch / t:8.1f} img/s  (median {t:.3f} s of {args.reps})"
+                  f"  x{ratio:.2f} vs reference")
+
+
+if __name__ == "__main__":
+    main()
