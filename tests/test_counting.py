@@ -33,14 +33,6 @@ DACNN_MODELS = list_models("dacnn*")
 REGULATED_BLOCKS = {18: 8, 24: 11, 34: 16}  # residual blocks of DACNN-18/24/34 (one regulator each)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP barriers cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_pinned_counts(name: str) -> None:

@@ -53,12 +53,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(autouse=True)
 def quiet_machine(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """One torch thread (tiny models; far faster when other jobs share the cores), a private cache."""
+    """A private decoded-array cache (the thread count is set in conftest.py)."""
     monkeypatch.setenv("DACNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reproduce(tmp: Path, data_dir: str, *args: str) -> int:

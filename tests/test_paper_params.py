@@ -13,7 +13,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import torch
 
 from dacnn import count_flops, count_params, create_model, list_models
 from dacnn.cli import main
@@ -22,14 +21,6 @@ from dacnn.paper import FIGURES, KIBI, MEGA, PaperFigure, compare, compare_figur
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP barriers cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _figure_id(f: PaperFigure) -> str:

@@ -20,14 +20,6 @@ ISSUE_NAMES = (  # issue 2: one registered name per row of the DACNN paper's Tab
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP barriers cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _input(model: torch.nn.Module, batch: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
