@@ -125,7 +125,7 @@ def test_tensorboard_without_the_package_is_a_config_error(tmp_path):
 
 @pytest.mark.slow
 def test_compile_channels_last_and_ema_train(tmp_path):
-    cfg = resolve_config({**TINY, "train_subset": 512, "val_size": 128, "epochs": 1, "compile": True,
-                          "channels_last": True, "ema": 0.99, "out_dir": str(tmp_path)})
+    cfg = resolve_config({**TINY, "train_subset": 2048, "val_size": 256, "epochs": 2, "compile": True,
+                          "channels_last": True, "ema": 0.5, "out_dir": str(tmp_path)})
     result = train(cfg, verbose=False)
-    assert result.test_acc > 20.0
+    assert result.test_acc > 30.0  # chance: 10 %; ~49 % measured

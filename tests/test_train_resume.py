@@ -34,7 +34,7 @@ ARGS = ["train", "--model", "dacnn", "--depth", "4", "--width", "8", "--dataset"
         "--train-subset", "512", "--val-size", "128", "--batch-size", "64", "--epochs", "3",
         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--flip", "--crop-padding", "2",
         "--deterministic", "--no-eval-test", "--ema", "0.9",
-        "--ckpt-every-steps", "1", "--seed", "3"]
+        "--ckpt-every-steps", "1", "--seed", "3", "--threads", "1"]
 
 CHILD = """
 import sys, time

@@ -48,7 +48,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) is list:
-            group.add_argument(flag, nargs="*", type=typing.get_args(base)[0], metavar="N", **kw)
+            item = typing.get_args(base)[0]
+            group.add_argument(flag, nargs="*", type=item, metavar="N" if item is int else "X", **kw)
         elif typing.get_origin(base) is dict:
             group.add_argument(flag, nargs="+", type=_parse_kwarg, metavar="KEY=VALUE", **kw)
         elif f.name == "amp":

@@ -125,13 +125,19 @@ class _Running:
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool = True) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.dataset``; ``resume`` (a run directory) continues a run."""
+    """Train ``cfg.model`` on ``cfg.dataset``; ``resume`` (a run directory) continues a run.
+
+    Process-wide torch settings the run changes (threads, deterministic mode) are restored after it.
+    """
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         return _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose).run()
     finally:
         cleanup(ctx)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 class _Run:
