@@ -170,10 +170,11 @@ def test_prune_cli_reports_and_errors(tmp_path, monkeypatch, capsys):
         ["prune", str(run), "--ratio", "0.5", "--data-dir", str(data), "--limit", "20", "-o", str(out)]
     )
     assert code == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert (
-        printed["ratio"] == 0.5 and printed["epochs"] == 0 and printed["acc_after"] == printed["acc_pruned"]
-    )
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "prune.json").read_text())
+    assert saved["ratio"] == 0.5 and saved["epochs"] == 0 and saved["acc_after"] == saved["acc_pruned"]
+    assert f"pruned 50% of the conv/linear weights (global): {saved['nonzero_params']:,} of" in printed
+    assert f"drop {saved['acc_drop']:.2f} points" in printed and f"wrote {out}" in printed
     assert (out / "checkpoints" / "best.json").is_file()
     assert main(["prune", str(tmp_path / "nope"), "--ratio", "0.5"]) == 2
     assert "nope" in capsys.readouterr().err

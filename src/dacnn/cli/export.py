@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +159,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     from dacnn.prune import prune_run
 
-    result = prune_run(
+    r = prune_run(
         args.source,
         ratio=args.ratio,
         epochs=args.epochs,
@@ -171,5 +170,14 @@ def run_prune(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         output=args.output,
     )
-    print(json.dumps(result, indent=1))
+    print(
+        f"pruned {r['ratio']:.0%} of the conv/linear weights ({r['scope']}): {r['nonzero_params']:,} of "
+        f"{r['unique_params']:,} unique parameters non-zero (x{r['compression']:.2f})"
+    )
+    tuned = f", after {r['epochs']} fine-tuning epoch(s) {r['acc_after']:.2f}%" if r["epochs"] else ""
+    print(
+        f"test accuracy ({r['dataset']}): before {r['acc_before']:.2f}%, pruned {r['acc_pruned']:.2f}%"
+        f"{tuned} (drop {r['acc_drop']:.2f} points)"
+    )
+    print(f"wrote {r['output']} (prune.json, config.yaml, checkpoints/)")
     return 0
