@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from dacnn import create_model
+from dacnn import create_model, list_models
 from dacnn.cli import main
 from dacnn.ema import ModelEMA
 from dacnn.errors import ConfigError
@@ -66,6 +66,8 @@ def test_every_recipe_cites_its_source_and_validates():
     for recipe in RECIPES.values():
         assert recipe.doc and ("section" in recipe.doc or "SPEC" in recipe.doc), recipe.name
         config_from_dict({**recipe.settings, "recipe": recipe.name})
+        if "model" in recipe.settings:
+            assert recipe.settings["model"] in list_models(), recipe.name
     assert "RandAugment" in RECIPES["ks-convmixer"].doc  # what is out of reach is said
     assert RECIPES["lrunet"].settings["normalize"] is False
 

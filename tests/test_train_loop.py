@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -129,3 +130,14 @@ def test_compile_channels_last_and_ema_train(tmp_path):
                           "channels_last": True, "ema": 0.5, "out_dir": str(tmp_path)})
     result = train(cfg, verbose=False)
     assert result.test_acc > 30.0  # chance: 10 %; ~49 % measured
+
+
+@pytest.mark.parametrize("recipe", ["lrunet", "ks-seresnet"])
+def test_recipes_run_scaled_down(recipe, tmp_path):
+    # LruNet: dropout kwarg, crop + rotation + flip, no normalisation, 28 -> 32 padding;
+    # SE-ResNet: its shared model and SGD settings. One tiny epoch each.
+    cfg = resolve_config({"recipe": recipe, "dataset": "fashion_mnist", "data_dir": DATA_DIR, "epochs": 1,
+                          "train_subset": 128, "val_size": 64, "batch_size": 32, "eval_test": False,
+                          "threads": 1, "out_dir": str(tmp_path)})
+    result = train(cfg, verbose=False)
+    assert result.history[0]["step"] == 4 and math.isfinite(result.history[0]["train_loss"])

@@ -106,7 +106,7 @@ def ks_seresnet() -> dict[str, Any]:
     256 epochs, batch 128; random crop (padding 4) + horizontal flip. Normalisation uses our dataset
     mean/std, not the reference's (0.2023, 0.1994, 0.2010) std constants.
     """
-    return {"model": "se_resnet_d_2_full_shared", "dataset": "cifar10", "optimizer": "sgd", "lr": 0.1,
+    return {"model": "se_resnet_d_2_shared", "dataset": "cifar10", "optimizer": "sgd", "lr": 0.1,
             "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "multistep",
             "lr_milestones": [85, 130, 180], "lr_gamma": 0.1, "epochs": 256, "batch_size": 128,
             "crop_padding": 4, "flip": True, "normalize": True}
