@@ -271,3 +271,16 @@ def test_batches_do_not_depend_on_the_thread_setting_and_threads_are_restored():
     assert torch.get_num_threads() == before
     default = collect(DeviceLoader(split, cpu_threads=None, **settings))
     assert torch.equal(one[0], default[0]) and torch.equal(one[1], default[1])
+
+
+def test_flip_without_crop_pads_small_images_centred():
+    """Flip-only augmentation (DACNN recipe) on 28x28 images padded to 32: centred, no crop needed."""
+    split = id_split(8, shape=(28, 28, 1), name="fashion_mnist")
+    plain = DeviceLoader(split, batch_size=8, normalize=False, pad_to=32)
+    flipped = DeviceLoader(split, batch_size=8, normalize=False, pad_to=32,
+                           augment=Augment(crop_padding=0, flip=True))
+    (x0, _), (x1, _) = next(iter(plain)), next(iter(flipped))
+    assert x0.shape == x1.shape == (8, 1, 32, 32)
+    assert torch.all(x1[..., :2, :] == 0) and torch.all(x1[..., :, :2] == 0)
+    for a, b in zip(x0, x1):  # each image is either itself or its mirror, never shifted
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)

@@ -80,7 +80,7 @@ class DeviceLoader:
             self._ranges = ((0, 0), (0, 0))
         else:
             pad = self.augment.crop_padding
-            if height + 2 * pad < out_h or width + 2 * pad < out_w:
+            if pad and (height + 2 * pad < out_h or width + 2 * pad < out_w):
                 raise ConfigError(f"crop_padding={pad} cannot fill a {out_h}x{out_w} crop of "
                                   f"{height}x{width} images")
             # Pad once by q: room for every crop window [-p, H+p-S] and for the centred window.
