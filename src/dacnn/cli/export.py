@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="magnitude-prune a run's model, fine-tune it, report the accuracy drop (DACNN Table 8)",
     )
     r.add_argument(
-        "source", metavar="RUN", help="run directory (or weights .safetensors with --recipe config)"
+        "source",
+        metavar="RUN",
+        help="run directory (or a weights .safetensors with its sidecar: default fine-tuning settings)",
     )
     r.add_argument("--ratio", type=float, required=True, help="fraction of conv/linear weights set to zero")
     r.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs with the masks kept (default 0)")
