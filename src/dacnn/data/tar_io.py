@@ -21,15 +21,20 @@ _ZERO_BLOCK = bytes(BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")
 
 
+def read_file_bytes(path: Path) -> bytes:
+    """A file's bytes; a missing or unreadable file is a DataError naming it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
 def read_archive_bytes(path: Path, data: bytes | None = None) -> bytes:
     """The uncompressed bytes of a ``.tar`` or gzip-compressed tar (detected by magic number)."""
     if data is None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise DataError(f"{path}: file not found") from exc
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        data = read_file_bytes(path)
     if data[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(data)

@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dacnn.data.tar_io import read_archive_bytes, tar_members
+from dacnn.data.tar_io import read_archive_bytes, read_file_bytes, tar_members
 from dacnn.errors import DataError
 
 IMAGE_EXTS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
@@ -143,12 +143,7 @@ def decode_shard(ref: ShardRef, image_shape: tuple[int, int, int] | None = None,
     them); ``num_classes`` bounds the labels. Any problem raises DataError naming the shard.
     """
     path = ref.path
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    raw = read_file_bytes(path)
     if check_sha256 and ref.sha256:
         got = hashlib.sha256(raw).hexdigest()
         if got != ref.sha256:
