@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dacnn.data.catalog import get_cache_dir
+from dacnn.fileio import atomic_write
 
 CACHE_FORMAT = 1
 _EDGE = 64 * 1024
@@ -63,14 +63,11 @@ def store_cached(path: Path, images: np.ndarray, labels: np.ndarray, classes: li
     """Write an entry atomically and drop older entries of the same stem. Failures are not fatal."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
                 np.savez(handle, images=images, labels=labels, classes=np.asarray(classes, dtype=np.str_))
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, write)
         stem = path.name.rsplit("-", 1)[0]
         for old in path.parent.glob(f"{stem}-*.npz"):
             if old != path and old.name.rsplit("-", 1)[0] == stem:

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dacnn.data.catalog import DATASETS, get_data_dir
 from dacnn.data.sources import Source, _folder_source, _official_source, available_splits
 from dacnn.data.split import DatasetSplit
 from dacnn.errors import DataError
+from dacnn.fileio import atomic_write, atomic_write_text
 
 
 def _png(image) -> bytes:  # noqa: ANN001 - uint8 (H, W, C) array
@@ -48,9 +48,8 @@ def write_shards(split: DatasetSplit, out_dir: Path, prefix: str, shard_size: in
     for shard_index, start in enumerate(range(0, len(split), shard_size)):
         stop = min(start + shard_size, len(split))
         filename = f"{prefix}-{split.split}-{shard_index:06d}.tar" + (".gz" if compress else "")
-        fd, tmp_name = tempfile.mkstemp(prefix=filename + ".", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as raw:
+        def write(tmp: Path, start: int = start, stop: int = stop) -> None:
+            with open(tmp, "wb") as raw:
                 stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
                 with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                     for i in range(start, stop):
@@ -58,9 +57,8 @@ def write_shards(split: DatasetSplit, out_dir: Path, prefix: str, shard_size: in
                         _add(tar, f"{i:06d}.cls", str(int(split.labels[i])).encode("ascii"))
                 if compress:
                     stream.close()
-            os.replace(tmp_name, out_dir / filename)
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
+
+        atomic_write(out_dir / filename, write)
         data = (out_dir / filename).read_bytes()
         entries.append({"file": filename, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                         "num_samples": stop - start, "first_key": f"{start:06d}",
@@ -114,7 +112,5 @@ def convert(name: str, data_dir: str | os.PathLike[str] | None = None,
         raise DataError(f"{root / name}: nothing to convert (no official files or image folder found)")
     manifest["splits"] = manifest_splits
     (out / "classes.txt").write_text("\n".join(manifest["classes"]) + "\n")
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return out

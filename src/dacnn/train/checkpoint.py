@@ -21,9 +21,7 @@ deleted after the pointers move.
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dacnn.errors import CheckpointError
+from dacnn.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "atomic_write",
@@ -53,42 +52,6 @@ __all__ = [
 WEIGHTS_FORMAT = "dacnn.weights/1"
 STATE_FORMAT = "dacnn.train_state/1"
 METADATA_KEY = "dacnn"
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it over ``path``.
-
-    A crash before the rename leaves ``path`` untouched; a crash after leaves the new content.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent, directory=True)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # ---------------------------------------------------------------- weights + sidecar
