@@ -19,6 +19,7 @@ FLOPs count every use (a shared kernel costs compute each time it is applied) th
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -135,12 +136,12 @@ def count_flops(
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(batch_size, *input_size, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
+    # The training-mode graph on a copy: it is the network the paper defines (inference-only rewrites,
+    # such as LruNet's BN-folded fast path, may trade FLOPs for speed), and the copy keeps BatchNorm
+    # statistics untouched. Two images at least, so that training-mode BatchNorm accepts the batch.
+    probe = copy.deepcopy(model).train()
+    n = max(batch_size, 2)
+    x = torch.zeros(n, *input_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        probe(x)
+    return int(counter.get_total_flops()) * batch_size // n
