@@ -21,10 +21,21 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int = 1,
+        *,
+        conv1: nn.Module | None = None,
+        conv2: nn.Module | None = None,
+    ) -> None:
+        """``conv1``/``conv2`` replace the default free 3x3 convs (e.g. by uses of a shared kernel)."""
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.conv1 = conv3x3(cin, cout, stride) if conv1 is None else conv1
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = conv3x3(cout, cout) if conv2 is None else conv2
+        self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:

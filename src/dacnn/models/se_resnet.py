@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
-from dacnn.models.layers import conv1x1, conv3x3
+from dacnn.models.layers import conv3x3
+from dacnn.models.resnet import BasicBlock
 from dacnn.registry import ModelInfo, register_model
 from dacnn.sharing import AnchoredConv2d, SharedKernel
 
@@ -46,20 +47,14 @@ class SqueezeExcitation(nn.Module):
         return x * scale[:, :, None, None]
 
 
-class SEBasicBlock(nn.Module):
+class SEBasicBlock(BasicBlock):
     """``relu(SE(BN(conv2(relu(BN(conv1(x)))))) + shortcut(x))``; convs are free or shared uses."""
 
     def __init__(
         self, conv1: nn.Module, conv2: nn.Module, cin: int, cout: int, stride: int, reduction: int
     ) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = conv1, nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = conv2, nn.BatchNorm2d(cout)
+        super().__init__(cin, cout, stride, conv1=conv1, conv2=conv2)
         self.se = SqueezeExcitation(cout, reduction)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
