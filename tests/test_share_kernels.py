@@ -94,6 +94,25 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _assert_report_adds_up(model: nn.Module, report: object) -> None:
+    count = count_params(model)
+    assert report.params_before - sum(g.saved for g in report.groups) == report.params_after == count.unique
+    assert count.per_use == report.params_before
+
+
+def _first_kernel_copied(original: nn.Module, report: object) -> nn.Module:
+    """The original with each group's first conv weight copied into its members: what sharing computes."""
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for g in report.groups:
+            first = twin.get_submodule(g.uses[0])
+            for name in g.uses[1:]:
+                twin.get_submodule(name).weight.copy_(first.weight)
+                if first.bias is not None:
+                    twin.get_submodule(name).bias.copy_(first.bias)
+    return twin.eval()
+
+
 def _free_output_equal_after_untie(model: nn.Module, x: torch.Tensor) -> None:
     """share -> copy each use's original weights back is not possible, but untie must be exact."""
     model.eval()
@@ -106,10 +125,18 @@ def _free_output_equal_after_untie(model: nn.Module, x: torch.Tensor) -> None:
 # ---- unseen models --------------------------------------------------------------------------------
 def test_resnet50_sharesnet_imagenet_rule() -> None:
     """ShaResNet on ImageNet bottlenecks: the 3x3 conv is shared wherever its stride is 1."""
+    torch.manual_seed(0)
     model = ResNet(Bottleneck, [3, 4, 6, 3])
+    original = copy.deepcopy(model)
     assert _count(model) == 25_557_032
     report = share_kernels(model, scope="stage", stride_policy="unstrided", include="*.conv2")
     assert report.params_before == 25_557_032 and report.params_after == _count(model) == 20_469_800
+    _assert_report_adds_up(model, report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), _first_kernel_copied(original, report)(x),
+                                   rtol=1e-5, atol=1e-6)
+    model.train()
     assert [len(g.uses) for g in report.groups] == [3, 3, 5, 2]
     assert report.groups[1].uses == ["layer2.1.conv2", "layer2.2.conv2", "layer2.3.conv2"]
     assert isinstance(model.layer2[0].conv2, nn.Conv2d)  # strided: stays free
@@ -156,6 +183,11 @@ def test_user_sequential_shared_and_untied() -> None:
     assert [g.uses for g in report.groups] == [["3", "6"], ["10", "13"]]
     assert len(model) == len(reference) and isinstance(model[3], AnchoredConv2d)
     assert report.params_after == report.params_before - 2 * (16 * 16 * 9 + 16)
+    _assert_report_adds_up(model, report)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(model.eval()(x), _first_kernel_copied(reference, report)(x),
+                                   rtol=1e-5, atol=1e-6)
     # initialised from the group's first conv: the first use of each group computes what it did
     torch.testing.assert_close(model[3].kernel.weight, reference[3].weight)
     x = torch.randn(2, 3, 16, 16)
