@@ -285,6 +285,65 @@ def _tie(members: list[tuple[str, nn.Conv2d]], refs: dict) -> KernelGroup:
     return KernelGroup(f"{uses[0]}.kernel", tuple(kernel.weight.shape), uses, saved)
 
 
+def _candidates(
+    model: nn.Module, keep: Callable, drop: Callable, stride_policy: str, skipped: dict[str, str]
+) -> list[tuple[str, nn.Conv2d]]:
+    """The convs that may be tied, in module order; every other ``nn.Conv2d`` goes to ``skipped``."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    convs = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        why = unsafe_reason(m)
+        if why is None and owners[id(m.weight)] > 1:
+            why = "its weight is also registered in another module (Parameter aliasing)"
+        if why is None and not keep(name, m):
+            why = "not matched by include"
+        if why is None and drop(name, m):
+            why = "matched by exclude"
+        if why is None and stride_policy == "unstrided" and tuple(m.stride) != (1, 1):
+            why = f"stride {tuple(m.stride)} (stride_policy='unstrided')"
+        if why is None:
+            convs.append((name, m))
+        else:
+            skipped[name] = why
+    return convs
+
+
+def _groups(
+    model: nn.Module, convs: list[tuple[str, nn.Conv2d]], scope: str, stride_policy: str,
+    named: Callable | None, example_input: torch.Tensor | None, skipped: dict[str, str],
+) -> list[list[tuple[str, nn.Conv2d]]]:
+    """Groups of two or more isomorphic convs in one scope; convs left alone go to ``skipped``."""
+    sizes = _output_sizes(model, [c for _, c in convs], example_input) if scope == "stage" and convs else {}
+    groups: dict[tuple, list[tuple[str, nn.Conv2d]]] = {}
+    for name, conv in convs:
+        key: tuple = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups,
+                      tuple(conv.dilation), conv.bias is not None, conv.weight.dtype, conv.weight.device,
+                      conv.weight.requires_grad, conv.bias is not None and conv.bias.requires_grad)
+        if stride_policy == "same":
+            key += (tuple(conv.stride),)
+        if scope == "stage":
+            if not sizes[id(conv)]:
+                skipped[name] = "never ran in the example forward pass (scope='stage')"
+                continue
+            key += (sizes[id(conv)],)
+        elif scope == "container":
+            where = _container_of(model, name, named)
+            if where is None:
+                skipped[name] = "in no module matched by containers"
+                continue
+            key += (where,)
+        groups.setdefault(key, []).append((name, conv))
+    for members in groups.values():
+        if len(members) == 1:
+            skipped[members[0][0]] = f"no isomorphic conv to tie with in its scope ({scope!r})"
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def share_kernels(
     model: nn.Module,
     scope: str = "stage",
@@ -312,69 +371,23 @@ def share_kernels(
     if containers is not None and scope != "container":
         raise ConfigError(f"share_kernels: containers= needs scope='container', got scope={scope!r}")
     plan = Budget.parse(budget) if budget is not None else None
-    keep, drop = _matcher(include, True), _matcher(exclude, False)
     named = _matcher(containers, False) if containers is not None else None
-    params_before = sum(p.numel() for p in model.parameters())
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    refs = _references(model)
-    report = ShareReport(params_before=params_before)
-    convs: list[tuple[str, nn.Conv2d]] = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Conv2d):
-            continue
-        why = unsafe_reason(m)
-        if why is None and owners[id(m.weight)] > 1:
-            why = "its weight is also registered in another module (Parameter aliasing)"
-        if why is None and not keep(name, m):
-            why = "not matched by include"
-        if why is None and drop(name, m):
-            why = "matched by exclude"
-        if why is None and stride_policy == "unstrided" and tuple(m.stride) != (1, 1):
-            why = f"stride {tuple(m.stride)} (stride_policy='unstrided')"
-        if why is None:
-            convs.append((name, m))
-        else:
-            report.skipped[name] = why
-    sizes = _output_sizes(model, [c for _, c in convs], example_input) if scope == "stage" and convs else {}
-
-    groups: dict[tuple, list[tuple[str, nn.Conv2d]]] = {}
-    for name, conv in convs:
-        key: tuple = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups,
-                      tuple(conv.dilation), conv.bias is not None, conv.weight.dtype, conv.weight.device,
-                      conv.weight.requires_grad, conv.bias is not None and conv.bias.requires_grad)
-        if stride_policy == "same":
-            key += (tuple(conv.stride),)
-        if scope == "stage":
-            if not sizes[id(conv)]:
-                report.skipped[name] = "never ran in the example forward pass (scope='stage')"
-                continue
-            key += (sizes[id(conv)],)
-        elif scope == "container":
-            where = _container_of(model, name, named)
-            if where is None:
-                report.skipped[name] = "in no module matched by containers"
-                continue
-            key += (where,)
-        groups.setdefault(key, []).append((name, conv))
-    for members in groups.values():
-        if len(members) == 1:
-            report.skipped[members[0][0]] = f"no isomorphic conv to tie with in its scope ({scope!r})"
-    candidates = [g for g in groups.values() if len(g) > 1]
+    report = ShareReport(params_before=sum(p.numel() for p in model.parameters()))
+    keep, drop = _matcher(include, True), _matcher(exclude, False)
+    convs = _candidates(model, keep, drop, stride_policy, report.skipped)
+    candidates = _groups(model, convs, scope, stride_policy, named, example_input, report.skipped)
     savings = [(len(g) - 1) * _numel(g[0][1]) for g in candidates]
-    report.floor = params_before - sum(savings)
+    report.floor = report.params_before - sum(savings)
     chosen = list(range(len(candidates)))
     if plan is not None:
-        report.target = plan.target(params_before)
+        report.target = plan.target(report.params_before)
         if report.floor > report.target:
             raise ConfigError(
-                f"share_kernels: budget {plan} ({report.target:,} of {params_before:,} parameters) cannot "
-                f"be met: tying all {len(candidates)} eligible groups leaves {report.floor:,} (the floor for "
-                f"scope={scope!r}, stride_policy={stride_policy!r}); the model is unchanged"
+                f"share_kernels: budget {plan} ({report.target:,} of {report.params_before:,} parameters) "
+                f"cannot be met: tying all {len(candidates)} eligible groups leaves {report.floor:,} (the "
+                f"floor for scope={scope!r}, stride_policy={stride_policy!r}); the model is unchanged"
             )
-        chosen, left = [], params_before
+        chosen, left = [], report.params_before
         for i in sorted(range(len(candidates)), key=lambda i: -savings[i]):
             if left <= report.target:
                 for name, _ in candidates[i]:
@@ -382,6 +395,7 @@ def share_kernels(
                 continue
             chosen.append(i)
             left -= savings[i]
+    refs = _references(model)
     for i in sorted(chosen):
         report.groups.append(_tie(candidates[i], refs))
     report.skipped = {n: report.skipped[n] for n, m in model.named_modules() if n in report.skipped}
