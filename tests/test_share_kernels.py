@@ -15,7 +15,6 @@ from torch import nn
 
 from dacnn import count_params, create_model, share_kernels, untie
 from dacnn.errors import ConfigError
-from dacnn.share import KernelSequential
 from dacnn.sharing import AnchoredConv2d, SharedKernel
 
 
@@ -95,6 +94,25 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _assert_report_adds_up(model: nn.Module, report: object) -> None:
+    count = count_params(model)
+    assert report.params_before - sum(g.saved for g in report.groups) == report.params_after == count.unique
+    assert count.per_use == report.params_before
+
+
+def _first_kernel_copied(original: nn.Module, report: object) -> nn.Module:
+    """The original with each group's first conv weight copied into its members: what sharing computes."""
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for g in report.groups:
+            first = twin.get_submodule(g.uses[0])
+            for name in g.uses[1:]:
+                twin.get_submodule(name).weight.copy_(first.weight)
+                if first.bias is not None:
+                    twin.get_submodule(name).bias.copy_(first.bias)
+    return twin.eval()
+
+
 def _free_output_equal_after_untie(model: nn.Module, x: torch.Tensor) -> None:
     """share -> copy each use's original weights back is not possible, but untie must be exact."""
     model.eval()
@@ -107,19 +125,28 @@ def _free_output_equal_after_untie(model: nn.Module, x: torch.Tensor) -> None:
 # ---- unseen models --------------------------------------------------------------------------------
 def test_resnet50_sharesnet_imagenet_rule() -> None:
     """ShaResNet on ImageNet bottlenecks: the 3x3 conv is shared wherever its stride is 1."""
+    torch.manual_seed(0)
     model = ResNet(Bottleneck, [3, 4, 6, 3])
+    original = copy.deepcopy(model)
     assert _count(model) == 25_557_032
     report = share_kernels(model, scope="stage", stride_policy="unstrided", include="*.conv2")
     assert report.params_before == 25_557_032 and report.params_after == _count(model) == 20_469_800
+    _assert_report_adds_up(model, report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), _first_kernel_copied(original, report)(x),
+                                   rtol=1e-5, atol=1e-6)
+    model.train()
     assert [len(g.uses) for g in report.groups] == [3, 3, 5, 2]
     assert report.groups[1].uses == ["layer2.1.conv2", "layer2.2.conv2", "layer2.3.conv2"]
     assert isinstance(model.layer2[0].conv2, nn.Conv2d)  # strided: stays free
-    # kernels live in the lowest common ancestor that is not a container: the ResNet itself
-    assert list(model.shared_kernels) == [f"layer{i}_{int(i > 1)}_conv2" for i in (1, 2, 3, 4)]
+    # each kernel is registered once, under its group's first use; no module gains a child
+    assert [g.kernel for g in report.groups] == [f"layer{i}.{int(i > 1)}.conv2.kernel" for i in (1, 2, 3, 4)]
+    assert not hasattr(model, "shared_kernels")
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 53  # every BN still there, free
     assert sum(1 for _ in model.state_dict()) == len(dict(model.named_parameters())) + 3 * 53
     model(torch.randn(2, 3, 32, 32)).sum().backward()
-    assert model.shared_kernels["layer3_1_conv2"].weight.grad is not None
+    assert model.layer3[1].conv2.kernel.weight.grad is not None
 
 
 def test_resnet34_sharesnet_basic_block_rule() -> None:
@@ -152,18 +179,23 @@ def test_user_sequential_shared_and_untied() -> None:
     )
     reference = copy.deepcopy(model)
     report = share_kernels(model)  # two resolutions -> two kernels
-    assert isinstance(model, KernelSequential) and isinstance(model, nn.Sequential)
+    assert type(model) is nn.Sequential and len(model) == len(reference)  # nothing attached to the root
     assert [g.uses for g in report.groups] == [["3", "6"], ["10", "13"]]
     assert len(model) == len(reference) and isinstance(model[3], AnchoredConv2d)
     assert report.params_after == report.params_before - 2 * (16 * 16 * 9 + 16)
+    _assert_report_adds_up(model, report)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(model.eval()(x), _first_kernel_copied(reference, report)(x),
+                                   rtol=1e-5, atol=1e-6)
     # initialised from the group's first conv: the first use of each group computes what it did
-    torch.testing.assert_close(model.shared_kernels["3"].weight, reference[3].weight)
+    torch.testing.assert_close(model[3].kernel.weight, reference[3].weight)
     x = torch.randn(2, 3, 16, 16)
     assert model(x).shape == (2, 10)
     global_model = copy.deepcopy(reference)
     assert len(share_kernels(global_model, scope="global").groups[0].uses) == 4
     _free_output_equal_after_untie(model, x)
-    assert type(model) is nn.Sequential and "shared_kernels" not in model._modules
+    assert type(model) is nn.Sequential and [type(m) for m in model] == [type(m) for m in reference]
     assert _count(model) == _count(reference)
 
 
@@ -175,7 +207,7 @@ def test_se_resnet_becomes_the_shared_one() -> None:
         assert report.params_after == expected == count_params(create_model(f"se_resnet_d_{n}_shared")).unique
         assert [len(g.uses) for g in report.groups] == [2 * n - 1] * 3
         assert report.groups[0].uses[:3] == ["stages.0.0.conv2", "stages.0.1.conv1", "stages.0.1.conv2"]
-        assert report.groups[0].kernel == "shared_kernels.stages_0_0_conv2"
+        assert report.groups[0].kernel == "stages.0.0.conv2.kernel"
 
 
 @pytest.mark.parametrize("name,rule", [
@@ -226,7 +258,7 @@ def test_conv_registered_under_two_parents_is_one_candidate() -> None:
     report = share_kernels(model, scope="global")
     assert report.groups[0].uses == ["1.0", "2.0", "3"]
     assert model[1][0] is model[2][0]  # still one module applied twice
-    assert model.shared_kernels["1_0"].uses == 2
+    assert model[1][0].kernel.uses == 2
 
 
 def test_untie_restores_free_layers_and_removes_kernels() -> None:

@@ -139,6 +139,18 @@ class AnchoredConv2d(nn.Module):
     def groups(self) -> int:
         return self.kernel.groups
 
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in ("weight", "bias"):
+                raise
+            raise AttributeError(
+                f"AnchoredConv2d has no {name!r}: it applies a shared kernel ({name} is "
+                f"`.kernel.{name}`, one tensor for all its uses); call dacnn.untie(model) first to get "
+                f"free nn.Conv2d layers back (e.g. before re-parameterising or folding BatchNorm)"
+            ) from None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x, self.stride, self.padding, self.dilation)
 

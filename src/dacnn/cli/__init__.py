@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dacnn.errors import DacnnError
 
 # Modules (in dacnn.cli) that add subcommands; a module not written yet is skipped.
-SUBCOMMAND_MODULES = ("models", "data", "train", "weights", "export", "reproduce")
+SUBCOMMAND_MODULES = ("models", "data", "train", "weights", "export", "reproduce", "share")
 
 
 def build_parser() -> argparse.ArgumentParser:
