@@ -318,7 +318,7 @@ class _Run:
             runner.apply()
             if self.ema is not None:
                 self.ema.update(self.model)
-            running.add(loss, correct, y.numel() * self.ctx.world)
+            running.add(loss, correct, y.numel())  # this rank's images; summed over ranks once
             batch, step = batch + 1, step + 1
             if bar is not None:
                 bar.update(1)
