@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text"]
+from dacnn.errors import WriteError
+
+__all__ = ["atomic_write", "atomic_write_text", "write_error"]
+
+
+def write_error(path: str | Path, exc: BaseException) -> WriteError | None:
+    """A :class:`WriteError` naming ``path`` for an I/O failure (safetensors' "os error N" too), or None."""
+    if isinstance(exc, WriteError):
+        return exc
+    if isinstance(exc, OSError):
+        code, reason = exc.errno, exc.strerror or str(exc)
+    else:
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            return None
+        code, reason = int(match.group(1)), os.strerror(int(match.group(1)))
+    return WriteError(code, f"cannot write {path}: {reason}", str(path))
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -26,7 +43,8 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it, rename it over ``path``.
 
-    A crash before the rename leaves ``path`` untouched; a crash after leaves the new content.
+    A crash before the rename leaves ``path`` untouched; a crash after leaves the new content. An I/O
+    failure (read-only place, full disk) raises :class:`~dacnn.errors.WriteError` naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -34,8 +52,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        error = write_error(path, exc) if isinstance(exc, Exception) else None
+        if error is not None and error is not exc:
+            raise error from None
         raise
     _fsync_path(path.parent, directory=True)
     return path

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dacnn.errors import ConfigError
+from dacnn.errors import ConfigError, RunFinished
 
 EPILOG = """examples:
   dacnn train --recipe demo                              # ~3 min on 2 CPU cores, Fashion-MNIST
@@ -97,10 +97,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dacnn.train import checkpoint as ckpt
     from dacnn.train.config import config_from_dict, dump_yaml, resolve_config
-    from dacnn.train.loop import find_run_dir, train
+    from dacnn.train.loop import train
     from dacnn.train.recipes import list_recipes
+    from dacnn.train.rundir import check_same_architecture, find_run_dir, saved_config
 
     if args.list_recipes:
         for recipe in list_recipes():
@@ -109,10 +109,10 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume:
         run_dir = find_run_dir(args.resume, overrides.get("out_dir", "runs"))
-        pointer = ckpt.read_pointer(run_dir / "checkpoints", "last")
-        saved = ckpt.load_state(run_dir / "checkpoints" / pointer["state"])["config"]
+        saved = saved_config(run_dir)
         base = config_from_dict(saved, source=f"{run_dir}/config").to_dict()
         cfg = resolve_config(overrides, args.config, base=base)
+        check_same_architecture(base, cfg.to_dict(), run_dir)  # before any work
         changed = {k: v for k, v in cfg.to_dict().items() if base.get(k) != v}
         if changed:
             print(f"resuming with changed settings: {changed}")
@@ -124,7 +124,10 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if cfg.model is None:
         raise ConfigError("no model given: use --model NAME (see `dacnn models`) or --recipe NAME")
-    train(cfg, resume=run_dir)
+    try:
+        train(cfg, resume=run_dir)
+    except RunFinished as done:
+        print(done)
     return 0
 
 

@@ -88,6 +88,7 @@ class TrainConfig:
     out_dir: str = _f("runs", "directory holding run directories")
     run_name: str | None = _f(None, "run directory name (default: <date>-<model>-<dataset>)")
     ckpt_every_steps: int = _f(0, "also checkpoint every N steps (0: only at the end of each epoch)")
+    keep_checkpoints: int = _f(2, "checkpoint versions kept on disk: the newest N (>= 1) and the best")
     tensorboard: bool = _f(False, "write TensorBoard logs (needs the `tb` extra)")
     eval_test: bool = _f(True, "evaluate the selected model on the test split at the end")
 
