@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dacnn.errors import WriteError
 
-__all__ = ["atomic_write", "atomic_write_text", "write_error"]
+__all__ = ["atomic_write", "atomic_write_text", "write_error", "check_writable"]
 
 
 def write_error(path: str | Path, exc: BaseException) -> WriteError | None:
@@ -67,3 +67,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def check_writable(path: str | Path, what: str = "output") -> Path:
+    """Make ``path``'s folder and check a file can be created there; else :class:`WriteError`.
+
+    Commands call it before any work, so a read-only ``--output`` is reported at once.
+    """
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {what} {path}: {exc.strerror or exc}", str(path)) from None
+    return path

@@ -42,6 +42,7 @@ from torch import nn
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.export.quantize import dequantize_per_channel, is_quantizable, quantize_per_channel
+from dacnn.fileio import atomic_write
 from dacnn.registry import create_model
 
 __all__ = [
@@ -235,7 +236,7 @@ def export_safetensors(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return ExportInfo(path, dtype, path.stat().st_size, counts.unique, buffer_values)
 
 
