@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dacnn.errors import WriteError
 
-__all__ = ["atomic_write", "atomic_write_text", "write_error", "check_writable"]
+__all__ = ["atomic_write", "atomic_write_text", "write_error", "check_writable", "torch_load_reason"]
 
 
 def write_error(path: str | Path, exc: BaseException) -> WriteError | None:
@@ -83,3 +83,15 @@ def check_writable(path: str | Path, what: str = "output") -> Path:
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {what} {path}: {exc.strerror or exc}", str(path)) from None
     return path
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words a user can act on.
+
+    Never torch's own advice to retry with ``weights_only=False``: that runs whatever code the
+    file holds, and a file that needs it is not a trusted checkpoint.
+    """
+    text = str(exc)
+    if "Unsupported global" in text or "GLOBAL" in text:
+        return "it holds Python objects that a safe (weights-only) load refuses to run"
+    return "the file is damaged, truncated or not a PyTorch checkpoint"

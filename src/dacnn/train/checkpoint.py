@@ -37,7 +37,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dacnn.errors import CheckpointError, WriteError
-from dacnn.fileio import atomic_write, atomic_write_text, write_error
+from dacnn.fileio import atomic_write, atomic_write_text, torch_load_reason, write_error
 
 __all__ = [
     "atomic_write",
@@ -91,9 +91,8 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
     except Exception as exc:  # corrupt header, shape mismatch
         raise CheckpointError(f"cannot load weights {path}: {exc}") from None
     if missing or unexpected:
-        raise CheckpointError(
-            f"weights {path} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise CheckpointError(f"weights {path} do not match the model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -103,8 +102,8 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"sidecar {side} is not valid JSON: {exc}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"sidecar {side} is not valid JSON ({type(exc).__name__})") from None
     else:
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -116,10 +115,15 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
                 f"{path} has no sidecar {side.name} and no embedded '{METADATA_KEY}' metadata "
                 "naming the model"
             )
-        meta = json.loads(embedded)
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise CheckpointError(f"description of {path} lacks the field 'model'")
+        try:
+            meta = json.loads(embedded)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: embedded '{METADATA_KEY}' metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"description of {path} lacks the field 'model' (a model name)")
     meta.setdefault("model_kwargs", {})
+    if not isinstance(meta["model_kwargs"], dict):
+        raise CheckpointError(f"description of {path}: 'model_kwargs' must be a mapping")
     return meta
 
 
@@ -137,11 +141,29 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"weights file {path} does not exist")
     meta = read_sidecar(path)
     try:
-        model = create_model(meta["model"], **meta["model_kwargs"])
-    except (KeyError, TypeError, ValueError) as exc:
+        with torch.device("meta"):  # shapes first: a damaged description must not allocate gigabytes
+            skeleton = create_model(meta["model"], **meta["model_kwargs"])
+    except Exception as exc:  # the registry and the model constructors raise many types
         raise CheckpointError(f"{path}: cannot build model {meta['model']!r}: {exc}") from None
+    _check_shapes(skeleton, path)
+    model = create_model(meta["model"], **meta["model_kwargs"])
     load_weights(model, path, device)
     return model.to(device), meta
+
+
+def _check_shapes(model: nn.Module, path: Path) -> None:
+    """Every tensor the file stores exists in ``model`` with the same shape."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    wrong = [k for k, shape in stored.items() if expected.get(k) != shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"weights {path} do not match the model its description names: {k} is "
+                              f"{stored[k]} in the file, {expected.get(k, 'absent')} in the model")
 
 
 # ---------------------------------------------------------------- RNG
@@ -308,20 +330,11 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a trusted dacnn training state: {_load_reason(exc)}") from None
+        reason = torch_load_reason(exc)
+        raise CheckpointError(f"{path} is not a trusted dacnn training state: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a dacnn training state ({STATE_FORMAT})")
     return state
-
-
-def _load_reason(exc: Exception) -> str:
-    """Why ``torch.load`` failed, in a sentence; never torch's advice to disable ``weights_only``."""
-    text = str(exc)
-    if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
-        return "it holds Python objects that a safe (weights-only) load refuses to run"
-    if isinstance(exc, OSError | EOFError) or "zip archive" in text or "central directory" in text:
-        return "the file is truncated or not a torch checkpoint"
-    return "the file is damaged or not a torch checkpoint"
 
 
 def completed_epochs(ckpt_dir: str | Path) -> int | None:
