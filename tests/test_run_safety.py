@@ -224,3 +224,36 @@ def test_a_diverged_epoch_is_not_kept_in_the_logs(data, tmp_path, monkeypatch, c
     run = tmp_path / "run"
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [0]
     assert len((run / "summary.csv").read_text().splitlines()) == 2  # header + epoch 0
+
+
+def _pages(root: Path) -> int:
+    return sum(-(-p.stat().st_size // 4096) for p in root.rglob("*") if p.is_file()) + 8
+
+
+def test_a_real_full_disk_keeps_the_last_good_checkpoint(data, tmp_path):
+    """A tmpfs that fills up at a later epoch's checkpoint (root: a mount namespace)."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None or subprocess.run([unshare, "-m", "true"]).returncode != 0:
+        pytest.skip("needs root and mount namespaces to make a small filesystem")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    sizing = tmp_path / "sizing"
+    args = [*_train_args(data, sizing, epochs=1), "--no-eval-test"]
+    subprocess.run([sys.executable, "-m", "dacnn", *args], env=env, check=True, capture_output=True)
+    used = _pages(sizing / "run")  # after one epoch
+    version = _pages(sizing / "run" / "checkpoints") - 8
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    train = " ".join([sys.executable, "-m", "dacnn", *_train_args(data, disk, epochs=3), "--no-eval-test"])
+    script = (f"mount -t tmpfs -o size={(used + version // 2) * 4}k tmpfs {disk} && "
+              f"{{ {train}; echo rc=$?; cp -a {disk}/run {kept}; }}")
+    result = subprocess.run([unshare, "-m", "sh", "-c", script], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "rc=2" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    pointer, _, note = ckpt.newest_valid(kept / "checkpoints", "last")
+    assert note is None  # last.json names an intact version
+    orphans = [p.name for p in (kept / "checkpoints").glob("e*")
+               if p.name.split(".")[0].removesuffix("-ema") > pointer["version"]]
+    assert not orphans, orphans
+    assert main(["train", "--resume", str(kept), "--no-eval-test"]) == 0
+    assert [json.loads(line)["epoch"] for line in (kept / "metrics.jsonl").open()] == [0, 1, 2]
