@@ -384,3 +384,33 @@ def test_yaml_configs(data):
         path = Path(tmp) / "c.yaml"
         path.write_bytes(data)
         _survives("YAML config", lambda: _config(path))
+
+
+_ONNX: list[bytes] = []
+
+
+def _onnx_file() -> bytes:
+    """A small ONNX export of the tiny DACNN (made once, on first use)."""
+    if not _ONNX:
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxruntime")
+        from dacnn.export.onnx_export import export_onnx
+
+        with _tmpdir() as tmp:
+            path = Path(tmp) / "m.onnx"
+            export_onnx(_tiny(), path, input_size=(3, 32, 32))
+            _ONNX.append(path.read_bytes())
+    return _ONNX[0]
+
+
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 2))
+@given(data=st.data())
+def test_onnx_exports(data):
+    from dacnn.export.onnx_export import OnnxRuntimeModel
+
+    payload = data.draw(_mutations(_onnx_file()))
+    with _tmpdir() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(payload)
+        _survives("ONNX export (inspect)", lambda: inspect_file(path))
+        _survives("ONNX export (onnxruntime)", lambda: OnnxRuntimeModel(path)(torch.zeros(1, 3, 32, 32)))
