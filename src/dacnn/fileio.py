@@ -70,14 +70,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def check_writable(path: str | Path, what: str = "output") -> Path:
-    """Make ``path``'s folder and check a file can be created there; else :class:`WriteError`.
+    """Check a file can be created at ``path`` (nothing is left behind); else :class:`WriteError`.
 
-    Commands call it before any work, so a read-only ``--output`` is reported at once.
+    Commands call it before any work, so a read-only ``--output`` is reported at once. Folders
+    still to be made are checked at the nearest one that exists.
     """
     path = Path(path)
-    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".{path.name}.probe{os.getpid()}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(20, os.strerror(20))
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
     except OSError as exc:
