@@ -174,7 +174,8 @@ def test_import_weights_to_a_read_only_place_is_a_sentence(tmp_path):
     assert f"cannot write --output {out}" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [["models"], ["data", "list"], ["train", "--list-recipes"]])
+@pytest.mark.parametrize("args", [["models", "--pattern", "dacnn"], ["data", "list"],
+                                  ["train", "--list-recipes"]])
 def test_a_command_piped_into_a_closed_reader_exits_quietly(args, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "dacnn", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": SRC,
