@@ -230,7 +230,8 @@ def test_undecodable_image(tmp_path):
     path.parent.mkdir()
     path.write_bytes(shard_bytes([("000000.png", png()), ("000000.cls", b"0"),
                                   ("000001.png", b"\x89PNG garbage"), ("000001.cls", b"1")]))
-    with pytest.raises(DataError, match=r"toy-train-000000\.tar: image 000001\.png does not decode"):
+    message = r"toy-train-000000\.tar: sample '000001' \(000001\.png\) does not decode"
+    with pytest.raises(DataError, match=message):
         load_toy(tmp_path)
 
 

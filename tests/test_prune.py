@@ -178,5 +178,7 @@ def test_prune_cli_reports_and_errors(tmp_path, monkeypatch, capsys):
     assert (out / "checkpoints" / "best.json").is_file()
     assert main(["prune", str(tmp_path / "nope"), "--ratio", "0.5"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert main(["prune", str(run), "--ratio", "1.0", "--data-dir", str(data)]) == 2
-    assert "ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused at parse time (dacnn.validation)
+        main(["prune", str(run), "--ratio", "1.0", "--data-dir", str(data)])
+    assert exit_info.value.code == 2
+    assert "--ratio" in capsys.readouterr().err

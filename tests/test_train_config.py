@@ -47,7 +47,7 @@ def test_unknown_yaml_key_names_the_key_and_the_file(tmp_path):
     ({"optimizer": "lion"}, "field 'optimizer' must be one of"),
     ({"ema": 1.5}, "field 'ema'"),
     ({"lr_milestones": 45}, "field 'lr_milestones' must be a list"),
-    ({"batch_size": 0}, "field 'batch_size' must be >= 1"),
+    ({"batch_size": 0}, "field 'batch_size' must be an integer >= 1"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):

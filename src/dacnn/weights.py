@@ -26,6 +26,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from dacnn.errors import CheckpointError
+from dacnn.fileio import torch_load_reason
 
 __all__ = [
     "import_lrunet", "lrunet_config_from_state", "convert_lrunet_state", "save_imported", "sha256_file",
@@ -58,7 +59,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a pickle, truncated, or holding objects weights_only refuses
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({exc})") from None
+        reason = torch_load_reason(exc)
+        raise CheckpointError(f"{path} is not a trusted PyTorch checkpoint: {reason}") from None
     if isinstance(raw, dict) and "net" in raw:
         state, extra = raw["net"], {k: raw[k] for k in ("acc", "epoch") if k in raw}
     elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -12,6 +12,7 @@ from dacnn.data.catalog import DATASETS, data_dir_origin, get_cache_dir, get_dat
 from dacnn.data.sources import available_splits, find_source
 from dacnn.data.webdataset import read_manifest
 from dacnn.errors import DataError
+from dacnn.validation import option_type
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify = add("verify",
                  "check checksums, decoding, counts, labels and image sizes (exit 1 on any problem)")
     verify.add_argument("name", nargs="?", help="dataset to check (default: every dataset found)")
-    verify.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 2)")
+    verify.add_argument("--workers", type=option_type("workers"), default=None,
+                        help="decoding processes (default: up to 2)")
     verify.set_defaults(func=cmd_verify)
 
     download = add("download", "fetch a dataset's official files and check their published md5")
@@ -40,14 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="fetch <base-url>/<file> instead of the official host "
                                "(or $DACNN_DOWNLOAD_URL)")
     download.add_argument("--extra", action="store_true", help="SVHN: also fetch the 1.3 GB extra split")
-    download.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
+    download.add_argument("--timeout", type=option_type("timeout"), default=60.0,
+                          help="network timeout in seconds")
     download.set_defaults(func=cmd_download)
 
     convert = add("convert", "write official files (or an image folder) as WebDataset shards + MANIFEST.json")
     convert.add_argument("name")
     convert.add_argument("--out", default=None, help="output folder (default: <data-dir>/<name>)")
     convert.add_argument("--split", action="append", dest="splits", help="split to convert (repeatable)")
-    convert.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    convert.add_argument("--shard-size", type=option_type("shard_size"), default=10000,
+                         help="samples per shard")
     convert.add_argument("--no-compress", action="store_true", help="write .tar instead of .tar.gz")
     convert.set_defaults(func=cmd_convert)
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from dacnn.errors import ConfigError
+from dacnn.fileio import check_writable
+from dacnn.validation import option_type
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 
@@ -35,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="test-set accuracy of the source and of the export (needs the recorded dataset)",
     )
-    p.add_argument("--limit", type=int, help="evaluate on this many test images (seeded subset)")
+    p.add_argument("--limit", type=option_type("limit"),
+                   help="evaluate on this many test images (seeded subset)")
     p.add_argument("--data-dir", help="dataset root (default: $DACNN_DATA, then the data default)")
     p.set_defaults(func=run_export)
 
@@ -52,14 +55,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="RUN",
         help="run directory (or a weights .safetensors with its sidecar: default fine-tuning settings)",
     )
-    r.add_argument("--ratio", type=float, required=True, help="fraction of conv/linear weights set to zero")
-    r.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs with the masks kept (default 0)")
+    r.add_argument("--ratio", type=option_type("ratio"), required=True,
+                   help="fraction of conv/linear weights set to zero")
+    r.add_argument("--epochs", type=option_type("epochs", "prune"), default=0,
+                   help="fine-tuning epochs with the masks kept (default 0)")
     r.add_argument(
         "--scope", choices=SCOPES, default="global", help="one threshold for all layers or per layer"
     )
-    r.add_argument("--lr", type=float, help="fine-tuning learning rate (default: a tenth of the run's)")
-    r.add_argument("--train-subset", type=int, help="fine-tune on this many training images")
-    r.add_argument("--limit", type=int, help="evaluate on this many test images (seeded subset)")
+    r.add_argument("--lr", type=option_type("lr"),
+                   help="fine-tuning learning rate (default: a tenth of the run's)")
+    r.add_argument("--train-subset", type=option_type("train_subset"),
+                   help="fine-tune on this many training images")
+    r.add_argument("--limit", type=option_type("limit"),
+                   help="evaluate on this many test images (seeded subset)")
     r.add_argument("--data-dir", help="dataset root (default: $DACNN_DATA, then the data default)")
     r.add_argument("-o", "--output", help="output run directory (default: <run>-pruned<ratio>)")
     r.set_defaults(func=run_prune)
@@ -100,8 +108,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.format == "onnx" and args.dtype != "fp32":
         raise ConfigError(f"--format onnx writes float32 graphs; got --dtype {args.dtype}")
-    model, meta = load_source(args.source)
     out = Path(args.output) if args.output else _default_output(args.source, args.format, args.dtype)
+    check_writable(out, "--output" if args.output else "the export")
+    model, meta = load_source(args.source)
     keep = {k: meta[k] for k in ("dataset", "normalize", "pad_to", "source") if meta.get(k) is not None}
     counts = count_params(model)
     if args.format == "safetensors":

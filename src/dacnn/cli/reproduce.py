@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.errors import ConfigError
+from dacnn.validation import option_type
 
 EPILOG = """examples:
   dacnn reproduce --list                          # every spec and how many rows are done per scale
@@ -46,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", help="data root (default: $DACNN_DATA, then the data package's default)")
     p.add_argument("--device", help="override the device (cpu, cuda, auto)")
     p.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=option_type("threads"), metavar="N",
                    help="torch CPU threads (1 is several times faster when other jobs load the cores)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines from training")
     p.set_defaults(func=run_reproduce)

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from dacnn.errors import ConfigError
+from dacnn.errors import ConfigError, RunFinished
+from dacnn.validation import option_type
 
 EPILOG = """examples:
   dacnn train --recipe demo                              # ~3 min on 2 CPU cores, Fashion-MNIST
@@ -49,14 +50,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) is list:
             item = typing.get_args(base)[0]
-            group.add_argument(flag, nargs="*", type=item, metavar="N" if item is int else "X", **kw)
+            item_type = option_type(f.name) if item in (int, float) else item
+            group.add_argument(flag, nargs="*", type=item_type, metavar="N" if item is int else "X", **kw)
         elif typing.get_origin(base) is dict:
             group.add_argument(flag, nargs="+", type=_parse_kwarg, metavar="KEY=VALUE", **kw)
         elif f.name == "amp":
             group.add_argument(flag, nargs="?", const="bf16", **kw)
         else:
             metavar = {int: "N", float: "X"}.get(base, f.name.upper())
-            group.add_argument(flag, type=base, metavar=None if "choices" in kw else metavar, **kw)
+            kind = option_type(f.name) if base in (int, float) else base
+            group.add_argument(flag, type=kind, metavar=None if "choices" in kw else metavar, **kw)
 
 
 def register(subparsers: Any) -> None:
@@ -81,7 +84,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--data-dir", help="data root (default: $DACNN_DATA)")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--which", default="best", choices=("best", "last"), help="for a run: which checkpoint")
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--batch-size", type=option_type("eval_batch_size"), default=500, metavar="N")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=run_eval)
@@ -97,10 +100,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dacnn.train import checkpoint as ckpt
     from dacnn.train.config import config_from_dict, dump_yaml, resolve_config
-    from dacnn.train.loop import find_run_dir, train
+    from dacnn.train.loop import train
     from dacnn.train.recipes import list_recipes
+    from dacnn.train.rundir import check_same_architecture, find_run_dir, saved_config
 
     if args.list_recipes:
         for recipe in list_recipes():
@@ -109,10 +112,10 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume:
         run_dir = find_run_dir(args.resume, overrides.get("out_dir", "runs"))
-        pointer = ckpt.read_pointer(run_dir / "checkpoints", "last")
-        saved = ckpt.load_state(run_dir / "checkpoints" / pointer["state"])["config"]
+        saved = saved_config(run_dir)
         base = config_from_dict(saved, source=f"{run_dir}/config").to_dict()
         cfg = resolve_config(overrides, args.config, base=base)
+        check_same_architecture(base, cfg.to_dict(), run_dir)  # before any work
         changed = {k: v for k, v in cfg.to_dict().items() if base.get(k) != v}
         if changed:
             print(f"resuming with changed settings: {changed}")
@@ -124,7 +127,10 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if cfg.model is None:
         raise ConfigError("no model given: use --model NAME (see `dacnn models`) or --recipe NAME")
-    train(cfg, resume=run_dir)
+    try:
+        train(cfg, resume=run_dir)
+    except RunFinished as done:
+        print(done)
     return 0
 
 

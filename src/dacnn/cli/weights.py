@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from dacnn.counting import count_params
+from dacnn.fileio import check_writable
 
 __all__ = ["register", "run"]
 
@@ -37,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dacnn.weights import import_lrunet, save_imported
 
-    model, meta = import_lrunet(args.file, verify=not args.no_verify)
     out = args.output or Path(Path(args.file).stem + ".safetensors")
+    check_writable(out, "--output" if args.output else "the output")
+    model, meta = import_lrunet(args.file, verify=not args.no_verify)
     save_imported(model, meta, out)
     kwargs = ", ".join(f"{k}={v}" for k, v in meta["model_kwargs"].items())
     print(f"{args.file} -> {out} (+ {out.with_suffix('.json').name})")

@@ -38,11 +38,14 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _open(path: Path) -> Image.Image:
+    im = None
     try:
         im = Image.open(path)
         im.load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if im is not None:
+            im.close()  # a failed load leaves the file open
         raise DataError(f"{path}: image does not decode: {exc}") from exc
 
 

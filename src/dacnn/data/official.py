@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +92,7 @@ def _read_cifar_members(source: Path, folder: str, wanted: list[str]) -> dict[st
                     handle = tar.extractfile(info)
                     assert handle is not None
                     found[base] = handle.read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{source}: truncated or corrupt archive: {exc}") from exc
     missing = [m for m in wanted if m not in found]
     if missing:
@@ -131,16 +136,42 @@ def svhn_source(ds_dir: Path, split: str) -> Path | None:
     return path if path.is_file() else None
 
 
+_LOADMAT = """import sys, numpy as np, scipy.io
+mat = scipy.io.loadmat(sys.argv[1], variable_names=("X", "y"))
+np.savez(sys.argv[2], **{k: np.asarray(mat[k]) for k in ("X", "y") if k in mat})
+"""
+
+
+def _loadmat_isolated(path: Path) -> dict[str, np.ndarray]:
+    """``scipy.io.loadmat`` in a child process: scipy's MAT reader can crash (SIGSEGV) on a damaged
+    file (found by ``tests/test_fuzz_readers.py``), which must be an error here, not our death."""
+    with tempfile.TemporaryDirectory(prefix="dacnn-mat-") as tmp:
+        out = Path(tmp) / "mat.npz"
+        proc = subprocess.run([sys.executable, "-c", _LOADMAT, str(path), str(out)], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            if proc.returncode < 0:
+                reason = f"the MATLAB reader crashed on it (signal {-proc.returncode})"
+            else:
+                lines = proc.stderr.strip().splitlines()
+                reason = lines[-1] if lines else f"the MATLAB reader exited with {proc.returncode}"
+            raise DataError(f"{path}: not a readable MATLAB file: {reason}")
+        try:
+            with np.load(out, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable MATLAB file: {exc}") from None
+
+
 def read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """SVHN ``*_32x32.mat`` -> (images uint8 (N,32,32,3), labels int64 with 10 mapped to 0)."""
     try:
-        import scipy.io
+        import scipy.io  # noqa: F401 - checked here, used by the reader process
     except ImportError as exc:  # pragma: no cover - scipy is a dev dependency
         raise DataError(f"{path}: reading SVHN .mat files needs scipy (pip install 'dacnn[mat]')") from exc
-    try:
-        mat = scipy.io.loadmat(path, variable_names=("X", "y"))
-    except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
-        raise DataError(f"{path}: not a readable MATLAB file: {exc}") from exc
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    mat = _loadmat_isolated(path)
     if "X" not in mat or "y" not in mat:
         raise DataError(f"{path}: lacks the variables X and y")
     x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
@@ -176,7 +207,7 @@ def read_idx(path: Path) -> np.ndarray:
         data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (EOFError, OSError) as exc:
+    except (EOFError, OSError, zlib.error) as exc:
         raise DataError(f"{path}: truncated or corrupt gzip: {exc}") from exc
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")

@@ -159,7 +159,7 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None 
     stem = f"{name}-{split}" + ("-coarse" if label_kind == "coarse" else "")
     path = None
     if cache:
-        key = decoded_cache.cache_key([name, split, label_kind, source.kind], source.files, source.checksums)
+        key = decoded_cache.cache_key([name, split, label_kind, source.kind], source.files)
         path = decoded_cache.cache_path(stem, key)
         hit = decoded_cache.load_cached(path)
         if hit is not None:

@@ -122,8 +122,16 @@ def _decode_image(payload: memoryview, fmt: str, channels: int, path: Path, memb
                 im = im.convert(want)
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: image {member} does not decode: {exc}") from exc
+        raise DataError(_undecodable(path, member, fmt, exc)) from None
     return arr
+
+
+def _undecodable(path: Path, member: str, fmt: str, exc: Exception) -> str:
+    """Name the shard and the sample key; PIL's text names an in-memory buffer, not the file."""
+    key = member.rsplit(".", 1)[0]
+    reason = f"not a readable {fmt} image" if isinstance(exc, UnidentifiedImageError) else str(exc)
+    reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image", reason)
+    return f"{path}: sample {key!r} ({member}) does not decode: {reason}"
 
 
 def _probe_shape(payload: memoryview, fmt: str, member: str, path: Path) -> tuple[int, int, int]:
@@ -132,7 +140,7 @@ def _probe_shape(payload: memoryview, fmt: str, member: str, path: Path) -> tupl
         with Image.open(io.BytesIO(payload), formats=(fmt,)) as im:
             return im.height, im.width, 1 if im.mode in ("1", "L", "I", "I;16", "F") else 3
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: image {member} does not decode: {exc}") from exc
+        raise DataError(_undecodable(path, member, fmt, exc)) from None
 
 
 def decode_shard(ref: ShardRef, image_shape: tuple[int, int, int] | None = None,

@@ -46,6 +46,7 @@ RECORD_FIELDS = (
 )
 # Training settings that say where or how fast a run happens, not what it computes: left out of the hash.
 MACHINE_KEYS = ("data_dir", "out_dir", "run_name", "device", "threads", "tensorboard", "ckpt_every_steps",
+                "keep_checkpoints",
                 "nan_check_every", "eval_batch_size")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

@@ -42,6 +42,7 @@ from torch import nn
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.export.quantize import dequantize_per_channel, is_quantizable, quantize_per_channel
+from dacnn.fileio import atomic_write
 from dacnn.registry import create_model
 
 __all__ = [
@@ -235,7 +236,7 @@ def export_safetensors(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return ExportInfo(path, dtype, path.stat().st_size, counts.unique, buffer_values)
 
 
@@ -275,7 +276,14 @@ def parse_header(metadata: dict[str, str], path: Path) -> ExportHeader:
         raise CheckpointError(
             f"{path}: metadata field 'dacnn.dtype' is {dtype!r}, want one of {list(DTYPES)}"
         )
-    return ExportHeader(
+    try:
+        return _header(metadata, dtype, field_)
+    except (TypeError, ValueError, KeyError) as exc:  # valid JSON of the wrong shape
+        raise CheckpointError(f"{path}: malformed dacnn metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _header(metadata: dict[str, str], dtype: str, field_: Any) -> ExportHeader:
+    header = ExportHeader(
         dtype=dtype,
         model=metadata.get("dacnn.model", ""),
         model_kwargs=field_("dacnn.model_kwargs", "{}"),
@@ -286,6 +294,9 @@ def parse_header(metadata: dict[str, str], path: Path) -> ExportHeader:
         params=dict(field_("dacnn.params", "{}")),
         meta=dict(field_("dacnn.meta", "{}")),
     )
+    if not isinstance(header.model_kwargs, dict) or not all(isinstance(k, str) for k in header.quantized):
+        raise TypeError("model_kwargs must be a mapping and quantized a list of names")
+    return header
 
 
 def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ExportHeader]:
@@ -293,6 +304,14 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
     path = Path(path)
     raw, metadata = _read_raw(path)
     header = parse_header(metadata, path)
+    try:
+        return _unpack(raw, header, path), header
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # tensors that do not fit the header
+        raise CheckpointError(f"{path}: tensors do not fit the dacnn metadata ({type(exc).__name__}: "
+                              f"{exc})") from None
+
+
+def _unpack(raw: dict[str, torch.Tensor], header: ExportHeader, path: Path) -> dict[str, torch.Tensor]:
     pack = raw.pop(VECTORS, torch.empty(0))
     sizes = [int(torch.Size(shape).numel()) for _, shape in header.vectors]
     if sum(sizes) != pack.numel():
@@ -308,7 +327,7 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
         raise CheckpointError(f"{path}: quantised tensors {missing} missing or {SCALES} does not fit them")
     for key, scale in zip(header.quantized, torch.split(scales, channels)):
         raw[key] = dequantize_per_channel(raw[key], scale)
-    return raw, header
+    return raw
 
 
 def load_state_into(
@@ -344,11 +363,18 @@ def load_exported(
         if not header.model:
             raise CheckpointError(f"{path}: no model name recorded; pass the model to load into")
         try:
-            model = create_model(header.model, **header.model_kwargs)
-        except (KeyError, TypeError, ValueError) as exc:
+            with torch.device("meta"):  # shapes first: damaged metadata must not allocate gigabytes
+                skeleton = create_model(header.model, **header.model_kwargs)
+        except Exception as exc:  # the registry and the model constructors raise many types
             raise CheckpointError(
                 f"{path}: cannot build model {header.model!r} with {header.model_kwargs} ({exc})"
-            ) from exc
+            ) from None
+        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        wrong = [k for k, v in state.items() if shapes.get(k) != tuple(v.shape)]
+        if wrong:
+            raise CheckpointError(f"{path}: tensor {wrong[0]} does not fit model {header.model!r} "
+                                  f"with {header.model_kwargs}")
+        model = create_model(header.model, **header.model_kwargs)
         model.create_kwargs = dict(header.model_kwargs)
     load_state_into(model, state, header.aliases, source=path)
     return model.to(dtype).eval(), header

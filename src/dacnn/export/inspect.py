@@ -198,7 +198,11 @@ def inspect_file(path: str | os.PathLike[str]) -> InspectReport:
     if metadata.get("dacnn.format") == FORMAT:
         header = parse_header(metadata, path)
         kind = f"dacnn compact export ({header.dtype})"
-        rows = _unpack_vector_rows(rows, metadata, path)
+        try:
+            rows = _unpack_vector_rows(rows, metadata, path)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"{path}: tensors do not fit the dacnn metadata ({type(exc).__name__}: "
+                                  f"{exc})") from None
         name, kwargs, recorded, meta = header.model, header.model_kwargs, header.shared, dict(header.meta)
     else:
         kind = "safetensors"

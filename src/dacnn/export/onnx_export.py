@@ -189,15 +189,29 @@ class OnnxRuntimeModel(nn.Module):
             raise ConfigError("running an ONNX file needs onnxruntime: pip install 'dacnn[onnx]'") from exc
         options = ort.SessionOptions()
         options.log_severity_level = 4  # failures raise; do not also log them
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+        except Exception as exc:  # onnxruntime's own error types: not a model, invalid graph...
+            raise CheckpointError(f"{path}: onnxruntime cannot load it ({_first_line(exc)})") from None
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4
-        self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: x.detach().float().cpu().contiguous().numpy()}
-        (out,) = self.session.run(None, feed, self.run_options)
-        return torch.from_numpy(out)
+        try:
+            outputs = self.session.run(None, feed, self.run_options)
+        except Exception as exc:  # a graph that loads but cannot run on this input
+            raise CheckpointError(f"{self.path}: onnxruntime cannot run it ({_first_line(exc)})") from None
+        if len(outputs) != 1:
+            raise CheckpointError(f"{self.path}: the graph has {len(outputs)} outputs, expected 1 (logits)")
+        return torch.from_numpy(outputs[0])
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def max_abs_diff(path: str | os.PathLike[str], model: nn.Module, inputs: torch.Tensor) -> float:

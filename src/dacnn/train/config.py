@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from dacnn.errors import ConfigError
+from dacnn.validation import RULES, check_value
 
 __all__ = ["TrainConfig", "resolve_config", "load_yaml", "config_from_dict", "dump_yaml"]
 
@@ -88,6 +89,7 @@ class TrainConfig:
     out_dir: str = _f("runs", "directory holding run directories")
     run_name: str | None = _f(None, "run directory name (default: <date>-<model>-<dataset>)")
     ckpt_every_steps: int = _f(0, "also checkpoint every N steps (0: only at the end of each epoch)")
+    keep_checkpoints: int = _f(2, "checkpoint versions kept on disk: the newest N (>= 1) and the best")
     tensorboard: bool = _f(False, "write TensorBoard logs (needs the `tb` extra)")
     eval_test: bool = _f(True, "evaluate the selected model on the test split at the end")
 
@@ -97,6 +99,8 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+#: Fields with a range rule in :data:`dacnn.validation.RULES` (every int and float field).
+NUMERIC_FIELDS = tuple(name for name in FIELD_NAMES if name in RULES)
 
 
 def field_types() -> dict[str, Any]:
@@ -185,24 +189,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(
                 f"{source}: field {f.name!r} must be one of {', '.join(choices)}, got {value!r}"
             )
-    positive = ("epochs", "batch_size", "eval_batch_size", "nan_check_every")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{source}: field {name!r} must be >= 1, got {getattr(cfg, name)}")
-    nonneg = ("val_size", "crop_padding", "cutout", "ckpt_every_steps", "weight_decay", "label_smoothing")
-    for name in nonneg:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{source}: field {name!r} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"{source}: field 'lr' must be > 0, got {cfg.lr}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"{source}: field 'threads' must be >= 1, got {cfg.threads}")
-    if cfg.train_subset is not None and cfg.train_subset < 1:
-        raise ConfigError(f"{source}: field 'train_subset' must be >= 1, got {cfg.train_subset}")
-    if cfg.ema is not None and not 0.0 < cfg.ema < 1.0:
-        raise ConfigError(f"{source}: field 'ema' (a decay) must be in (0, 1), got {cfg.ema}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ConfigError(f"{source}: field 'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
+    for name in NUMERIC_FIELDS:  # ranges: one table for flags, YAML and the API
+        value = getattr(cfg, name)
+        problem = check_value(name, value) if value is not None else None
+        if problem is not None:
+            raise ConfigError(f"{source}: field {name!r} {problem}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"{source}: field 'betas' needs two numbers, got {cfg.betas}")
 
@@ -214,6 +205,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text (UTF-8) file (byte {exc.start} is not UTF-8)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

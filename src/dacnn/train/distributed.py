@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from torch import nn
 from dacnn.errors import ConfigError
 
 __all__ = ["DistContext", "init_distributed", "shard_batch", "wrap_ddp", "has_unused_parameters",
-           "all_reduce_sum", "cleanup"]
+           "all_reduce_sum", "broadcast_object", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,12 @@ def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` on every rank (identity in a single process)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

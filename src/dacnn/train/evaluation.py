@@ -7,6 +7,7 @@ What ``dacnn eval`` runs; also the API for checking imported weights::
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ def resolve_weights(target: str | Path, which: str = "best", out_dir: str | Path
     """The weights file a run directory / checkpoint directory / state file / weights file names.
 
     For a run the ``best`` pointer is used (falling back to ``last``), and its evaluation weights
-    (the EMA when the run kept one).
+    (the EMA when the run kept one). ``which="last"`` takes the newest intact version when the one
+    ``last`` names is damaged, and says so on stderr.
     """
     path = Path(target)
     if not path.exists() and not path.is_absolute() and (Path(out_dir) / path).exists():
@@ -35,6 +37,11 @@ def resolve_weights(target: str | Path, which: str = "best", out_dir: str | Path
                               f"or .state.pt file; runs are also looked for under {out_dir}/)")
     if path.is_dir():
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if which == "last" and ckpt.list_versions(ckpt_dir):
+            pointer, _, note = ckpt.newest_valid(ckpt_dir, "last")
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
+            return ckpt_dir / pointer["eval_weights"]
         order = [which] + [w for w in ("best", "last") if w != which]
         for name in order:
             if (ckpt_dir / f"{name}.json").is_file():
@@ -76,6 +83,11 @@ def evaluate_checkpoint(
     expected = meta["model_kwargs"].get("num_classes", getattr(model_info, "num_classes", None))
     if expected is not None and expected != info.num_classes:
         raise ConfigError(f"{weights} predicts {expected} classes but {name} has {info.num_classes}")
+    model_info_chans = getattr(model_info, "input_size", (None,))[0]
+    chans = meta["model_kwargs"].get("in_chans", model_info_chans)
+    if chans is not None and chans != info.image_size[2]:
+        raise ConfigError(f"{weights} takes {chans}-channel images but {name} has "
+                          f"{info.image_size[2]}-channel images: pass the --dataset it was trained on")
     if "pad_to" in meta:
         pad_to = meta["pad_to"]
     else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,10 @@ from dacnn.train.distributed import (
     wrap_ddp,
 )
 from dacnn.train.engine import StepRunner, evaluate
+from dacnn.train.rundir import find_run_dir, open_run
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "new_run_dir", "find_run_dir"]
+__all__ = ["train", "TrainResult", "TrainingDiverged", "find_run_dir"]
 
 
 class TrainingDiverged(DacnnError):
@@ -86,24 +86,6 @@ class TrainResult:
                 f"wall time {format_duration(self.wall_time)}")
 
 
-def new_run_dir(cfg: TrainConfig) -> Path:
-    """``<out_dir>/<run_name or date-model-dataset>``, with ``-2``, ``-3``... if it exists."""
-    name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.dataset}"
-    path, n = Path(cfg.out_dir) / name, 1
-    while path.exists():
-        n += 1
-        path = Path(cfg.out_dir) / f"{name}-{n}"
-    return path
-
-
-def find_run_dir(run: str | Path, out_dir: str | Path = "runs") -> Path:
-    """A run directory given as a path or as a name under ``out_dir``."""
-    for candidate in (Path(run), Path(out_dir) / str(run)):
-        if (candidate / "checkpoints").is_dir() or (candidate / "config.yaml").is_file():
-            return candidate
-    raise CheckpointError(f"no run directory {str(run)!r} (looked for it as a path and under {out_dir}/)")
-
-
 class _Running:
     """Sums over the current epoch (device tensors: no synchronisation per step)."""
 
@@ -132,9 +114,13 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    run = None
     try:
-        return _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose).run()
+        run = _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose)
+        return run.run()
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
         cleanup(ctx)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -146,13 +132,8 @@ class _Run:
         self.start = time.perf_counter()
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.say = print if verbose and ctx.is_main else (lambda *a, **k: None)
-        self.resume_state: dict[str, Any] | None = None
-        if resume is not None:
-            self.run_dir = find_run_dir(resume, cfg.out_dir)
-            pointer = ckpt.read_pointer(self.run_dir / "checkpoints", "last")
-            self.resume_state = ckpt.load_state(self.run_dir / "checkpoints" / pointer["state"])
-        else:
-            self.run_dir = new_run_dir(cfg)
+        # made atomically and locked before any work; a resume is checked (rundir.resume_point)
+        self.run_dir, self.lock, self.resume_state = open_run(cfg.to_dict(), resume, ctx, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ------------------------------------------------------------------ setup
@@ -232,7 +213,7 @@ class _Run:
         meta = {**self.meta, "epoch": epoch, "global_step": step}
         ckpt.save_checkpoint(self.ckpt_dir, model=self.model,
                              ema_model=self.ema.module if self.ema is not None else None,
-                             state=state, meta=meta, is_best=is_best)
+                             state=state, meta=meta, is_best=is_best, keep=self.cfg.keep_checkpoints)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
@@ -247,6 +228,7 @@ class _Run:
 
     def diverged(self, what: str) -> None:
         last = self.ckpt_dir / "last.json"
+        self.log.truncate(ckpt.completed_epochs(self.ckpt_dir))  # the logs keep what the checkpoint has
         kept = f"the last good checkpoint is kept ({last})" if last.exists() else "no checkpoint was written"
         raise TrainingDiverged(f"{what}; training stopped and {kept}. Lower --lr (now {self.cfg.lr:g}) "
                                "or set --clip-grad.")
@@ -318,7 +300,7 @@ class _Run:
             runner.apply()
             if self.ema is not None:
                 self.ema.update(self.model)
-            running.add(loss, correct, y.numel() * self.ctx.world)
+            running.add(loss, correct, y.numel())  # this rank's images; summed over ranks once
             batch, step = batch + 1, step + 1
             if bar is not None:
                 bar.update(1)

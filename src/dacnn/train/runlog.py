@@ -56,6 +56,14 @@ class RunLog:
         if self.enabled:
             self._rewrite()
 
+    def truncate(self, completed_epochs: int | None) -> None:
+        """Drop records of epochs ``>= completed_epochs`` (a refused epoch after a divergence)."""
+        if completed_epochs is None:
+            return
+        self.records = [r for r in self.records if r.get("epoch", 0) < completed_epochs]
+        if self.enabled and self.metrics_path.is_file():
+            self._rewrite()
+
     def log_epoch(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if not self.enabled:

@@ -1,0 +1,176 @@
+"""Run directories: made atomically, locked while a process trains in them, checked before resuming.
+
+* :func:`create_run_dir`: ``mkdir`` (atomic) of ``<out_dir>/<name>``, else ``<name>-2``, ``-3``...
+  so two runs started at once into one ``--out-dir`` get two directories; an ``--out-dir`` that
+  cannot be written is reported before any data is loaded.
+* :class:`RunLock`: an exclusive ``flock`` on ``<run>/.lock`` for the life of the process (the
+  kernel drops it when the process dies, even by SIGKILL); a second process training or resuming
+  the same run gets :class:`~dacnn.errors.RunInUse` naming the holder.
+* :func:`resume_point`: the state to resume (the newest intact checkpoint, saying so when ``last``
+  was damaged), refusing a run that stopped before its first checkpoint, a finished run and a
+  change of what the weights depend on (model, dataset, width, depth, model kwargs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dacnn.errors import CheckpointError, ConfigError, DacnnError, RunFinished, RunInUse
+from dacnn.train import checkpoint as ckpt
+from dacnn.train.distributed import DistContext, broadcast_object
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["default_run_name", "create_run_dir", "find_run_dir", "RunLock", "resume_point", "saved_config",
+           "open_run", "ARCHITECTURE_FIELDS", "check_same_architecture"]
+
+#: Config fields the saved weights depend on: a resumed run cannot change them.
+ARCHITECTURE_FIELDS = ("model", "dataset", "width", "depth", "model_kwargs")
+
+
+def default_run_name(model: str | None, dataset: str | None) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{model}-{dataset}"
+
+
+def create_run_dir(out_dir: str | Path, name: str) -> Path:
+    """Make a new, empty run directory atomically: ``name``, else ``name-2``, ``name-3``..."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out-dir {out}: cannot create it ({exc.strerror or exc})") from None
+    path, n = out / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = out / f"{name}-{n}"
+        except OSError as exc:
+            raise ConfigError(f"--out-dir {out}: cannot create the run directory {path.name} there "
+                              f"({exc.strerror or exc})") from None
+
+
+def find_run_dir(run: str | Path, out_dir: str | Path = "runs") -> Path:
+    """A run directory given as a path or as a name under ``out_dir``."""
+    for candidate in (Path(run), Path(out_dir) / str(run)):
+        if (candidate / "checkpoints").is_dir() or (candidate / "config.yaml").is_file():
+            return candidate
+    raise CheckpointError(f"no run directory {str(run)!r} (looked for it as a path and under {out_dir}/)")
+
+
+class RunLock:
+    """Exclusive lock on a run directory, held until :meth:`release` or the process ends."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"run directory {self.path.parent} is not writable "
+                              f"({exc.strerror or exc})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunInUse(f"run {self.path.parent} is in use by another training process "
+                               f"(pid {holder}); wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def check_same_architecture(saved: Mapping[str, Any], requested: Mapping[str, Any], run_dir: Path) -> None:
+    """Refuse a resume that changes what the saved weights depend on."""
+    changed = {k: (saved.get(k), requested.get(k)) for k in ARCHITECTURE_FIELDS
+               if saved.get(k) != requested.get(k)}
+    if changed:
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(f"--resume {run_dir}: the run's weights were trained as saved, so these cannot "
+                          f"change: {what}; start a new run instead")
+
+
+def _require_checkpoint(run_dir: Path) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt.list_versions(ckpt_dir) and not (ckpt_dir / "last.json").is_file():
+        raise CheckpointError(f"nothing to resume in {run_dir}: it was stopped before its first "
+                              "checkpoint; start the run again (same command without --resume)")
+    return ckpt_dir
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The config a run saved with its newest intact checkpoint."""
+    _, state, _ = ckpt.newest_valid(_require_checkpoint(run_dir), "last")
+    return dict(state.get("config") or {})
+
+
+def resume_point(run_dir: Path, requested: Mapping[str, Any] | None = None,
+                 say: Any = print) -> dict[str, Any]:
+    """The training state to resume ``run_dir`` from (see the module docstring for what is refused).
+
+    ``requested``: the config the resumed run would use (checked against the saved one).
+    """
+    _, state, note = ckpt.newest_valid(_require_checkpoint(run_dir), "last")
+    if note:
+        say(f"warning: {note}")
+    saved = state.get("config") or {}
+    if requested is not None:
+        check_same_architecture(saved, requested, run_dir)
+    epochs = int((requested or saved).get("epochs", 0))
+    done = state.get("epoch_done") and int(state["epoch"]) + 1 >= epochs
+    if done and (run_dir / "result.json").is_file():
+        raise RunFinished(f"run {run_dir} is finished ({int(state['epoch']) + 1} epochs trained; "
+                          f"result in {run_dir / 'result.json'}); nothing to resume. To train "
+                          "longer, resume with a larger --epochs")
+    return state
+
+
+def open_run(config: Mapping[str, Any], resume: str | Path | None, ctx: DistContext,
+             say: Any = print) -> tuple[Path, RunLock | None, dict[str, Any] | None]:
+    """``(run_dir, lock, resume_state)`` for a new run (created by rank 0) or a resumed one.
+
+    Rank 0 makes and locks the directory and tells the other ranks its name (or its error).
+    """
+    lock: RunLock | None = None
+    outcome: Any = None
+    if ctx.is_main:
+        try:
+            if resume is not None:
+                run_dir = find_run_dir(resume, config.get("out_dir", "runs"))
+            else:
+                name = config.get("run_name") or default_run_name(config.get("model"), config.get("dataset"))
+                run_dir = create_run_dir(config.get("out_dir", "runs"), name)
+            lock = RunLock(run_dir)
+            outcome = str(run_dir)
+        except DacnnError as exc:
+            outcome = ("error", type(exc).__name__, str(exc))
+            if not ctx.enabled:
+                raise
+    outcome = broadcast_object(outcome, ctx)
+    if isinstance(outcome, tuple):
+        kind = {"ConfigError": ConfigError, "RunInUse": RunInUse}.get(outcome[1], CheckpointError)
+        raise kind(outcome[2])
+    run_dir = Path(outcome)
+    try:
+        state = resume_point(run_dir, config, say) if resume is not None else None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return run_dir, lock, state
