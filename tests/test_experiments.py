@@ -17,7 +17,7 @@ from dacnn.cli import main
 from dacnn.counting import count_params
 from dacnn.experiments import RECORD_FIELDS, ResultsStore, RunOptions, get_spec, load_specs, plan
 from dacnn.experiments.spec import SCALES, SpecError, load_spec, rows_at_scale
-from dacnn.experiments.store import config_hash
+from dacnn.experiments.store import config_hash, source_hash
 from dacnn.registry import create_model, model_info
 
 # Cheap rows that still exercise every spec (and every row kind: train, prune, quoted, filters).
@@ -36,6 +36,7 @@ CHEAP_ROWS = {
     "figure7": "dacnn5",
     "lrunet_sweep": "n1,n2",
     "kernel_sharing": "seresnet-c10-shared",
+    "paper_recipe": "dacnn14-plain",
 }
 
 
@@ -121,7 +122,10 @@ def test_record_holds_every_field(tmp_path, data_dir):
     assert record["per_use_params"] == counts.per_use > counts.unique  # 3 uses of one kernel
     assert record["flops"] > 0 and record["wall_time"] > 0
     assert len(record["dataset_checksum"]) == 16 and record["git_commit"]
-    assert record["device"].startswith("cpu") and record["code_version"]
+    assert record["device"].startswith("cpu")
+    assert record["source_hash"] == source_hash() and record["seed"] == 0
+    assert record["machine"]["cpu"] and record["machine"]["threads"] >= 1 and record["torch_version"]
+    assert record["command"].startswith("dacnn reproduce table2 --scale smoke --rows d5-shared")
     assert [c["epoch"] for c in record["curve"]] == [0]
     assert record["curve"][0]["val_acc"] is not None
     assert Path(record["run_dir"], "checkpoints", "best.json").is_file()
@@ -162,7 +166,9 @@ def test_killed_reproduce_resumes_the_row(tmp_path, data_dir, capsys):
     store_file.write_text('{"experiment": "table2", "row": "d3-sh')  # a line cut by the kill
     (run_dir / "result.json").unlink()
     capsys.readouterr()
-    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert reproduce(tmp_path, data_dir, *args) == 2  # an interrupted run is never silently continued
+    assert "--resume" in capsys.readouterr().err
+    assert reproduce(tmp_path, data_dir, *args, "--resume") == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "finished" in out
     [again] = ResultsStore(tmp_path / "results").records("table2", "smoke")

@@ -7,6 +7,7 @@ A thin layer over :mod:`dacnn.experiments`: specs live in ``src/dacnn/experiment
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (1 is several times faster when other jobs load the cores)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs where their last checkpoint left them")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="record even though src/ has uncommitted changes (the record stores the diff's hash "
+                        "and the report marks it)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines from training")
     p.set_defaults(func=run_reproduce)
 
@@ -85,7 +91,24 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     return RunOptions(scale=scale, results=Path(args.results), runs_dir=Path(args.runs_dir),
                       data_dir=args.data_dir, device=args.device, force=args.force, verbose=not args.quiet,
-                      rows=rows, threads=args.threads, spec_dir=_spec_dir(args))
+                      rows=rows, threads=args.threads, spec_dir=_spec_dir(args), resume=args.resume,
+                      allow_dirty=args.allow_dirty, command=command_line(args))
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``dacnn reproduce`` command that ``args`` came from (every option that was set, in one form)."""
+    parts = ["dacnn", "reproduce", *args.experiments]
+    for option, value in (("--scale", args.scale), ("--rows", args.rows), ("--threads", args.threads),
+                          ("--device", args.device), ("--results", args.results),
+                          ("--runs-dir", args.runs_dir), ("--data-dir", args.data_dir),
+                          ("--spec-dir", args.spec_dir)):
+        defaults = {"--results": "results", "--runs-dir": "runs/reproduce"}
+        if value is not None and value != defaults.get(option):
+            parts += [option, str(value)]
+    for flag in ("force", "resume", "allow_dirty", "quiet"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    return shlex.join(parts)
 
 
 def _list(args: argparse.Namespace, names: list[str]) -> int:

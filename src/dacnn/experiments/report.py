@@ -173,7 +173,7 @@ def _provenance(records: dict[str, dict[str, Any]]) -> str:
 
     sums = sorted({f"{r['dataset']} {r['dataset_checksum']}" for r in records.values()
                    if r.get("dataset_checksum")})
-    return (f"Provenance: code version {values('code_version')}; git {values('git_commit')}; "
+    return (f"Provenance: source {values('source_hash')}; git {values('git_commit')}; "
             f"device {values('device')}; dataset checksums {', '.join(sums) or '—'}.")
 
 

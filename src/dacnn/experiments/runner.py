@@ -20,7 +20,7 @@ from typing import Any
 from dacnn.errors import ConfigError
 from dacnn.experiments.execute import run_prune_row, run_training_row
 from dacnn.experiments.spec import SPEC_DIR, ResolvedRow, Spec, get_spec, resolve_row, rows_at_scale
-from dacnn.experiments.store import ResultsStore, config_hash
+from dacnn.experiments.store import ResultsStore, check_clean, config_hash, source_hash
 
 __all__ = ["RunOptions", "PlannedRow", "plan", "reproduce", "row_status"]
 
@@ -38,6 +38,10 @@ class RunOptions:
     verbose: bool = True
     rows: list[str] | None = None
     threads: int | None = None  # torch intra-op threads (1 is much faster on a loaded CPU)
+    resume: bool = False  # continue interrupted runs (else an interrupted run is an error)
+    allow_dirty: bool = False  # record from a tree whose src/ has uncommitted changes (marked dirty)
+    jobs: int = 1  # training rows run at once, each in its own single-threaded process
+    command: str | None = None  # the command line stored in each record
     spec_dir: Path = SPEC_DIR
     say: Any = field(default=print, repr=False)
 
@@ -80,7 +84,7 @@ def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow])
         runner = {"kind": "prune", "source": source.chash, "test_subset": rr.test_subset,
                   **{k: v for k, v in rr.prune.items() if k != "source"}}
         chash = config_hash({}, runner)
-        return PlannedRow(rr, {}, runner, chash, opts.runs_dir / opts.scale / f"prune-{chash}")
+        return PlannedRow(rr, {}, runner, chash, _run_dir(opts, f"prune-{chash}"))
     try:
         cfg = resolve_config(rr.train)
     except ConfigError as exc:
@@ -90,7 +94,12 @@ def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow])
     if rr.test_subset:
         train["eval_test"] = False
     chash = config_hash(train, runner)
-    return PlannedRow(rr, train, runner, chash, opts.runs_dir / opts.scale / f"{cfg.model}-{chash}")
+    return PlannedRow(rr, train, runner, chash, _run_dir(opts, f"{cfg.model}-{chash}"))
+
+
+def _run_dir(opts: RunOptions, name: str) -> Path:
+    """``<runs>/<scale>/<name>-<source hash>``: only the code that started a run resumes or reads it back."""
+    return opts.runs_dir / opts.scale / f"{name}-{source_hash()[:8]}"
 
 
 def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
@@ -143,10 +152,13 @@ def row_status(p: PlannedRow, store: ResultsStore) -> str:
 def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dict[str, Any]]:
     """Run the missing rows of experiment ``name`` at ``opts.scale``; returns the records written.
 
-    With ``dry_run`` nothing runs: each row's status, hash and protocol are printed.
+    With ``dry_run`` nothing runs: each row's status, hash and protocol are printed. At paper and
+    cpu scale a tree whose ``src/`` has uncommitted changes is refused unless ``opts.allow_dirty``.
     """
     spec, rows = plan(get_spec(name, opts.spec_dir), opts)
     store = ResultsStore(opts.results)
+    if not dry_run and opts.scale != "smoke":  # smoke records (results/smoke/, ignored) are only marked
+        check_clean(opts.allow_dirty)
     if opts.threads:
         import torch
 
