@@ -235,3 +235,82 @@ def test_store_skips_a_truncated_last_line(tmp_path):
     assert [r["row"] for r in store.records("t", "cpu")] == ["a"]
     with pytest.raises(ValueError, match="lacks"):
         store.append({"experiment": "t"})
+
+
+SEEDED_SPEC = """
+name: seeded
+kind: table
+title: "two rows over two seeds"
+source: "a test"
+protocol: dacnn
+defaults: {recipe: dacnn-cifar100}
+scales:
+  smoke: {seeds: [0, 1]}
+rows:
+  - {id: shared, label: shared, model: dacnn, train: {width: 128, depth: 3}, paper: {error: 50.0}}
+  - {id: free, label: free, model: dacnn, train: {width: 128, depth: 3, model_kwargs: {shared: false}}}
+comparisons:
+  - {label: sharing, a: free, b: shared}
+"""
+
+
+def test_jobs_run_every_seed_in_single_threaded_processes(tmp_path, data_dir, capsys):
+    import shutil
+
+    from dacnn.experiments.spec import SPEC_DIR
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    shutil.copy(SPEC_DIR / "protocols.yaml", specs)
+    (specs / "seeded.yaml").write_text(SEEDED_SPEC)
+    args = ("seeded", "--scale", "smoke", "--spec-dir", str(specs), "--jobs", "2")
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    out = capsys.readouterr().out
+    assert "4 training runs to do" in out and "estimate:" in out and "campaign done" in out
+    runs = ResultsStore(tmp_path / "results").runs("seeded", "smoke")
+    assert {row: sorted(r["seed"] for r in recs) for row, recs in runs.items()} == {"shared": [0, 1],
+                                                                                   "free": [0, 1]}
+    for recs in runs.values():
+        assert len({r["config_hash"] for r in recs}) == 2  # the seed is part of the configuration
+        for r in recs:
+            assert r["machine"]["threads"] == 1 and f"--seeds {r['seed']}" in r["command"]
+    assert len(list((tmp_path / "runs" / "smoke" / "logs").glob("seeded-*.log"))) == 4
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert "0 training runs to do" in capsys.readouterr().out
+    assert sum(len(r) for r in ResultsStore(tmp_path / "results").runs("seeded", "smoke").values()) == 4
+
+
+def test_a_dirty_tree_is_refused_at_cpu_scale(tmp_path, monkeypatch, capsys):
+    from dacnn.experiments import runner, store
+
+    monkeypatch.setattr(runner, "check_clean", lambda allow: store.check_clean(allow, tmp_path / "no-git"))
+    assert main(["reproduce", "table2", "--scale", "cpu", "--rows", "d3-shared", "--results",
+                 str(tmp_path / "results")]) == 2
+    assert "--allow-dirty" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_dirty_means_uncommitted_changes_under_src(tmp_path):
+    import subprocess
+
+    from dacnn.experiments.store import tree_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = tree_state.__wrapped__(tmp_path)
+    assert not clean.dirty and len(clean.commit) == 40
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.jsonl").write_text("{}\n")  # outputs do not make a tree dirty
+    assert not tree_state.__wrapped__(tmp_path).dirty
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    edited = tree_state.__wrapped__(tmp_path)
+    (tmp_path / "src" / "b.py").write_text("y = 1\n")  # an untracked source file counts too
+    added = tree_state.__wrapped__(tmp_path)
+    assert edited.dirty and added.dirty and edited.diff_sha256 != added.diff_sha256
+    assert edited.commit == clean.commit

@@ -21,6 +21,7 @@ EPILOG = """examples:
   dacnn reproduce table1 table2 --scale cpu       # run what is missing (re-run to resume)
   dacnn reproduce all --scale smoke               # every spec end to end in seconds per row
   dacnn reproduce table4 --scale cpu --rows none,all
+  dacnn reproduce table1 table2 --scale cpu --jobs 2 --resume   # two 1-thread processes, resumable
   dacnn report                                    # docs/results.md + docs/figures/*.png
 """
 
@@ -49,6 +50,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (1 is several times faster when other jobs load the cores)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N rows at once, each in its own single-threaded process (logs in "
+                        "<runs-dir>/<scale>/logs/); 2 suits a 2-core CPU")
+    p.add_argument("--seeds", help="comma-separated: run only these seeds of rows that run over several")
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted runs where their last checkpoint left them")
     p.add_argument("--allow-dirty", action="store_true",
@@ -89,16 +94,23 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
     from dacnn.experiments.runner import RunOptions
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive number, got {args.jobs}")
     return RunOptions(scale=scale, results=Path(args.results), runs_dir=Path(args.runs_dir),
                       data_dir=args.data_dir, device=args.device, force=args.force, verbose=not args.quiet,
                       rows=rows, threads=args.threads, spec_dir=_spec_dir(args), resume=args.resume,
-                      allow_dirty=args.allow_dirty, command=command_line(args))
+                      allow_dirty=args.allow_dirty, command=command_line(args), jobs=args.jobs, seeds=seeds)
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The ``dacnn reproduce`` command that ``args`` came from (every option that was set, in one form)."""
     parts = ["dacnn", "reproduce", *args.experiments]
-    for option, value in (("--scale", args.scale), ("--rows", args.rows), ("--threads", args.threads),
+    for option, value in (("--scale", args.scale), ("--rows", args.rows), ("--seeds", args.seeds),
+                          ("--threads", args.threads), ("--jobs", None if args.jobs == 1 else args.jobs),
                           ("--device", args.device), ("--results", args.results),
                           ("--runs-dir", args.runs_dir), ("--data-dir", args.data_dir),
                           ("--spec-dir", args.spec_dir)):
@@ -190,6 +202,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.estimate:
         return _estimate(args, names, args.scale)
+    if args.jobs > 1 and not args.dry_run:
+        from dacnn.experiments.campaign import run_campaign
+
+        return run_campaign(names, _options(args, args.scale))
     for name in names:
         reproduce(name, _options(args, args.scale), dry_run=args.dry_run)
     return 0

@@ -9,9 +9,12 @@ activation maximisation; ``prune`` rows prune and fine-tune another row's model 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +62,29 @@ def _result_from_dir(run_dir: Path) -> dict[str, Any]:
     return result
 
 
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>.lock``: a second process on the same run fails at once instead of corrupting it."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another process is training {run_dir} (its lock is held)") from None
+        yield
+
+
 def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
-    """Train (or resume, or read back) the row's run; returns the TrainResult as a dict."""
+    """Train (or resume, or read back) the row's run under its lock; returns the TrainResult as a dict."""
+    assert p.run_dir is not None
+    with _run_lock(p.run_dir):
+        return _train_locked(p, cfg, opts)
+
+
+def _train_locked(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
     from dacnn.train import train
 
     run_dir = p.run_dir
-    assert run_dir is not None
     if (run_dir / "result.json").is_file() and (run_dir / "checkpoints" / "best.json").is_file():
         opts.say(f"  finished run found in {run_dir}")
         return _result_from_dir(run_dir)

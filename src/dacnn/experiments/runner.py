@@ -13,7 +13,7 @@ another row's trained model, Table 8), ``quoted`` (the paper's number only: noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class RunOptions:
     allow_dirty: bool = False  # record from a tree whose src/ has uncommitted changes (marked dirty)
     jobs: int = 1  # training rows run at once, each in its own single-threaded process
     command: str | None = None  # the command line stored in each record
+    seeds: list[int] | None = None  # run only these seeds of rows that run over several
     spec_dir: Path = SPEC_DIR
     say: Any = field(default=print, repr=False)
 
@@ -63,6 +64,12 @@ class PlannedRow:
     @property
     def spec(self) -> Spec:
         return self.resolved.spec
+
+    @property
+    def name(self) -> str:
+        """``spec/row``, with ``#seed`` when the row runs over several seeds."""
+        seed = f"#{self.train.get('seed')}" if self.resolved.seeds else ""
+        return f"{self.spec.name}/{self.row.id}{seed}"
 
 
 def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
@@ -129,10 +136,20 @@ def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
 
     for row_id in wanted:
         add(row_id)
-    planned: dict[str, PlannedRow] = {}
+    first: dict[str, PlannedRow] = {}  # row id -> its first seed's run (a prune row's source)
+    out: list[PlannedRow] = []
     for row_id in order:
-        planned[row_id] = _plan_row(resolve_row(spec, spec.row(row_id), opts.scale), opts, planned)
-    return spec, list(planned.values())
+        rr = resolve_row(spec, spec.row(row_id), opts.scale)
+        variants = [rr] if rr.seeds is None else [replace(rr, train={**rr.train, "seed": s})
+                                                  for s in rr.seeds]
+        if opts.seeds is not None and rr.seeds is not None:
+            kept = [v for v in variants if v.train["seed"] in opts.seeds]
+            variants = kept or (variants[:1] if row_id not in wanted else [])  # a prune row's source
+        for variant in variants:
+            p = _plan_row(variant, opts, first)
+            first.setdefault(row_id, p)
+            out.append(p)
+    return spec, out
 
 
 def row_status(p: PlannedRow, store: ResultsStore) -> str:
@@ -169,7 +186,7 @@ def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dic
     say(f"{spec.name} ({spec.title}) at {opts.scale} scale: {len(todo)} rows to check"
         + (f"; {len(rows) - len(todo)} quoted from the paper" if len(rows) > len(todo) else ""))
     for i, p in enumerate(todo, start=1):
-        head = f"[{i}/{len(todo)}] {spec.name}/{p.row.id}"
+        head = f"[{i}/{len(todo)}] {p.name}"
         existing = None if opts.force else store.find(spec.name, p.row.id, opts.scale, p.chash)
         if existing is not None:
             say(f"{head}: done ({_summary(existing)}), skipped")

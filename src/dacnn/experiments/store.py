@@ -269,6 +269,13 @@ class ResultsStore:
         """``row -> last record`` of an experiment at a scale (a re-run supersedes an older record)."""
         return {r["row"]: r for r in self.records(experiment, scale)}
 
+    def runs(self, experiment: str, scale: str) -> dict[str, list[dict[str, Any]]]:
+        """``row -> [last record of each seed]`` (seeds in the order first written)."""
+        out: dict[str, dict[Any, dict[str, Any]]] = {}
+        for r in self.records(experiment, scale):
+            out.setdefault(r["row"], {})[r.get("seed")] = r
+        return {row: list(by_seed.values()) for row, by_seed in out.items()}
+
     def find(self, experiment: str, row: str, scale: str, chash: str) -> dict[str, Any] | None:
         """The latest record of this row with this config hash and this :func:`source_hash`, if any."""
         src = source_hash()
