@@ -220,7 +220,7 @@ def test_list_and_dry_run_write_nothing(tmp_path, data_dir, capsys):
     assert all(name in out for name in CHEAP_ROWS)
     assert reproduce(tmp_path, data_dir, "table4", "--scale", "cpu", "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "section3: missing | hash" in out and "dacnn18_reg width 32" in out
+    assert "section3#2: missing | hash" in out and "dacnn18_reg width 32" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
     assert main(["reproduce", "table9", "--scale", "cpu"]) == 2
     assert "unknown experiment 'table9'" in capsys.readouterr().err

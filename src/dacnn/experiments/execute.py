@@ -30,7 +30,7 @@ from dacnn.experiments.store import (
     tree_state,
 )
 
-__all__ = ["run_training_row", "run_prune_row", "base_record"]
+__all__ = ["run_training_row", "run_prune_row", "base_record", "model_figures"]
 
 
 def _machine_config(p: Any, opts: Any) -> Any:
@@ -121,7 +121,7 @@ def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
             "history": history}
 
 
-def _model_figures(cfg: Any) -> dict[str, Any]:
+def model_figures(cfg: Any) -> dict[str, Any]:
     """FLOPs, per-use parameters (every call counted) and input size of the row's model."""
     import torch
 
@@ -200,7 +200,7 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
     if p.resolved.test_subset or (diverged and result.get("best_epoch") is not None):
         n = p.resolved.test_subset or 10**9
         test_acc = _test_subset_accuracy(Path(result["run_dir"]), cfg.data_dir, n)
-    figures = _model_figures(cfg)
+    figures = model_figures(cfg)
     n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
     record = base_record(p, opts)
     record.update({
