@@ -11,6 +11,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dacnn.errors import ConfigError
 
 EPILOG = """examples:
@@ -54,6 +56,9 @@ def register(subparsers: Any) -> None:
                    help="train N rows at once, each in its own single-threaded process (logs in "
                         "<runs-dir>/<scale>/logs/); 2 suits a 2-core CPU")
     p.add_argument("--seeds", help="comma-separated: run only these seeds of rows that run over several")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting over the spec's (YAML value; repeatable), e.g. epochs=5, "
+                        "amp=bf16; part of the config hash, so its records never pass for the spec's")
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted runs where their last checkpoint left them")
     p.add_argument("--allow-dirty", action="store_true",
@@ -98,12 +103,19 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    overrides = {}
+    for item in args.override:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--override: expected KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
     if args.jobs < 1:
         raise ConfigError(f"--jobs: expected a positive number, got {args.jobs}")
     return RunOptions(scale=scale, results=Path(args.results), runs_dir=Path(args.runs_dir),
                       data_dir=args.data_dir, device=args.device, force=args.force, verbose=not args.quiet,
                       rows=rows, threads=args.threads, spec_dir=_spec_dir(args), resume=args.resume,
-                      allow_dirty=args.allow_dirty, command=command_line(args), jobs=args.jobs, seeds=seeds)
+                      allow_dirty=args.allow_dirty, command=command_line(args), jobs=args.jobs, seeds=seeds,
+                      overrides=overrides)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -117,6 +129,8 @@ def command_line(args: argparse.Namespace) -> str:
         defaults = {"--results": "results", "--runs-dir": "runs/reproduce"}
         if value is not None and value != defaults.get(option):
             parts += [option, str(value)]
+    for item in args.override:
+        parts += ["--override", item]
     for flag in ("force", "resume", "allow_dirty", "quiet"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))

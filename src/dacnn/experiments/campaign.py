@@ -12,6 +12,7 @@ parent, and a lock on each run directory keeps two processes from training the s
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -56,6 +57,8 @@ def _child_argv(p: PlannedRow, opts: RunOptions) -> list[str]:
             argv += [flag, str(value)]
     if Path(opts.spec_dir) != SPEC_DIR:
         argv += ["--spec-dir", str(opts.spec_dir)]
+    for key, value in opts.overrides.items():
+        argv += ["--override", f"{key}={json.dumps(value)}"]  # JSON is YAML
     for flag, on in (("--resume", opts.resume), ("--allow-dirty", opts.allow_dirty), ("--force", opts.force)):
         if on:
             argv.append(flag)

@@ -43,6 +43,7 @@ class RunOptions:
     jobs: int = 1  # training rows run at once, each in its own single-threaded process
     command: str | None = None  # the command line stored in each record
     seeds: list[int] | None = None  # run only these seeds of rows that run over several
+    overrides: dict[str, Any] = field(default_factory=dict)  # training settings over the spec's (hashed)
     spec_dir: Path = SPEC_DIR
     say: Any = field(default=print, repr=False)
 
@@ -92,6 +93,8 @@ def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow])
                   **{k: v for k, v in rr.prune.items() if k != "source"}}
         chash = config_hash({}, runner)
         return PlannedRow(rr, {}, runner, chash, _run_dir(opts, f"prune-{chash}"))
+    if opts.overrides:
+        rr = replace(rr, train=_overridden(rr.train, opts.overrides))
     try:
         cfg = resolve_config(rr.train)
     except ConfigError as exc:
@@ -102,6 +105,15 @@ def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow])
         train["eval_test"] = False
     chash = config_hash(train, runner)
     return PlannedRow(rr, train, runner, chash, _run_dir(opts, f"{cfg.model}-{chash}"))
+
+
+def _overridden(train: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over ``train``; new epochs without new milestones scale them (as recipes do)."""
+    out = {**train, **overrides}
+    if "epochs" in overrides and "lr_milestones" not in overrides and train.get("lr_milestones"):
+        ratio = int(overrides["epochs"]) / int(train.get("epochs") or overrides["epochs"])
+        out["lr_milestones"] = sorted({max(1, int(m * ratio)) for m in train["lr_milestones"]})
+    return out
 
 
 def _run_dir(opts: RunOptions, name: str) -> Path:

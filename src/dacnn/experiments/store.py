@@ -129,7 +129,20 @@ def _git(repo: Path, *args: str) -> str:
 
 @cache
 def tree_state(repo: Path = REPO_ROOT) -> TreeState:
-    """The commit and dirtiness of ``repo`` (``unknown`` outside a git checkout: treated as dirty)."""
+    """The commit and dirtiness of ``repo``.
+
+    Outside a git checkout (a copy of the tree on a lent machine) the commit comes from
+    ``$DACNN_SOURCE_COMMIT`` = ``<commit>:<source hash>``, written where the copy was made from a
+    clean tree, and holds only if the copy's :func:`source_hash` is that hash; otherwise the state is
+    ``unknown`` and dirty.
+    """
+    try:
+        _git(repo, "rev-parse", "--git-dir")
+    except (OSError, subprocess.SubprocessError):
+        commit, _, src = os.environ.get("DACNN_SOURCE_COMMIT", "").partition(":")
+        if commit and src == source_hash():
+            return TreeState(commit)
+        return TreeState("unknown", "unknown")
     try:
         head = _git(repo, "rev-parse", "HEAD").strip()
         status = _git(repo, "status", "--porcelain", "--untracked-files=all", "--", "src")
