@@ -314,3 +314,16 @@ def test_dirty_means_uncommitted_changes_under_src(tmp_path):
     added = tree_state.__wrapped__(tmp_path)
     assert edited.dirty and added.dirty and edited.diff_sha256 != added.diff_sha256
     assert edited.commit == clean.commit
+
+
+def test_a_record_is_reused_only_by_the_source_that_made_it(tmp_path, data_dir, capsys):
+    args = ("table2", "--scale", "smoke", "--rows", "d5-free")
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    store_file = tmp_path / "results" / "smoke" / "table2.jsonl"
+    record = json.loads(store_file.read_text())
+    store_file.write_text(json.dumps({**record, "source_hash": "0" * 16}) + "\n")  # made by other code
+    capsys.readouterr()
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert "skipped" not in capsys.readouterr().out
+    lines = [json.loads(line) for line in store_file.read_text().splitlines()]
+    assert [r["source_hash"] for r in lines] == ["0" * 16, source_hash()]

@@ -75,6 +75,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--figures", help="directory of the PNGs (default: <output dir>/figures)")
     r.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
     r.add_argument("--scales", default="paper,cpu", help="comma-separated scales (default paper,cpu)")
+    r.add_argument("--allow-empty", action="store_true",
+                   help="write the report even when the store has no records (else refused)")
     r.set_defaults(func=run_report)
 
 
@@ -161,7 +163,7 @@ def _list(args: argparse.Namespace, names: list[str]) -> int:
         target, planned = plan(spec, _options(args, scale))
         print(f"{spec.name} at {scale} scale (results in {store.path(target.name, scale)}):")
         for p in planned:
-            print(f"  {p.row.id:22s} {row_status(p, store):8s} {p.row.label}")
+            print(f"  {p.run_id:22s} {row_status(p, store):8s} {p.row.label}")
     return 0
 
 
@@ -187,12 +189,12 @@ def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
                 status = f"shared with {earlier[p.chash]}"
             earlier.setdefault(p.chash, f"{name}/{p.row.id}")
             if status in ("done", "shared", "quoted") or status.startswith("shared with"):
-                print(f"  {p.row.id:22s} {status}")
+                print(f"  {p.run_id:22s} {status}")
                 continue
             source = by_id.get(p.row.prune.get("source", ""))
             seconds, why = estimate_row(p, config_from_dict(source.train) if source else None)
             total += seconds
-            print(f"  {p.row.id:22s} ~{format_duration(seconds):>8s}  ({why})", flush=True)
+            print(f"  {p.run_id:22s} ~{format_duration(seconds):>8s}  ({why})", flush=True)
         print(f"  total ~{format_duration(total)}")
         grand += total
     if len(names) > 1:
@@ -233,6 +235,7 @@ def run_report(args: argparse.Namespace) -> int:
     bad = [s for s in scales if s not in SCALES]
     if bad:
         raise ConfigError(f"--scales: unknown scale {bad[0]!r} (scales: {', '.join(SCALES)})")
-    path = build_report(args.results, args.output, args.figures, scales, spec_dir=_spec_dir(args))
+    path = build_report(args.results, args.output, args.figures, scales, spec_dir=_spec_dir(args),
+                        allow_empty=args.allow_empty)
     print(f"wrote {path}")
     return 0

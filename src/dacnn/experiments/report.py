@@ -31,7 +31,7 @@ __all__ = ["build_report", "read_blocks"]
 
 BLOCK = re.compile(r"<!-- reading:([\w-]+):begin -->\n?(.*?)<!-- reading:\1:end -->", re.DOTALL)
 PLACEHOLDER = "_No reading written yet._\n"
-SCALE_WORDS = {"paper": "paper scale (the paper's protocol)", "cpu": "cpu scale (reduced protocol)",
+SCALE_WORDS = {"paper": "paper scale (the paper's protocol)", "cpu": "cpu scale (the 2-core CPU protocol)",
                "smoke": "smoke scale (pipeline check only: the numbers mean nothing)"}
 
 
@@ -260,6 +260,20 @@ def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, d
     return lines
 
 
+def _runs_done(spec: Spec, scale: str, store: ResultsStore) -> str:
+    """``done/planned`` runs (each seed of a row is a run) with the spec's configuration now."""
+    from dacnn.experiments.runner import RunOptions, plan
+
+    source = get_spec(spec.from_spec, spec.path.parent) if spec.from_spec else spec
+    if scale not in source.scales:
+        return "—"
+    target, planned = plan(spec, RunOptions(scale=scale, spec_dir=spec.path.parent))
+    planned = [p for p in planned if p.row.kind != "quoted"]
+    recorded = {(r["row"], r.get("config_hash"))
+                for recs in store.runs(target.name, scale).values() for r in recs}
+    return f"{sum((p.row.id, p.chash) in recorded for p in planned)}/{len(planned)}"
+
+
 def _mean_record(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The first seed's record with the mean test error over the seeds."""
     mean, _ = mean_sd(_errors(recs))
@@ -268,14 +282,18 @@ def _mean_record(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def build_report(results: str | Path = "results", output: str | Path = "docs/results.md",
                  figures: str | Path | None = None, scales: Sequence[str] = ("paper", "cpu"),
-                 spec_dir: Path = SPEC_DIR) -> Path:
-    """Write ``output`` (markdown) and its PNGs (``figures``, default ``<output dir>/figures``)."""
+                 spec_dir: Path = SPEC_DIR, allow_empty: bool = False) -> Path:
+    """Write ``output`` (markdown) and its PNGs (``figures``, default ``<output dir>/figures``).
+
+    A store without a single record at ``scales`` is refused (a mistyped ``--results`` would
+    otherwise overwrite the page with an empty one) unless ``allow_empty``.
+    """
     store = ResultsStore(Path(results))
     found = [p for scale in scales for p in sorted(store.scale_dir(scale).glob("*.jsonl"))
              if store.records(p.stem, scale)]
-    if not found:
+    if not found and not allow_empty:
         raise ConfigError(f"no records at {', '.join(scales)} scale in {results}/ (wrong --results or "
-                          f"--scales?); {output} is left as it is")
+                          f"--scales?); {output} is left as it is (--allow-empty writes it anyway)")
     output = Path(output)
     figures = Path(figures) if figures is not None else output.parent / "figures"
     blocks = read_blocks(output)
@@ -285,16 +303,10 @@ def build_report(results: str | Path = "results", output: str | Path = "docs/res
              "`reading` blocks, which regeneration keeps. Re-run with `dacnn reproduce NAME --scale "
              "cpu|paper` then `dacnn report`.", "", "## Summary", ""]
     lines += _block("summary", blocks)
-    lines += ["| experiment | what | " + " | ".join(f"{s} rows done" for s in scales) + " |",
+    lines += ["| experiment | what | " + " | ".join(f"{s} runs done" for s in scales) + " |",
               "|---|---|" + "---|" * len(scales)]
     for spec in specs:
-        source = get_spec(spec.from_spec, spec_dir) if spec.from_spec else spec
-        counts = []
-        for scale in scales:
-            rows = [source.row(i) for i in spec.row_ids] if spec.row_ids else rows_at_scale(source, scale)
-            rows = [r for r in rows if r.kind != "quoted"]
-            done = store.runs(source.name, scale)
-            counts.append(f"{sum(r.id in done for r in rows)}/{len(rows)}")
+        counts = [_runs_done(spec, scale, store) for scale in scales]
         lines.append(f"| [{spec.name}](#{spec.name}) | {spec.title} | " + " | ".join(counts) + " |")
     lines.append("")
     for spec in specs:

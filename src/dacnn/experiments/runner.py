@@ -67,10 +67,14 @@ class PlannedRow:
         return self.resolved.spec
 
     @property
+    def run_id(self) -> str:
+        """The row id, with ``#seed`` when the row runs over several seeds."""
+        return f"{self.row.id}#{self.train.get('seed')}" if self.resolved.seeds else self.row.id
+
+    @property
     def name(self) -> str:
-        """``spec/row``, with ``#seed`` when the row runs over several seeds."""
-        seed = f"#{self.train.get('seed')}" if self.resolved.seeds else ""
-        return f"{self.spec.name}/{self.row.id}{seed}"
+        """``spec/row`` (``spec/row#seed``)."""
+        return f"{self.spec.name}/{self.run_id}"
 
 
 def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
