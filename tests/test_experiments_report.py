@@ -55,8 +55,13 @@ def test_report_puts_paper_and_ours_side_by_side(store, tmp_path):
     assert "56.91" in row and "0.164 M" in row  # the paper's error and size
     assert f"{d3['test_error']:.2f}" in row and "cifar10 256/64/128" in row  # ours, with its data
     delta = records["d3-shared"]["test_error"] - records["d3-free"]["test_error"]
-    assert (f"= **{delta:+.2f} points** at smoke scale (cifar10, n=1/1), one seed: not resolved; "
-            "paper: +2.50 points") in text
+    assert f"= **{delta:+.2f} points** at smoke scale (cifar10, n=1/1), one seed: " in text
+    assert "; paper: +2.50 points" in text
+    # one seed each, 128 test images: the binomial standard error of the difference, by hand
+    pa, pb = records["d3-free"]["test_error"] / 100, d3["test_error"] / 100
+    se = 100 * ((pa * (1 - pa) + pb * (1 - pb)) / 128) ** 0.5
+    verdict = "resolved against test-set noise only" if abs(delta) > 2 * se else "not resolved"
+    assert f"one seed: {verdict}" in text
     sm = next(line for line in text.splitlines() if line.startswith("| SM Pruning 27.1 %"))
     assert "1.30" in sm and "27.1 %" in sm
     assert "| Agent Pruning 37.0 % (quoted) |" in text
@@ -141,3 +146,9 @@ def test_seeds_give_mean_sd_and_a_resolved_verdict(store, tmp_path):
     # difference 1, standard error sqrt(4/3 + 4/3) = 1.63 > 1/2
     assert "= **+1.00 points** at smoke scale (cifar10, n=3/3), standard error 1.63: not resolved" in text
     assert "‡" not in text
+    results = _seeded_store(store, tmp_path / "c", {"d3-free": [10.0], "d3-shared": [60.0]})
+    out = tmp_path / "c.md"
+    assert main(["report", "--results", str(results), "--output", str(out), "--scales", "smoke"]) == 0
+    # one seed each on 128 test images: sqrt((0.1 * 0.9 + 0.6 * 0.4) / 128) = 5.08 points
+    assert ("= **+50.00 points** at smoke scale (cifar10, n=1/1), one seed: resolved against test-set "
+            "noise only (standard error 5.08; seed spread not measured): higher error") in out.read_text()

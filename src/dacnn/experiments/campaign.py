@@ -95,11 +95,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 def _start(job: Job) -> subprocess.Popen[bytes]:
     job.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(job.log, "ab")  # noqa: SIM115 - closed when the process ends
-    log.write(f"$ dacnn {shlex.join(job.argv)}\n".encode())
-    log.flush()
-    return subprocess.Popen([sys.executable, "-m", "dacnn", *job.argv], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    with open(job.log, "ab") as log:  # the child keeps its own copy of the descriptor
+        log.write(f"$ dacnn {shlex.join(job.argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen([sys.executable, "-m", "dacnn", *job.argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def _estimate(jobs: list[Job], n: int, say: Any) -> None:

@@ -92,6 +92,12 @@ def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def _binomial_se(record: dict[str, Any], error: float) -> float:
+    """Points of standard error of a test error measured on ``test_images`` images (nan if unknown)."""
+    n = record.get("test_images") or 0
+    return 100.0 * math.sqrt(error / 100 * (1 - error / 100) / n) if n else math.nan
+
+
 def _error_cell(recs: Sequence[dict[str, Any]]) -> str:
     mean, sd = mean_sd(_errors(recs))
     if mean is None:
@@ -173,13 +179,19 @@ def _comparisons(spec: Spec, runs: dict[str, list[dict[str, Any]]], scale: str) 
             ours = mb - ma
             dataset = runs[a.id][0]["dataset"]
             text += f" = **{ours:+.2f} points** at {scale} scale ({dataset}, n={len(ea)}/{len(eb)})"
+            direction = ("higher" if ours > 0 else "lower") + " error"
             if sa is not None and sb is not None:
                 se = math.sqrt(sa**2 / len(ea) + sb**2 / len(eb))
-                verdict = ("resolved: " + ("higher" if ours > 0 else "lower") + " error"
-                           if abs(ours) > 2 * se else "not resolved")
+                verdict = f"resolved: {direction}" if abs(ours) > 2 * se else "not resolved"
                 text += f", standard error {se:.2f}: {verdict}"
-            else:
-                text += ", one seed: not resolved"
+            else:  # one seed: only the test set's sampling error is known, not the seed-to-seed spread
+                se = _binomial_se(runs[a.id][0], ma) ** 2 + _binomial_se(runs[b.id][0], mb) ** 2
+                se = math.sqrt(se) if not math.isnan(se) else None
+                if se is not None and abs(ours) > 2 * se:
+                    text += (f", one seed: resolved against test-set noise only (standard error {se:.2f}; "
+                             f"seed spread not measured): {direction}")
+                else:
+                    text += ", one seed: not resolved"
         else:
             ours = None
             text += f": not measured at {scale} scale yet"
