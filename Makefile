@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(if $(wildcard ../shared/data),../shared/data,)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-rehearse clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: install
 
 bench: install
 	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python benchmarks/run_all.py
+
+# What a lent GPU machine runs (scripts/gpu-campaign), rehearsed on the CPU at smoke scale; `make test`
+# runs it too (tests/test_gpu_campaign.py).
+gpu-rehearse: install
+	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python scripts/gpu-campaign --rehearse --out runs/gpu-rehearse
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

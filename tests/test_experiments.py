@@ -17,7 +17,7 @@ from dacnn.cli import main
 from dacnn.counting import count_params
 from dacnn.experiments import RECORD_FIELDS, ResultsStore, RunOptions, get_spec, load_specs, plan
 from dacnn.experiments.spec import SCALES, SpecError, load_spec, rows_at_scale
-from dacnn.experiments.store import config_hash
+from dacnn.experiments.store import config_hash, source_hash
 from dacnn.registry import create_model, model_info
 
 # Cheap rows that still exercise every spec (and every row kind: train, prune, quoted, filters).
@@ -36,6 +36,7 @@ CHEAP_ROWS = {
     "figure7": "dacnn5",
     "lrunet_sweep": "n1,n2",
     "kernel_sharing": "seresnet-c10-shared",
+    "paper_recipe": "dacnn14-plain",
 }
 
 
@@ -121,7 +122,10 @@ def test_record_holds_every_field(tmp_path, data_dir):
     assert record["per_use_params"] == counts.per_use > counts.unique  # 3 uses of one kernel
     assert record["flops"] > 0 and record["wall_time"] > 0
     assert len(record["dataset_checksum"]) == 16 and record["git_commit"]
-    assert record["device"].startswith("cpu") and record["code_version"]
+    assert record["device"].startswith("cpu")
+    assert record["source_hash"] == source_hash() and record["seed"] == 0
+    assert record["machine"]["cpu"] and record["machine"]["threads"] >= 1 and record["torch_version"]
+    assert record["command"].startswith("dacnn reproduce table2 --scale smoke --rows d5-shared")
     assert [c["epoch"] for c in record["curve"]] == [0]
     assert record["curve"][0]["val_acc"] is not None
     assert Path(record["run_dir"], "checkpoints", "best.json").is_file()
@@ -162,7 +166,9 @@ def test_killed_reproduce_resumes_the_row(tmp_path, data_dir, capsys):
     store_file.write_text('{"experiment": "table2", "row": "d3-sh')  # a line cut by the kill
     (run_dir / "result.json").unlink()
     capsys.readouterr()
-    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert reproduce(tmp_path, data_dir, *args) == 2  # an interrupted run is never silently continued
+    assert "--resume" in capsys.readouterr().err
+    assert reproduce(tmp_path, data_dir, *args, "--resume") == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "finished" in out
     [again] = ResultsStore(tmp_path / "results").records("table2", "smoke")
@@ -214,7 +220,7 @@ def test_list_and_dry_run_write_nothing(tmp_path, data_dir, capsys):
     assert all(name in out for name in CHEAP_ROWS)
     assert reproduce(tmp_path, data_dir, "table4", "--scale", "cpu", "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "section3: missing | hash" in out and "dacnn18_reg width 32" in out
+    assert "section3#2: missing | hash" in out and "dacnn18_reg width 32" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
     assert main(["reproduce", "table9", "--scale", "cpu"]) == 2
     assert "unknown experiment 'table9'" in capsys.readouterr().err
@@ -229,3 +235,95 @@ def test_store_skips_a_truncated_last_line(tmp_path):
     assert [r["row"] for r in store.records("t", "cpu")] == ["a"]
     with pytest.raises(ValueError, match="lacks"):
         store.append({"experiment": "t"})
+
+
+SEEDED_SPEC = """
+name: seeded
+kind: table
+title: "two rows over two seeds"
+source: "a test"
+protocol: dacnn
+defaults: {recipe: dacnn-cifar100}
+scales:
+  smoke: {seeds: [0, 1]}
+rows:
+  - {id: shared, label: shared, model: dacnn, train: {width: 128, depth: 3}, paper: {error: 50.0}}
+  - {id: free, label: free, model: dacnn, train: {width: 128, depth: 3, model_kwargs: {shared: false}}}
+comparisons:
+  - {label: sharing, a: free, b: shared}
+"""
+
+
+def test_jobs_run_every_seed_in_single_threaded_processes(tmp_path, data_dir, capsys):
+    import shutil
+
+    from dacnn.experiments.spec import SPEC_DIR
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    shutil.copy(SPEC_DIR / "protocols.yaml", specs)
+    (specs / "seeded.yaml").write_text(SEEDED_SPEC)
+    args = ("seeded", "--scale", "smoke", "--spec-dir", str(specs), "--jobs", "2")
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    out = capsys.readouterr().out
+    assert "4 training runs to do" in out and "estimate:" in out and "campaign done" in out
+    runs = ResultsStore(tmp_path / "results").runs("seeded", "smoke")
+    assert {row: sorted(r["seed"] for r in recs) for row, recs in runs.items()} == {"shared": [0, 1],
+                                                                                   "free": [0, 1]}
+    for recs in runs.values():
+        assert len({r["config_hash"] for r in recs}) == 2  # the seed is part of the configuration
+        for r in recs:
+            assert r["machine"]["threads"] == 1 and f"--seeds {r['seed']}" in r["command"]
+    assert len(list((tmp_path / "runs" / "smoke" / "logs").glob("seeded-*.log"))) == 4
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert "0 training runs to do" in capsys.readouterr().out
+    assert sum(len(r) for r in ResultsStore(tmp_path / "results").runs("seeded", "smoke").values()) == 4
+
+
+def test_a_dirty_tree_is_refused_at_cpu_scale(tmp_path, monkeypatch, capsys):
+    from dacnn.experiments import runner, store
+
+    monkeypatch.setattr(runner, "check_clean", lambda allow: store.check_clean(allow, tmp_path / "no-git"))
+    assert main(["reproduce", "table2", "--scale", "cpu", "--rows", "d3-shared", "--results",
+                 str(tmp_path / "results")]) == 2
+    assert "--allow-dirty" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_dirty_means_uncommitted_changes_under_src(tmp_path):
+    import subprocess
+
+    from dacnn.experiments.store import tree_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = tree_state.__wrapped__(tmp_path)
+    assert not clean.dirty and len(clean.commit) == 40
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.jsonl").write_text("{}\n")  # outputs do not make a tree dirty
+    assert not tree_state.__wrapped__(tmp_path).dirty
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    edited = tree_state.__wrapped__(tmp_path)
+    (tmp_path / "src" / "b.py").write_text("y = 1\n")  # an untracked source file counts too
+    added = tree_state.__wrapped__(tmp_path)
+    assert edited.dirty and added.dirty and edited.diff_sha256 != added.diff_sha256
+    assert edited.commit == clean.commit
+
+
+def test_a_record_is_reused_only_by_the_source_that_made_it(tmp_path, data_dir, capsys):
+    args = ("table2", "--scale", "smoke", "--rows", "d5-free")
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    store_file = tmp_path / "results" / "smoke" / "table2.jsonl"
+    record = json.loads(store_file.read_text())
+    store_file.write_text(json.dumps({**record, "source_hash": "0" * 16}) + "\n")  # made by other code
+    capsys.readouterr()
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert "skipped" not in capsys.readouterr().out
+    lines = [json.loads(line) for line in store_file.read_text().splitlines()]
+    assert [r["source_hash"] for r in lines] == ["0" * 16, source_hash()]

@@ -7,6 +7,7 @@ both appear, that the plots exist, and that hand-written reading blocks survive 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -54,7 +55,13 @@ def test_report_puts_paper_and_ours_side_by_side(store, tmp_path):
     assert "56.91" in row and "0.164 M" in row  # the paper's error and size
     assert f"{d3['test_error']:.2f}" in row and "cifar10 256/64/128" in row  # ours, with its data
     delta = records["d3-shared"]["test_error"] - records["d3-free"]["test_error"]
-    assert f"= **{delta:+.2f} points** at smoke scale (cifar10); paper: +2.50 points" in text
+    assert f"= **{delta:+.2f} points** at smoke scale (cifar10, n=1/1), one seed: " in text
+    assert "; paper: +2.50 points" in text
+    # one seed each, 128 test images: the binomial standard error of the difference, by hand
+    pa, pb = records["d3-free"]["test_error"] / 100, d3["test_error"] / 100
+    se = 100 * ((pa * (1 - pa) + pb * (1 - pb)) / 128) ** 0.5
+    verdict = "resolved against test-set noise only" if abs(delta) > 2 * se else "not resolved"
+    assert f"one seed: {verdict}" in text
     sm = next(line for line in text.splitlines() if line.startswith("| SM Pruning 27.1 %"))
     assert "1.30" in sm and "27.1 %" in sm
     assert "| Agent Pruning 37.0 % (quoted) |" in text
@@ -91,3 +98,57 @@ def test_report_rejects_an_unknown_scale(tmp_path, capsys):
     out = str(tmp_path / "r.md")
     assert main(["report", "--results", str(tmp_path), "--output", out, "--scales", "gpu"]) == 2
     assert "unknown scale 'gpu'" in capsys.readouterr().err
+
+
+def test_report_refuses_a_store_without_records(store, tmp_path, capsys):
+    out = tmp_path / "results.md"
+    out.write_text("kept\n")
+    args = ["report", "--results", str(tmp_path / "reslts"), "--output", str(out), "--scales", "smoke"]
+    assert main(args) == 2
+    assert "no records" in capsys.readouterr().err
+    assert out.read_text() == "kept\n"
+
+
+def _seeded_store(store: Path, root: Path, errors: dict[str, list[float]], dirty: str | None = None) -> Path:
+    """A copy of the smoke table2 records, one per seed, with the given test errors."""
+    originals = ResultsStore(store).latest("table2", "smoke")
+    path = root / "smoke" / "table2.jsonl"
+    path.parent.mkdir(parents=True)
+    lines = []
+    for row, errs in errors.items():
+        for seed, err in enumerate(errs):
+            rec = {**originals[row], "seed": seed, "test_error": err, "test_acc": 100 - err}
+            rec["dirty"] = {"diff_sha256": "0" * 64} if row == dirty else None
+            lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_seeds_give_mean_sd_and_a_resolved_verdict(store, tmp_path):
+    """Mean, sample sd and the 2-standard-error rule, checked against the formulas by hand."""
+    errors = {"d3-free": [10.0, 11.0, 12.0], "d3-shared": [20.0, 21.0, 22.0]}
+    results = _seeded_store(store, tmp_path / "a", errors, dirty="d3-free")
+    out = tmp_path / "a.md"
+    assert main(["report", "--results", str(results), "--output", str(out), "--scales", "smoke"]) == 0
+    text = out.read_text()
+    shared = next(x for x in text.splitlines() if x.startswith("| 3 layers, DACNN"))
+    assert "| 21.00 ± 1.00 (n=3) |" in shared
+    free = next(x for x in text.splitlines() if x.startswith("| 3 layers, free"))
+    assert "‡" in free and "11.00 ± 1.00 (n=3)" in free
+    # difference 10, standard error sqrt(1/3 + 1/3) = 0.82
+    assert ("= **+10.00 points** at smoke scale (cifar10, n=3/3), standard error 0.82: resolved: higher "
+            "error") in text
+    errors = {"d3-free": [10.0, 14.0, 12.0], "d3-shared": [13.0, 11.0, 15.0]}
+    results = _seeded_store(store, tmp_path / "b", errors)
+    out = tmp_path / "b.md"
+    assert main(["report", "--results", str(results), "--output", str(out), "--scales", "smoke"]) == 0
+    text = out.read_text()
+    # difference 1, standard error sqrt(4/3 + 4/3) = 1.63 > 1/2
+    assert "= **+1.00 points** at smoke scale (cifar10, n=3/3), standard error 1.63: not resolved" in text
+    assert "‡" not in text
+    results = _seeded_store(store, tmp_path / "c", {"d3-free": [10.0], "d3-shared": [60.0]})
+    out = tmp_path / "c.md"
+    assert main(["report", "--results", str(results), "--output", str(out), "--scales", "smoke"]) == 0
+    # one seed each on 128 test images: sqrt((0.1 * 0.9 + 0.6 * 0.4) / 128) = 5.08 points
+    assert ("= **+50.00 points** at smoke scale (cifar10, n=1/1), one seed: resolved against test-set "
+            "noise only (standard error 5.08; seed spread not measured): higher error") in out.read_text()

@@ -7,8 +7,11 @@ A thin layer over :mod:`dacnn.experiments`: specs live in ``src/dacnn/experiment
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from dacnn.errors import ConfigError
 from dacnn.validation import option_type
@@ -21,6 +24,7 @@ EPILOG = """examples:
   dacnn reproduce table1 table2 --scale cpu       # run what is missing (re-run to resume)
   dacnn reproduce all --scale smoke               # every spec end to end in seconds per row
   dacnn reproduce table4 --scale cpu --rows none,all
+  dacnn reproduce table1 table2 --scale cpu --jobs 2 --resume   # two 1-thread processes, resumable
   dacnn report                                    # docs/results.md + docs/figures/*.png
 """
 
@@ -49,6 +53,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
     p.add_argument("--threads", type=option_type("threads"), metavar="N",
                    help="torch CPU threads (1 is several times faster when other jobs load the cores)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N rows at once, each in its own single-threaded process (logs in "
+                        "<runs-dir>/<scale>/logs/); 2 suits a 2-core CPU")
+    p.add_argument("--seeds", help="comma-separated: run only these seeds of rows that run over several")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting over the spec's (YAML value; repeatable), e.g. epochs=5, "
+                        "amp=bf16; part of the config hash, so its records never pass for the spec's")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs where their last checkpoint left them")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="record even though src/ has uncommitted changes (the record stores the diff's hash "
+                        "and the report marks it)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines from training")
     p.set_defaults(func=run_reproduce)
 
@@ -60,6 +76,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--figures", help="directory of the PNGs (default: <output dir>/figures)")
     r.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
     r.add_argument("--scales", default="paper,cpu", help="comma-separated scales (default paper,cpu)")
+    r.add_argument("--allow-empty", action="store_true",
+                   help="write the report even when the store has no records (else refused)")
     r.set_defaults(func=run_report)
 
 
@@ -84,9 +102,42 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
     from dacnn.experiments.runner import RunOptions
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    overrides = {}
+    for item in args.override:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--override: expected KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive number, got {args.jobs}")
     return RunOptions(scale=scale, results=Path(args.results), runs_dir=Path(args.runs_dir),
                       data_dir=args.data_dir, device=args.device, force=args.force, verbose=not args.quiet,
-                      rows=rows, threads=args.threads, spec_dir=_spec_dir(args))
+                      rows=rows, threads=args.threads, spec_dir=_spec_dir(args), resume=args.resume,
+                      allow_dirty=args.allow_dirty, command=command_line(args), jobs=args.jobs, seeds=seeds,
+                      overrides=overrides)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``dacnn reproduce`` command that ``args`` came from (every option that was set, in one form)."""
+    parts = ["dacnn", "reproduce", *args.experiments]
+    for option, value in (("--scale", args.scale), ("--rows", args.rows), ("--seeds", args.seeds),
+                          ("--threads", args.threads), ("--jobs", None if args.jobs == 1 else args.jobs),
+                          ("--device", args.device), ("--results", args.results),
+                          ("--runs-dir", args.runs_dir), ("--data-dir", args.data_dir),
+                          ("--spec-dir", args.spec_dir)):
+        defaults = {"--results": "results", "--runs-dir": "runs/reproduce"}
+        if value is not None and value != defaults.get(option):
+            parts += [option, str(value)]
+    for item in args.override:
+        parts += ["--override", item]
+    for flag in ("force", "resume", "allow_dirty", "quiet"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    return shlex.join(parts)
 
 
 def _list(args: argparse.Namespace, names: list[str]) -> int:
@@ -113,7 +164,7 @@ def _list(args: argparse.Namespace, names: list[str]) -> int:
         target, planned = plan(spec, _options(args, scale))
         print(f"{spec.name} at {scale} scale (results in {store.path(target.name, scale)}):")
         for p in planned:
-            print(f"  {p.row.id:22s} {row_status(p, store):8s} {p.row.label}")
+            print(f"  {p.run_id:22s} {row_status(p, store):8s} {p.row.label}")
     return 0
 
 
@@ -139,12 +190,12 @@ def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
                 status = f"shared with {earlier[p.chash]}"
             earlier.setdefault(p.chash, f"{name}/{p.row.id}")
             if status in ("done", "shared", "quoted") or status.startswith("shared with"):
-                print(f"  {p.row.id:22s} {status}")
+                print(f"  {p.run_id:22s} {status}")
                 continue
             source = by_id.get(p.row.prune.get("source", ""))
             seconds, why = estimate_row(p, config_from_dict(source.train) if source else None)
             total += seconds
-            print(f"  {p.row.id:22s} ~{format_duration(seconds):>8s}  ({why})", flush=True)
+            print(f"  {p.run_id:22s} ~{format_duration(seconds):>8s}  ({why})", flush=True)
         print(f"  total ~{format_duration(total)}")
         grand += total
     if len(names) > 1:
@@ -168,6 +219,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.estimate:
         return _estimate(args, names, args.scale)
+    if args.jobs > 1 and not args.dry_run:
+        from dacnn.experiments.campaign import run_campaign
+
+        return run_campaign(names, _options(args, args.scale))
     for name in names:
         reproduce(name, _options(args, args.scale), dry_run=args.dry_run)
     return 0
@@ -181,6 +236,7 @@ def run_report(args: argparse.Namespace) -> int:
     bad = [s for s in scales if s not in SCALES]
     if bad:
         raise ConfigError(f"--scales: unknown scale {bad[0]!r} (scales: {', '.join(SCALES)})")
-    path = build_report(args.results, args.output, args.figures, scales, spec_dir=_spec_dir(args))
+    path = build_report(args.results, args.output, args.figures, scales, spec_dir=_spec_dir(args),
+                        allow_empty=args.allow_empty)
     print(f"wrote {path}")
     return 0

@@ -2,7 +2,9 @@
 
 * :mod:`~dacnn.experiments.spec`: one YAML spec per table or figure (``specs/``), three scales each;
 * :mod:`~dacnn.experiments.runner`: ``dacnn reproduce`` (runs missing rows, resumable);
-* :mod:`~dacnn.experiments.store`: ``results/<experiment>.jsonl``, one line per finished run;
+* :mod:`~dacnn.experiments.campaign`: ``--jobs N``, several specs in single-threaded processes;
+* :mod:`~dacnn.experiments.store`: ``results/<experiment>.jsonl``, one line per finished run, with
+  its provenance (commit, source hash, command, machine);
 * :mod:`~dacnn.experiments.report`: ``dacnn report`` -> ``docs/results.md`` + ``docs/figures/*.png``.
 
 Layering: this package sits above training, models and data; the CLI (``dacnn.cli.reproduce``) is

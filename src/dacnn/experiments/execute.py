@@ -9,9 +9,12 @@ activation maximisation; ``prune`` rows prune and fine-tune another row's model 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +22,15 @@ from dacnn.errors import ConfigError
 from dacnn.experiments.store import (
     MACHINE_KEYS,
     ResultsStore,
-    code_version,
     dataset_checksum,
     device_description,
-    git_commit,
+    machine_description,
     now_utc,
+    source_hash,
+    tree_state,
 )
 
-__all__ = ["run_training_row", "run_prune_row", "base_record"]
+__all__ = ["run_training_row", "run_prune_row", "base_record", "model_figures"]
 
 
 def _machine_config(p: Any, opts: Any) -> Any:
@@ -58,20 +62,41 @@ def _result_from_dir(run_dir: Path) -> dict[str, Any]:
     return result
 
 
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>.lock``: a second process on the same run fails at once instead of corrupting it."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another process is training {run_dir} (its lock is held)") from None
+        yield
+
+
 def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
-    """Train (or resume, or read back) the row's run; returns the TrainResult as a dict."""
+    """Train (or resume, or read back) the row's run under its lock; returns the TrainResult as a dict."""
+    assert p.run_dir is not None
+    with _run_lock(p.run_dir):
+        return _train_locked(p, cfg, opts)
+
+
+def _train_locked(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
     from dacnn.train import train
 
     run_dir = p.run_dir
-    assert run_dir is not None
     if (run_dir / "result.json").is_file() and (run_dir / "checkpoints" / "best.json").is_file():
         opts.say(f"  finished run found in {run_dir}")
         return _result_from_dir(run_dir)
-    if (run_dir / "checkpoints" / "last.json").is_file():
+    interrupted = (run_dir / "checkpoints" / "last.json").is_file()
+    if interrupted and opts.resume:
         opts.say(f"  resuming the interrupted run in {run_dir}")
         return train(cfg, resume=run_dir, verbose=opts.verbose).to_dict()
+    if interrupted and not opts.force:
+        raise ConfigError(f"{p.spec.name}/{p.row.id}: an interrupted run is in {run_dir}; pass --resume to "
+                          "continue it (or --force to start it again)")
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # started but no checkpoint yet: nothing to resume
+        shutil.rmtree(run_dir)  # no checkpoint yet (nothing to resume), or --force
     return train(cfg, verbose=opts.verbose).to_dict()
 
 
@@ -96,7 +121,7 @@ def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
             "history": history}
 
 
-def _model_figures(cfg: Any) -> dict[str, Any]:
+def model_figures(cfg: Any) -> dict[str, Any]:
     """FLOPs, per-use parameters (every call counted) and input size of the row's model."""
     import torch
 
@@ -146,11 +171,15 @@ def _checksum(name: str, data_dir: str | None) -> str | None:
     return _checksums[(name, data_dir)]
 
 
-def base_record(p: Any) -> dict[str, Any]:
+def base_record(p: Any, opts: Any) -> dict[str, Any]:
+    """The provenance half of a record: what ran, from which source, how, where and when."""
+    state = tree_state()
     return {
         "experiment": p.spec.name, "row": p.row.id, "label": p.row.label, "scale": p.resolved.scale,
-        "kind": p.row.kind, "config_hash": p.chash, "code_version": code_version(),
-        "git_commit": git_commit(), "finished": now_utc(), "reused_from": None, "extra": {},
+        "kind": p.row.kind, "seed": p.train.get("seed"), "config_hash": p.chash, "source_hash": source_hash(),
+        "git_commit": state.commit, "dirty": {"diff_sha256": state.diff_sha256} if state.dirty else None,
+        "command": opts.command, "machine": machine_description(), "finished": now_utc(), "reused_from": None,
+        "extra": {},
     }
 
 
@@ -171,9 +200,9 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
     if p.resolved.test_subset or (diverged and result.get("best_epoch") is not None):
         n = p.resolved.test_subset or 10**9
         test_acc = _test_subset_accuracy(Path(result["run_dir"]), cfg.data_dir, n)
-    figures = _model_figures(cfg)
+    figures = model_figures(cfg)
     n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
-    record = base_record(p)
+    record = base_record(p, opts)
     record.update({
         "model": cfg.model, "model_kwargs": figures["model_kwargs"], "dataset": cfg.dataset,
         "dataset_checksum": _checksum(cfg.dataset, cfg.data_dir), "train_images": n_train,
@@ -189,6 +218,7 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
     })
     if diverged:
         record["extra"]["diverged"] = diverged
+    record["extra"].update(_best_checkpoint(Path(result["run_dir"])))
     if p.row.kind == "filters":
         record["extra"].update(_run_filters(p, figures, opts, store))
     record["extra"]["reproduce_seconds"] = time.perf_counter() - start
@@ -224,7 +254,7 @@ def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
                     scope=settings.get("scope", "global"), lr=settings.get("lr"),
                     train_subset=settings.get("train_subset"), limit=p.resolved.test_subset,
                     data_dir=opts.data_dir, output=p.run_dir, verbose=opts.verbose)
-    record = base_record(p)
+    record = base_record(p, opts)
     test_acc = out["acc_after"]
     extra_keys = ("ratio", "scope", "epochs", "lr", "acc_before", "acc_pruned", "acc_drop", "nonzero_params",
                   "unique_params", "prunable_kept", "prunable_total", "compression")
@@ -240,6 +270,18 @@ def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
         "extra": {k: out.get(k) for k in extra_keys} | {"source_config_hash": p.runner["source"]},
     })
     return record
+
+
+def _best_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The weights file of the best checkpoint, its size and sha256 (what a pretrained entry names)."""
+    from dacnn.data.webdataset import sha256_file
+    from dacnn.train.checkpoint import read_pointer
+
+    if not (run_dir / "checkpoints" / "best.json").is_file():
+        return {}
+    path = run_dir / "checkpoints" / read_pointer(run_dir / "checkpoints", "best")["eval_weights"]
+    return {"best_weights": str(path), "best_weights_bytes": path.stat().st_size,
+            "best_weights_sha256": sha256_file(path)}
 
 
 def _torch_version() -> str:

@@ -5,16 +5,24 @@ protocol stated), the spec's comparisons written out as sentences ("sharing the 
 points at cpu scale; the paper: Y"), and the plots. Hand-written text survives regeneration: anything
 between ``<!-- reading:NAME:begin -->`` and ``<!-- reading:NAME:end -->`` in the existing file is
 carried over (``summary`` at the top, one block per experiment).
+
+A row run over several seeds shows mean ± standard deviation; a comparison of two such rows says
+whether it is *resolved* (the difference of the means exceeds twice its standard error,
+``sqrt(sd_a^2/n_a + sd_b^2/n_b)``) and in which direction, beside the paper's figure. Records from
+an older protocol (config hash) are marked †, records made from a dirty tree ‡.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dacnn.errors import ConfigError
 from dacnn.experiments import plots
 from dacnn.experiments.spec import SPEC_DIR, Spec, get_spec, load_specs, rows_at_scale
 from dacnn.experiments.store import ResultsStore
@@ -23,7 +31,7 @@ __all__ = ["build_report", "read_blocks"]
 
 BLOCK = re.compile(r"<!-- reading:([\w-]+):begin -->\n?(.*?)<!-- reading:\1:end -->", re.DOTALL)
 PLACEHOLDER = "_No reading written yet._\n"
-SCALE_WORDS = {"paper": "paper scale (the paper's protocol)", "cpu": "cpu scale (reduced protocol)",
+SCALE_WORDS = {"paper": "paper scale (the paper's protocol)", "cpu": "cpu scale (the 2-core CPU protocol)",
                "smoke": "smoke scale (pipeline check only: the numbers mean nothing)"}
 
 
@@ -53,15 +61,48 @@ def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def _current_hashes(spec: Spec, scale: str) -> dict[str, str]:
-    """Config hashes the spec resolves to now (records with another hash are from an older protocol)."""
+def _current_hashes(spec: Spec, scale: str) -> dict[str, set[str]]:
+    """Config hashes (one per seed) the spec resolves to now; records with another hash are from an
+    older protocol."""
     from dacnn.experiments.runner import RunOptions, plan
 
     try:
         _, planned = plan(spec, RunOptions(scale=scale))
     except Exception:  # noqa: BLE001 - a spec that no longer resolves: mark nothing stale
         return {}
-    return {p.row.id: p.chash for p in planned}
+    hashes: dict[str, set[str]] = {}
+    for p in planned:
+        hashes.setdefault(p.row.id, set()).add(p.chash)
+    return hashes
+
+
+def is_dirty(record: dict[str, Any]) -> bool:
+    """Made from a tree whose ``src/`` had uncommitted changes (older records: ``+dirty`` commit)."""
+    return bool(record.get("dirty")) or str(record.get("git_commit", "")).endswith("+dirty")
+
+
+def _errors(recs: Sequence[dict[str, Any]]) -> list[float]:
+    return [r["test_error"] for r in recs if r.get("test_error") is not None]
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (``None`` for the sd of fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _binomial_se(record: dict[str, Any], error: float) -> float:
+    """Points of standard error of a test error measured on ``test_images`` images (nan if unknown)."""
+    n = record.get("test_images") or 0
+    return 100.0 * math.sqrt(error / 100 * (1 - error / 100) / n) if n else math.nan
+
+
+def _error_cell(recs: Sequence[dict[str, Any]]) -> str:
+    mean, sd = mean_sd(_errors(recs))
+    if mean is None:
+        return "—"
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f} (n={len(_errors(recs))})"
 
 
 def _paper_params(row: Any) -> str:
@@ -79,7 +120,9 @@ def _relative(row: Any, records: dict[str, dict[str, Any]]) -> tuple[float | Non
     return drop, ratio, rec["unique_params"] - base["unique_params"]
 
 
-def _table(spec: Spec, rows: Sequence[Any], records: dict[str, dict[str, Any]], stale: set[str]) -> list[str]:
+def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]], stale: set[str],
+           dirty: set[str]) -> list[str]:
+    records = {row_id: recs[0] for row_id, recs in runs.items()}
     has_extra = any("extra_params" in r.paper for r in rows)
     has_drop = any("acc_drop" in r.paper for r in rows)
     has_acc = any("accuracy" in r.paper for r in rows)
@@ -93,9 +136,10 @@ def _table(spec: Spec, rows: Sequence[Any], records: dict[str, dict[str, Any]], 
     for row in rows:
         rec = records.get(row.id)
         label = row.label + (" (quoted)" if row.kind == "quoted" else "") + (" †" if row.id in stale else "")
+        label += " ‡" if row.id in dirty else ""
         acc = rec.get("test_acc") if rec else None
         drop, ratio, extra = _relative(row, records)
-        cells = [label, _num(row.paper.get("error")), _num(rec.get("test_error") if rec else None)]
+        cells = [label, _num(row.paper.get("error")), _error_cell(runs.get(row.id, []))]
         cells += [_num(row.paper.get("accuracy")), _num(acc)] if has_acc else []
         cells += [_paper_params(row), _count(rec.get("unique_params")) if rec else "—"]
         cells += [str(row.paper.get("extra_params", "—")), _count(extra)] if has_extra else []
@@ -121,20 +165,36 @@ def _duration(seconds: float | None) -> str:
     return "—" if seconds is None else format_duration(seconds)
 
 
-def _comparisons(spec: Spec, records: dict[str, dict[str, Any]], scale: str) -> list[str]:
+def _comparisons(spec: Spec, runs: dict[str, list[dict[str, Any]]], scale: str) -> list[str]:
     out = []
     for comp in spec.comparisons:
         a, b = spec.row(comp["a"]), spec.row(comp["b"])
         paper = comp.get("paper_delta")
         if paper is None and a.paper.get("error") is not None and b.paper.get("error") is not None:
             paper = b.paper["error"] - a.paper["error"]
-        ra, rb = records.get(a.id), records.get(b.id)
-        ours = None
-        if ra and rb and ra.get("test_error") is not None and rb.get("test_error") is not None:
-            ours = rb["test_error"] - ra["test_error"]
+        ea, eb = _errors(runs.get(a.id, [])), _errors(runs.get(b.id, []))
         text = f"- {comp.get('label', f'{b.label} vs {a.label}')}: error of *{b.label}* minus *{a.label}*"
-        text += f" = **{ours:+.2f} points** at {scale} scale ({ra['dataset']})" if ours is not None else \
-            f": not measured at {scale} scale yet"
+        if ea and eb:
+            (ma, sa), (mb, sb) = mean_sd(ea), mean_sd(eb)
+            ours = mb - ma
+            dataset = runs[a.id][0]["dataset"]
+            text += f" = **{ours:+.2f} points** at {scale} scale ({dataset}, n={len(ea)}/{len(eb)})"
+            direction = ("higher" if ours > 0 else "lower") + " error"
+            if sa is not None and sb is not None:
+                se = math.sqrt(sa**2 / len(ea) + sb**2 / len(eb))
+                verdict = f"resolved: {direction}" if abs(ours) > 2 * se else "not resolved"
+                text += f", standard error {se:.2f}: {verdict}"
+            else:  # one seed: only the test set's sampling error is known, not the seed-to-seed spread
+                se = _binomial_se(runs[a.id][0], ma) ** 2 + _binomial_se(runs[b.id][0], mb) ** 2
+                se = math.sqrt(se) if not math.isnan(se) else None
+                if se is not None and abs(ours) > 2 * se:
+                    text += (f", one seed: resolved against test-set noise only (standard error {se:.2f}; "
+                             f"seed spread not measured): {direction}")
+                else:
+                    text += ", one seed: not resolved"
+        else:
+            ours = None
+            text += f": not measured at {scale} scale yet"
         text += f"; paper: {paper:+.2f} points" if paper is not None else "; paper: no number"
         if ours is not None and paper is not None and abs(paper) > 1e-9:
             text += ", same direction" if (ours > 0) == (paper > 0) else ", **opposite direction**"
@@ -167,51 +227,85 @@ def _plots(spec: Spec, source: Spec, rows: Sequence[Any], records: dict[str, dic
     return made
 
 
-def _provenance(records: dict[str, dict[str, Any]]) -> str:
+def _provenance(records: Sequence[dict[str, Any]]) -> str:
     def values(key: str) -> str:
-        return ", ".join(sorted({str(r.get(key)) for r in records.values() if r.get(key) is not None})) or "—"
+        return ", ".join(sorted({str(r.get(key)) for r in records if r.get(key) is not None})) or "—"
 
-    sums = sorted({f"{r['dataset']} {r['dataset_checksum']}" for r in records.values()
-                   if r.get("dataset_checksum")})
-    return (f"Provenance: code version {values('code_version')}; git {values('git_commit')}; "
-            f"device {values('device')}; dataset checksums {', '.join(sums) or '—'}.")
+    sums = sorted({f"{r['dataset']} {r['dataset_checksum']}" for r in records if r.get("dataset_checksum")})
+    return (f"Provenance: git {values('git_commit')}; source {values('source_hash')}; "
+            f"device {values('device')}; torch {values('torch_version')}; "
+            f"dataset checksums {', '.join(sums) or '—'}.")
 
 
 def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, doc_dir: Path) -> list[str]:
     source = get_spec(spec.from_spec, spec.path.parent) if spec.from_spec else spec
     scale_info = source.scales.get(scale)
-    all_records = store.latest(source.name, scale)
+    all_runs = store.runs(source.name, scale)
     if spec.row_ids:
         rows = [source.row(i) for i in spec.row_ids]
     else:
         rows = rows_at_scale(source, scale) if scale in source.scales else list(source.rows)
-    records = {r.id: all_records[r.id] for r in rows if r.id in all_records}
+    runs = {r.id: all_runs[r.id] for r in rows if r.id in all_runs}
+    records = {row_id: _mean_record(recs) for row_id, recs in runs.items()}  # what the plots draw
     lines = [f"### {SCALE_WORDS.get(scale, scale)}", ""]
     if scale_info is not None and scale_info.note:
         lines += [f"Protocol: {scale_info.note}", ""]
     if not records:
         return lines + [f"Not run at {scale} scale yet (`dacnn reproduce {spec.name} --scale {scale}`).", ""]
     hashes = _current_hashes(source, scale)
-    stale = {i for i, r in records.items() if hashes.get(i) not in (None, r.get("config_hash"))}
+    stale = {i for i, recs in runs.items() if i in hashes and any(r.get("config_hash") not in hashes[i]
+                                                                   for r in recs)}
+    dirty = {i for i, recs in runs.items() if any(is_dirty(r) for r in recs)}
     datasets = sorted({r["dataset"] for r in records.values() if r.get("dataset")})
     caption = f"ours, {scale} scale ({', '.join(datasets)})"
     if spec.from_spec is None or not spec.plots:
-        lines += _table(source, rows, records, stale) + [""]
+        lines += _table(source, rows, runs, stale, dirty) + [""]
     if stale:
         lines += ["† result of an earlier protocol (its config hash differs from the spec's now).", ""]
+    if dirty:
+        lines += ["‡ recorded from a tree with uncommitted source changes (`--allow-dirty`).", ""]
     if not spec.from_spec:
-        lines += _comparisons(source, records, scale) + ([""] if source.comparisons else [])
+        lines += _comparisons(source, runs, scale) + ([""] if source.comparisons else [])
     for path in _plots(spec, source, rows, records, scale, figures, store, caption):
         lines += [f"![{spec.title}, {scale} scale]({os.path.relpath(path, doc_dir)})", ""]
-    lines += [_provenance(records), ""]
+    lines += [_provenance([r for recs in runs.values() for r in recs]), ""]
     return lines
+
+
+def _runs_done(spec: Spec, scale: str, store: ResultsStore) -> str:
+    """``done/planned`` runs (each seed of a row is a run) with the spec's configuration now."""
+    from dacnn.experiments.runner import RunOptions, plan
+
+    source = get_spec(spec.from_spec, spec.path.parent) if spec.from_spec else spec
+    if scale not in source.scales:
+        return "—"
+    target, planned = plan(spec, RunOptions(scale=scale, spec_dir=spec.path.parent))
+    planned = [p for p in planned if p.row.kind != "quoted"]
+    recorded = {(r["row"], r.get("config_hash"))
+                for recs in store.runs(target.name, scale).values() for r in recs}
+    return f"{sum((p.row.id, p.chash) in recorded for p in planned)}/{len(planned)}"
+
+
+def _mean_record(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The first seed's record with the mean test error over the seeds."""
+    mean, _ = mean_sd(_errors(recs))
+    return {**recs[0], "test_error": mean, "test_acc": None if mean is None else 100.0 - mean}
 
 
 def build_report(results: str | Path = "results", output: str | Path = "docs/results.md",
                  figures: str | Path | None = None, scales: Sequence[str] = ("paper", "cpu"),
-                 spec_dir: Path = SPEC_DIR) -> Path:
-    """Write ``output`` (markdown) and its PNGs (``figures``, default ``<output dir>/figures``)."""
+                 spec_dir: Path = SPEC_DIR, allow_empty: bool = False) -> Path:
+    """Write ``output`` (markdown) and its PNGs (``figures``, default ``<output dir>/figures``).
+
+    A store without a single record at ``scales`` is refused (a mistyped ``--results`` would
+    otherwise overwrite the page with an empty one) unless ``allow_empty``.
+    """
     store = ResultsStore(Path(results))
+    found = [p for scale in scales for p in sorted(store.scale_dir(scale).glob("*.jsonl"))
+             if store.records(p.stem, scale)]
+    if not found and not allow_empty:
+        raise ConfigError(f"no records at {', '.join(scales)} scale in {results}/ (wrong --results or "
+                          f"--scales?); {output} is left as it is (--allow-empty writes it anyway)")
     output = Path(output)
     figures = Path(figures) if figures is not None else output.parent / "figures"
     blocks = read_blocks(output)
@@ -221,16 +315,10 @@ def build_report(results: str | Path = "results", output: str | Path = "docs/res
              "`reading` blocks, which regeneration keeps. Re-run with `dacnn reproduce NAME --scale "
              "cpu|paper` then `dacnn report`.", "", "## Summary", ""]
     lines += _block("summary", blocks)
-    lines += ["| experiment | what | " + " | ".join(f"{s} rows done" for s in scales) + " |",
+    lines += ["| experiment | what | " + " | ".join(f"{s} runs done" for s in scales) + " |",
               "|---|---|" + "---|" * len(scales)]
     for spec in specs:
-        source = get_spec(spec.from_spec, spec_dir) if spec.from_spec else spec
-        counts = []
-        for scale in scales:
-            rows = [source.row(i) for i in spec.row_ids] if spec.row_ids else rows_at_scale(source, scale)
-            rows = [r for r in rows if r.kind != "quoted"]
-            done = store.latest(source.name, scale)
-            counts.append(f"{sum(r.id in done for r in rows)}/{len(rows)}")
+        counts = [_runs_done(spec, scale, store) for scale in scales]
         lines.append(f"| [{spec.name}](#{spec.name}) | {spec.title} | " + " | ".join(counts) + " |")
     lines.append("")
     for spec in specs:

@@ -13,14 +13,14 @@ another row's trained model, Table 8), ``quoted`` (the paper's number only: noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dacnn.errors import ConfigError
 from dacnn.experiments.execute import run_prune_row, run_training_row
 from dacnn.experiments.spec import SPEC_DIR, ResolvedRow, Spec, get_spec, resolve_row, rows_at_scale
-from dacnn.experiments.store import ResultsStore, config_hash
+from dacnn.experiments.store import ResultsStore, check_clean, config_hash, source_hash
 
 __all__ = ["RunOptions", "PlannedRow", "plan", "reproduce", "row_status"]
 
@@ -38,6 +38,12 @@ class RunOptions:
     verbose: bool = True
     rows: list[str] | None = None
     threads: int | None = None  # torch intra-op threads (1 is much faster on a loaded CPU)
+    resume: bool = False  # continue interrupted runs (else an interrupted run is an error)
+    allow_dirty: bool = False  # record from a tree whose src/ has uncommitted changes (marked dirty)
+    jobs: int = 1  # training rows run at once, each in its own single-threaded process
+    command: str | None = None  # the command line stored in each record
+    seeds: list[int] | None = None  # run only these seeds of rows that run over several
+    overrides: dict[str, Any] = field(default_factory=dict)  # training settings over the spec's (hashed)
     spec_dir: Path = SPEC_DIR
     say: Any = field(default=print, repr=False)
 
@@ -60,6 +66,16 @@ class PlannedRow:
     def spec(self) -> Spec:
         return self.resolved.spec
 
+    @property
+    def run_id(self) -> str:
+        """The row id, with ``#seed`` when the row runs over several seeds."""
+        return f"{self.row.id}#{self.train.get('seed')}" if self.resolved.seeds else self.row.id
+
+    @property
+    def name(self) -> str:
+        """``spec/row`` (``spec/row#seed``)."""
+        return f"{self.spec.name}/{self.run_id}"
+
 
 def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
     settings: dict[str, Any] = {"kind": rr.row.kind, "test_subset": rr.test_subset}
@@ -80,7 +96,9 @@ def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow])
         runner = {"kind": "prune", "source": source.chash, "test_subset": rr.test_subset,
                   **{k: v for k, v in rr.prune.items() if k != "source"}}
         chash = config_hash({}, runner)
-        return PlannedRow(rr, {}, runner, chash, opts.runs_dir / opts.scale / f"prune-{chash}")
+        return PlannedRow(rr, {}, runner, chash, _run_dir(opts, f"prune-{chash}"))
+    if opts.overrides:
+        rr = replace(rr, train=_overridden(rr.train, opts.overrides))
     try:
         cfg = resolve_config(rr.train)
     except ConfigError as exc:
@@ -90,7 +108,21 @@ def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow])
     if rr.test_subset:
         train["eval_test"] = False
     chash = config_hash(train, runner)
-    return PlannedRow(rr, train, runner, chash, opts.runs_dir / opts.scale / f"{cfg.model}-{chash}")
+    return PlannedRow(rr, train, runner, chash, _run_dir(opts, f"{cfg.model}-{chash}"))
+
+
+def _overridden(train: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over ``train``; new epochs without new milestones scale them (as recipes do)."""
+    out = {**train, **overrides}
+    if "epochs" in overrides and "lr_milestones" not in overrides and train.get("lr_milestones"):
+        ratio = int(overrides["epochs"]) / int(train.get("epochs") or overrides["epochs"])
+        out["lr_milestones"] = sorted({max(1, int(m * ratio)) for m in train["lr_milestones"]})
+    return out
+
+
+def _run_dir(opts: RunOptions, name: str) -> Path:
+    """``<runs>/<scale>/<name>-<source hash>``: only the code that started a run resumes or reads it back."""
+    return opts.runs_dir / opts.scale / f"{name}-{source_hash()[:8]}"
 
 
 def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
@@ -120,10 +152,20 @@ def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
 
     for row_id in wanted:
         add(row_id)
-    planned: dict[str, PlannedRow] = {}
+    first: dict[str, PlannedRow] = {}  # row id -> its first seed's run (a prune row's source)
+    out: list[PlannedRow] = []
     for row_id in order:
-        planned[row_id] = _plan_row(resolve_row(spec, spec.row(row_id), opts.scale), opts, planned)
-    return spec, list(planned.values())
+        rr = resolve_row(spec, spec.row(row_id), opts.scale)
+        variants = [rr] if rr.seeds is None else [replace(rr, train={**rr.train, "seed": s})
+                                                  for s in rr.seeds]
+        if opts.seeds is not None and rr.seeds is not None:
+            kept = [v for v in variants if v.train["seed"] in opts.seeds]
+            variants = kept or (variants[:1] if row_id not in wanted else [])  # a prune row's source
+        for variant in variants:
+            p = _plan_row(variant, opts, first)
+            first.setdefault(row_id, p)
+            out.append(p)
+    return spec, out
 
 
 def row_status(p: PlannedRow, store: ResultsStore) -> str:
@@ -143,10 +185,13 @@ def row_status(p: PlannedRow, store: ResultsStore) -> str:
 def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dict[str, Any]]:
     """Run the missing rows of experiment ``name`` at ``opts.scale``; returns the records written.
 
-    With ``dry_run`` nothing runs: each row's status, hash and protocol are printed.
+    With ``dry_run`` nothing runs: each row's status, hash and protocol are printed. At paper and
+    cpu scale a tree whose ``src/`` has uncommitted changes is refused unless ``opts.allow_dirty``.
     """
     spec, rows = plan(get_spec(name, opts.spec_dir), opts)
     store = ResultsStore(opts.results)
+    if not dry_run and opts.scale != "smoke":  # smoke records (results/smoke/, ignored) are only marked
+        check_clean(opts.allow_dirty)
     if opts.threads:
         import torch
 
@@ -157,7 +202,7 @@ def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dic
     say(f"{spec.name} ({spec.title}) at {opts.scale} scale: {len(todo)} rows to check"
         + (f"; {len(rows) - len(todo)} quoted from the paper" if len(rows) > len(todo) else ""))
     for i, p in enumerate(todo, start=1):
-        head = f"[{i}/{len(todo)}] {spec.name}/{p.row.id}"
+        head = f"[{i}/{len(todo)}] {p.name}"
         existing = None if opts.force else store.find(spec.name, p.row.id, opts.scale, p.chash)
         if existing is not None:
             say(f"{head}: done ({_summary(existing)}), skipped")

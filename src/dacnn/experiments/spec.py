@@ -9,7 +9,9 @@ that combination so a finished run is never repeated.
 
 Resolution order of training settings: recipe < spec ``defaults`` < row ``train`` < scale ``train``
 < row ``scales.<scale>.train``; then the scale's dataset substitutions (CIFAR-100 -> CIFAR-10 at
-``cpu`` scale) and width divisor (``width // width_divisor``) are applied.
+``cpu`` scale) and width divisor (``width // width_divisor``) are applied. A scale (or a row at a
+scale) may list ``seeds``: the row then runs once per seed, and the report gives mean and standard
+deviation over them.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ _SPEC_KEYS = {"name", "kind", "title", "source", "claim", "protocol", "metric", 
               "rows", "comparisons", "from", "row_ids", "order"}
 _ROW_KEYS = {"id", "label", "kind", "model", "train", "paper", "group", "x", "scales", "baseline", "prune",
              "filters", "note"}
-_SCALE_KEYS = {"note", "datasets", "width_divisor", "train", "test_subset", "rows", "prune", "filters"}
-_ROW_SCALE_KEYS = {"train", "test_subset", "skip", "prune", "filters"}
+_SCALE_KEYS = {"note", "datasets", "width_divisor", "train", "test_subset", "rows", "prune", "filters",
+               "seeds"}
+_ROW_SCALE_KEYS = {"train", "test_subset", "skip", "prune", "filters", "seeds"}
 _PAPER_KEYS = {"error", "params_m", "extra_params", "acc_drop", "prune_ratio", "accuracy", "source", "quoted"}
 _COMPARISON_KEYS = {"label", "a", "b", "paper_delta"}
 
@@ -74,6 +77,7 @@ class Scale:
     rows: tuple[str, ...] | None = None  # the rows run at this scale (None: all)
     prune: dict[str, Any] = field(default_factory=dict)
     filters: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] | None = None  # each row runs once per seed (None: once, with its own seed)
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class ResolvedRow:
     test_subset: int | None
     prune: dict[str, Any]
     filters: dict[str, Any]
+    seeds: tuple[int, ...] | None = None
 
 
 def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -186,12 +191,22 @@ def _parse_scale(name: str, data: dict[str, Any], where: str) -> Scale:
     divisor = data.get("width_divisor")
     if divisor is not None and (not isinstance(divisor, int) or divisor < 1):
         raise SpecError(f"{where}: width_divisor must be a positive integer, got {divisor!r}")
+    seeds = _parse_seeds(data.get("seeds"), where)
     return Scale(
         name=name, note=str(data.get("note", "")).strip(), datasets=dict(data.get("datasets") or {}),
         width_divisor=divisor, train=dict(data.get("train") or {}), test_subset=data.get("test_subset"),
         rows=tuple(rows) if rows is not None else None, prune=dict(data.get("prune") or {}),
-        filters=dict(data.get("filters") or {}),
+        filters=dict(data.get("filters") or {}), seeds=seeds,
     )
+
+
+def _parse_seeds(value: Any, where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise SpecError(f"{where}: seeds must be a non-empty list of distinct integers, got {value!r}")
+    return tuple(value)
 
 
 def _parse_row(data: dict[str, Any], where: str) -> Row:
@@ -212,6 +227,7 @@ def _parse_row(data: dict[str, Any], where: str) -> Row:
         if scale not in SCALES:
             raise SpecError(f"{where}: unknown scale {scale!r} (scales: {', '.join(SCALES)})")
         _check_keys(over, _ROW_SCALE_KEYS, f"{where}: scales.{scale}")
+        _parse_seeds(over.get("seeds"), f"{where}: scales.{scale}")
     return Row(
         id=str(data["id"]), label=str(data.get("label", data["id"])), kind=kind, model=data.get("model"),
         train=dict(data.get("train") or {}), paper=paper, group=data.get("group"), x=data.get("x"),
@@ -356,6 +372,8 @@ def resolve_row(spec: Spec, row: Row, scale: str) -> ResolvedRow:
     if dataset in sc.datasets:
         train["dataset"] = sc.datasets[dataset]
     test_subset = over.get("test_subset", sc.test_subset)
+    seeds = tuple(over["seeds"]) if over.get("seeds") else sc.seeds
     return ResolvedRow(spec, row, scale, train, test_subset,
                        {**sc.prune, **row.prune, **(over.get("prune") or {})},
-                       {**sc.filters, **row.filters, **(over.get("filters") or {})})
+                       {**sc.filters, **row.filters, **(over.get("filters") or {})},
+                       seeds if row.kind in ("train", "filters") else None)

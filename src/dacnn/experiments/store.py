@@ -5,13 +5,20 @@ and nothing is ever edited by hand. Smoke-scale records go to ``results/smoke/``
 so tests and CI never touch the committed store. Files produced by a run beside its record (Figure
 7's optimised images) live under ``<store>/artifacts/`` and are named in the record.
 
-A record is keyed by ``(row, scale, config_hash, code_version)``: :meth:`ResultsStore.find` answers
-"has this exact configuration already run with this version of the code?", in this experiment or,
-for a shared run (the same model trained the same way in two tables), in any other.
+A record is keyed by ``(row, scale, config_hash, source_hash)``: :meth:`ResultsStore.find` answers
+"has this exact configuration already run with exactly this source?", in this experiment or, for a
+shared run (the same model trained the same way in two tables), in any other.
+
+Provenance (:func:`provenance`): the commit, a hash of the package source and specs (every ``.py``
+and ``.yaml`` under ``src/dacnn``, by content), the command line, the machine and the torch version.
+A tree is *dirty* when ``git status`` shows changes under ``src/`` (package source and specs);
+changes to ``results/``, ``docs/``, ``tests/`` or run outputs do not make a record dirty. A dirty
+record stores the sha256 of its diff and is marked in the report.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -24,12 +31,19 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from dacnn.errors import ConfigError
+
 __all__ = [
     "ResultsStore",
     "RECORD_FIELDS",
     "MACHINE_KEYS",
+    "TreeState",
     "config_hash",
-    "code_version",
+    "source_hash",
+    "source_files",
+    "tree_state",
+    "check_clean",
+    "machine_description",
     "git_commit",
     "device_description",
     "dataset_checksum",
@@ -38,7 +52,8 @@ __all__ = [
 
 # Every record has these keys, in this order (values may be null where they do not apply).
 RECORD_FIELDS = (
-    "experiment", "row", "label", "scale", "kind", "config_hash", "code_version", "git_commit", "finished",
+    "experiment", "row", "label", "scale", "kind", "seed", "config_hash", "source_hash", "git_commit",
+    "dirty", "command", "machine", "finished",
     "model", "model_kwargs", "dataset", "dataset_checksum", "train_images", "val_images", "test_images",
     "device", "torch_version", "epochs", "best_epoch", "best_val_acc", "test_acc", "test_error",
     "unique_params", "per_use_params", "flops", "wall_time", "run_dir", "reused_from", "extra", "curve",
@@ -48,7 +63,8 @@ RECORD_FIELDS = (
 MACHINE_KEYS = ("data_dir", "out_dir", "run_name", "device", "threads", "tensorboard", "ckpt_every_steps",
                 "keep_checkpoints",
                 "nan_check_every", "eval_batch_size")
-REPO_ROOT = Path(__file__).resolve().parents[3]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/dacnn
+REPO_ROOT = PACKAGE_DIR.parents[1]
 
 
 def round_floats(value: Any, digits: int = 4) -> Any:
@@ -74,24 +90,104 @@ def config_hash(train: dict[str, Any], runner: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def code_version() -> str:
-    """The package version: records made by another version are not reused (bump it to re-run all)."""
-    from dacnn import __version__
-
-    return __version__
+def source_files(root: Path = PACKAGE_DIR) -> list[Path]:
+    """The files :func:`source_hash` covers: every ``.py`` and ``.yaml`` of the package (specs included)."""
+    return sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()
+                  and "__pycache__" not in p.parts)
 
 
 @cache
+def source_hash(root: Path = PACKAGE_DIR) -> str:
+    """16 hex digits over the path and content of every :func:`source_files` file.
+
+    Any edit of the package or of a spec changes it, so a record can only be reused by the code
+    that made it (whatever the package version says).
+    """
+    digest = hashlib.sha256()
+    for path in source_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """The checkout the code runs from: ``HEAD``'s commit and, if ``src/`` differs from it, the sha256
+    of that difference (``git diff HEAD -- src`` plus the untracked files under ``src/``)."""
+
+    commit: str
+    diff_sha256: str | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return self.diff_sha256 is not None
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+@cache
+def tree_state(repo: Path = REPO_ROOT) -> TreeState:
+    """The commit and dirtiness of ``repo``.
+
+    Outside a git checkout (a copy of the tree on a lent machine) the commit comes from
+    ``$DACNN_SOURCE_COMMIT`` = ``<commit>:<source hash>``, written where the copy was made from a
+    clean tree, and holds only if the copy's :func:`source_hash` is that hash; otherwise the state is
+    ``unknown`` and dirty.
+    """
+    try:
+        _git(repo, "rev-parse", "--git-dir")
+    except (OSError, subprocess.SubprocessError):
+        commit, _, src = os.environ.get("DACNN_SOURCE_COMMIT", "").partition(":")
+        if commit and src == source_hash():
+            return TreeState(commit)
+        return TreeState("unknown", "unknown")
+    try:
+        head = _git(repo, "rev-parse", "HEAD").strip()
+        status = _git(repo, "status", "--porcelain", "--untracked-files=all", "--", "src")
+        if not status.strip():
+            return TreeState(head)
+        digest = hashlib.sha256(_git(repo, "diff", "--binary", "HEAD", "--", "src").encode())
+        for name in sorted(_git(repo, "ls-files", "--others", "--exclude-standard", "--", "src").split()):
+            digest.update(name.encode() + b"\0" + (repo / name).read_bytes())
+    except (OSError, subprocess.SubprocessError):
+        return TreeState("unknown", "unknown")
+    return TreeState(head, digest.hexdigest())
+
+
 def git_commit(repo: Path = REPO_ROOT) -> str:
     """``HEAD``'s commit of the checkout the code runs from, ``+dirty`` if ``src/`` has changes."""
+    state = tree_state(repo)
+    return state.commit + ("+dirty" if state.dirty else "")
+
+
+def check_clean(allow_dirty: bool, repo: Path = REPO_ROOT) -> TreeState:
+    """The tree state; a dirty tree raises :class:`ConfigError` unless ``allow_dirty``."""
+    state = tree_state(repo)
+    if state.dirty and not allow_dirty:
+        raise ConfigError(f"{repo}: src/ has uncommitted changes (git status -- src); commit them, or pass "
+                          "--allow-dirty to record anyway (the record is then marked dirty)")
+    return state
+
+
+@cache
+def machine_description() -> dict[str, Any]:
+    """CPU model, cores, torch threads, GPU name (or None), OS and Python version of this machine."""
+    import torch
+
+    name = platform.processor() or platform.machine()
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "os": platform.platform(terse=True), "python": platform.python_version()}
 
 
 @cache
@@ -101,15 +197,7 @@ def device_description(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {name} ({torch.get_num_threads()} threads)"
+    return f"cpu: {machine_description()['cpu']} ({torch.get_num_threads()} threads)"
 
 
 def dataset_checksum(name: str, data_dir: str | None = None) -> str | None:
@@ -158,6 +246,7 @@ class ResultsStore:
         path = self.path(record["experiment"], record["scale"])
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # two --jobs processes may finish at once
             f.seek(0, os.SEEK_END)
             if f.tell():
                 f.seek(-1, os.SEEK_END)
@@ -194,24 +283,31 @@ class ResultsStore:
         """``row -> last record`` of an experiment at a scale (a re-run supersedes an older record)."""
         return {r["row"]: r for r in self.records(experiment, scale)}
 
+    def runs(self, experiment: str, scale: str) -> dict[str, list[dict[str, Any]]]:
+        """``row -> [last record of each seed]`` (seeds in the order first written)."""
+        out: dict[str, dict[Any, dict[str, Any]]] = {}
+        for r in self.records(experiment, scale):
+            out.setdefault(r["row"], {})[r.get("seed")] = r
+        return {row: list(by_seed.values()) for row, by_seed in out.items()}
+
     def find(self, experiment: str, row: str, scale: str, chash: str) -> dict[str, Any] | None:
-        """The latest record of this row with this config hash and code version, if any."""
-        version = code_version()
+        """The latest record of this row with this config hash and this :func:`source_hash`, if any."""
+        src = source_hash()
         for record in reversed(self.records(experiment, scale)):
             if (record.get("row") == row and record.get("config_hash") == chash
-                    and record.get("code_version") == version):
+                    and record.get("source_hash") == src):
                 return record
         return None
 
     def find_any(self, scale: str, chash: str) -> dict[str, Any] | None:
-        """A record of any experiment with this config hash and code version (a shared run)."""
+        """A record of any experiment with this config hash and source hash (a shared run)."""
         directory = self.scale_dir(scale)
         if not directory.is_dir():
             return None
-        version = code_version()
+        src = source_hash()
         for path in sorted(directory.glob("*.jsonl")):
             for record in reversed(self.records(path.stem, scale)):
-                if record.get("config_hash") == chash and record.get("code_version") == version:
+                if record.get("config_hash") == chash and record.get("source_hash") == src:
                     return record
         return None
 
