@@ -97,7 +97,7 @@ RULES: dict[str, Rule] = {
     "ema": _frac(low_open=True), "seed": _int(0, 2**32 - 1), "nan_check_every": _int(1),
     "threads": _int(1), "ckpt_every_steps": _int(0), "keep_checkpoints": _int(1),
     # other commands
-    "workers": _int(1), "timeout": _pos(), "shard_size": _int(1), "limit": _int(1),
+    "workers": _int(1), "jobs": _int(1), "timeout": _pos(), "shard_size": _int(1), "limit": _int(1),
     "ratio": _frac(), "prune.epochs": _int(0),
 }
 

@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--spec-dir", type=Path, default=None, help="spec YAML directory (default: built-in)")
     p.add_argument("--threads", type=option_type("threads"), metavar="N",
                    help="torch CPU threads (1 is several times faster when other jobs load the cores)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=option_type("jobs"), default=1, metavar="N",
                    help="train N rows at once, each in its own single-threaded process (logs in "
                         "<runs-dir>/<scale>/logs/); 2 suits a 2-core CPU")
     p.add_argument("--seeds", help="comma-separated: run only these seeds of rows that run over several")
@@ -112,8 +112,6 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
         if not sep or not key.strip():
             raise ConfigError(f"--override: expected KEY=VALUE, got {item!r}")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs: expected a positive number, got {args.jobs}")
     return RunOptions(scale=scale, results=Path(args.results), runs_dir=Path(args.runs_dir),
                       data_dir=args.data_dir, device=args.device, force=args.force, verbose=not args.quiet,
                       rows=rows, threads=args.threads, spec_dir=_spec_dir(args), resume=args.resume,
