@@ -15,8 +15,8 @@ from torch import nn
 
 from dacnn import count_params, create_model, share_kernels, untie
 from dacnn.errors import ConfigError
-from dacnn.share import KernelSequential
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.tying import KernelSequential
 
 
 # ---- a torchvision-style ResNet (v1.5: stride on the bottleneck's 3x3) --------------------------

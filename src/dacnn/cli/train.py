@@ -97,7 +97,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dacnn.train import checkpoint as ckpt
+    from dacnn import checkpoint as ckpt
     from dacnn.train.config import config_from_dict, dump_yaml, resolve_config
     from dacnn.train.loop import find_run_dir, train
     from dacnn.train.recipes import list_recipes
@@ -129,7 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dacnn.train.evaluation import evaluate_checkpoint
+    from dacnn.analysis.evaluate import evaluate_checkpoint
 
     result, meta = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                        split=args.split, batch_size=args.batch_size, device=args.device,

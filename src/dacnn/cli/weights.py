@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dacnn.weights import import_lrunet, save_imported
+    from dacnn.export.import_weights import import_lrunet, save_imported
 
     model, meta = import_lrunet(args.file, verify=not args.no_verify)
     out = args.output or Path(Path(args.file).stem + ".safetensors")

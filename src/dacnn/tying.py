@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["share_kernels", "untie", "ShareReport", "KernelGroup", "KernelSequential"]
 
