@@ -15,8 +15,8 @@ from safetensors import safe_open
 from torch import nn
 
 from dacnn import SharedKernel, count_params, create_model
+from dacnn import checkpoint as ckpt
 from dacnn.errors import CheckpointError
-from dacnn.train import checkpoint as ckpt
 
 
 def _state_keys(path) -> list[str]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dacnn import count_params, create_model
 from dacnn.errors import ConfigError
 from dacnn.models.convmixer import ConvMixer
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 SPEC = {  # (shared, classes) -> unique parameters, SPEC.md 1.1 [verified]
     (False, 10): 1_409_034, (True, 10): 107_274, (False, 100): 1_432_164, (True, 100): 130_404,

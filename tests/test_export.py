@@ -20,7 +20,7 @@ from dacnn.export import (
     quantize_per_channel,
     read_export,
 )
-from dacnn.sharing import iter_shared_kernels
+from dacnn.shared_kernel import iter_shared_kernels
 
 
 def calibrated(name: str, seed: int = 0, **kwargs: object) -> nn.Module:

@@ -43,7 +43,7 @@ from dacnn.export.compact import export_safetensors, load_exported
 from dacnn.export.inspect import inspect_file
 from dacnn.train import checkpoint as ckpt
 from dacnn.train.config import TrainConfig, config_from_dict, dump_yaml, load_yaml
-from dacnn.weights import import_lrunet
+from dacnn.export.import_weights import import_lrunet
 
 EXAMPLES = int(os.environ.get("DACNN_FUZZ_EXAMPLES", "40"))
 HANG_S = 20

@@ -20,8 +20,8 @@ from safetensors.torch import load_model
 from dacnn import count_params, create_model, untie
 from dacnn.cli import main as cli_main
 from dacnn.errors import CheckpointError, ConfigError
+from dacnn.export.import_weights import import_lrunet
 from dacnn.models.lrunet import LruNet, channel_shuffle
-from dacnn.weights import import_lrunet
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "reference" / "weights" / "lrunet"

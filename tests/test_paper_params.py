@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 
 from dacnn import count_flops, count_params, create_model, list_models
+from dacnn.analysis.paper_figures import (
+    FIGURES,
+    KIBI,
+    MEGA,
+    PaperFigure,
+    compare,
+    compare_figures,
+    figure_for_model,
+)
 from dacnn.cli import main
 from dacnn.cli.models import DOCS_COMMAND, _figure_table, _summary, _summary_line
-from dacnn.paper import FIGURES, KIBI, MEGA, PaperFigure, compare, compare_figures, figure_for_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
 

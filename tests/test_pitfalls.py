@@ -22,12 +22,12 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from dacnn import count_params, untie
-from dacnn.ema import ModelEMA
 from dacnn.models.convmixer import ConvMixer
 from dacnn.models.lrunet import LruNet
 from dacnn.models.se_resnet import SEResNet
-from dacnn.optim import param_groups
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.train.ema import ModelEMA
+from dacnn.train.optim import param_groups
 
 
 def _small_mixer() -> ConvMixer:

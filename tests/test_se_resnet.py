@@ -10,7 +10,7 @@ import torch
 from dacnn import count_params, create_model, list_models, untie
 from dacnn.errors import ConfigError
 from dacnn.models.se_resnet import SEResNet, SqueezeExcitation
-from dacnn.sharing import AnchoredConv2d
+from dacnn.shared_kernel import AnchoredConv2d
 
 # SPEC.md 1.3, all [verified]: (n, shared) -> (CIFAR-10, CIFAR-100)
 SPEC = {

@@ -17,7 +17,7 @@ from torch import nn
 from dacnn import AnchoredConv2d, count_params, create_model, share_kernels
 from dacnn.cli import main
 from dacnn.errors import ConfigError
-from dacnn.share import Budget
+from dacnn.tying import Budget
 
 MODELS = ["resnet18", "se_resnet_d_4", "wrn40_4", "vgg16_1fc", "sharesnet164"]
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from dacnn import count_params, create_model, share_kernels, untie
 from dacnn.errors import ConfigError
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 
 # ---- a torchvision-style ResNet (v1.5: stride on the bottleneck's 3x3) --------------------------

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from dacnn import AnchoredConv2d, count_params, share_kernels, untie
-from dacnn.share import ShareReport
+from dacnn.tying import ShareReport
 
 
 # ---- the traps ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from dacnn import count_params, create_model, model_info
 from dacnn.errors import ConfigError
 from dacnn.models.sharesnet import PreActResNet, WideResNet
-from dacnn.sharing import AnchoredConv2d
+from dacnn.shared_kernel import AnchoredConv2d
 
 SPEC = {  # ShaResNet README, reproduced in SPEC.md 4: name -> (free, shared)
     "sharesnet164": (1_703_258, 929_114),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dacnn import AnchoredConv2d, count_params, create_model, list_models
-from dacnn.sharing import anchored_uses, iter_shared_kernels
+from dacnn.shared_kernel import anchored_uses, iter_shared_kernels
 
 # Small configurations of every DACNN kind: plain, residual (+ regulators), mixed VGG/ResNet templates.
 CONFIGS = {

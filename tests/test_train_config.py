@@ -13,11 +13,11 @@ import yaml
 
 from dacnn import create_model, list_models
 from dacnn.cli import main
-from dacnn.ema import ModelEMA
 from dacnn.errors import ConfigError
-from dacnn.optim import param_groups
 from dacnn.train import RECIPES, TrainConfig, config_from_dict, resolve_config
 from dacnn.train.builders import LRSchedule, build_optimizer
+from dacnn.train.ema import ModelEMA
+from dacnn.train.optim import param_groups
 
 
 def _yaml(tmp_path: Path, data: dict) -> Path:

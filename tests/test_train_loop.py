@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
+from dacnn.analysis.evaluate import evaluate_checkpoint
 from dacnn.cli import main
 from dacnn.errors import ConfigError
 from dacnn.train import TrainingDiverged, resolve_config, train
 from dacnn.train import loop as loop_module
-from dacnn.train.evaluation import evaluate_checkpoint
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_DIR = os.environ.get("DACNN_DATA") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)

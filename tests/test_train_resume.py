@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dacnn.train import checkpoint as ckpt
+from dacnn import checkpoint as ckpt
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_DIR = os.environ.get("DACNN_DATA") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)

@@ -6,8 +6,8 @@ and ShaResNet (arXiv 1702.08782) on one sharing core (:mod:`dacnn.sharing`).
 
 from dacnn.counting import ParamCount, count_flops, count_params
 from dacnn.registry import ModelInfo, create_model, list_models, model_info, register_model
-from dacnn.share import share_kernels, untie
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.tying import share_kernels, untie
 
 __version__ = "0.1.0"
 

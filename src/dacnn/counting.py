@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dacnn.sharing import SharedKernel, anchored_uses
+from dacnn.shared_kernel import SharedKernel, anchored_uses
 
 __all__ = ["SharedTensor", "ParamCount", "count_params", "count_flops", "parameter_uses"]
 

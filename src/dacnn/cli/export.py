@@ -17,7 +17,7 @@ FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from dacnn.export.compact import DTYPES
-    from dacnn.prune import SCOPES
+    from dacnn.export.prune import SCOPES
 
     p = subparsers.add_parser(
         "export",
@@ -104,7 +104,7 @@ def _accuracy_line(label: str, before: float, after: float, n: int, dataset: str
 
 def run_export(args: argparse.Namespace) -> int:
     from dacnn.counting import count_params
-    from dacnn.export.source import load_source, test_accuracy, test_loader
+    from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
     if args.format == "onnx" and args.dtype != "fp32":
         raise ConfigError(f"--format onnx writes float32 graphs; got --dtype {args.dtype}")
@@ -168,7 +168,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from dacnn.prune import prune_run
+    from dacnn.export.prune import prune_run
 
     r = prune_run(
         args.source,

@@ -18,7 +18,7 @@ import torch
 
 from dacnn.errors import ConfigError
 from dacnn.registry import create_model
-from dacnn.share import SCOPES, STRIDE_POLICIES, ShareReport, share_kernels
+from dacnn.tying import SCOPES, STRIDE_POLICIES, ShareReport, share_kernels
 
 __all__ = ["register", "plan", "run"]
 

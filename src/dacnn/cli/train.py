@@ -135,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dacnn.train.evaluation import evaluate_checkpoint
+    from dacnn.analysis.evaluate import evaluate_checkpoint
 
     result, meta = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                        split=args.split, batch_size=args.batch_size, device=args.device,

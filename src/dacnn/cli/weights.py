@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dacnn.weights import import_lrunet, save_imported
+    from dacnn.export.import_weights import import_lrunet, save_imported
 
     out = args.output or Path(Path(args.file).stem + ".safetensors")
     check_writable(out, "--output" if args.output else "the output")

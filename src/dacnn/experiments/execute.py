@@ -151,7 +151,7 @@ def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
 
 
 def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> float:
-    from dacnn.export.source import load_source, test_accuracy, test_loader
+    from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
     model, meta = load_source(run_dir)
     return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n))
@@ -227,8 +227,8 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
 
 def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
                  store: ResultsStore) -> dict[str, Any]:
-    from dacnn.experiments.filters import activation_maximisation, save_filters
-    from dacnn.export.source import load_source
+    from dacnn.analysis.activation_max import activation_maximisation, save_filters
+    from dacnn.export.resolve import load_source
 
     assert p.run_dir is not None
     model, _ = load_source(p.run_dir)
@@ -242,7 +242,7 @@ def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
 
 
 def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
-    from dacnn.prune import prune_run
+    from dacnn.export.prune import prune_run
 
     src_dir = Path(source["run_dir"])
     if not (src_dir / "checkpoints").is_dir():
@@ -275,7 +275,7 @@ def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
 def _best_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The weights file of the best checkpoint, its size and sha256 (what a pretrained entry names)."""
     from dacnn.data.webdataset import sha256_file
-    from dacnn.train.checkpoint import read_pointer
+    from dacnn.checkpoint import read_pointer
 
     if not (run_dir / "checkpoints" / "best.json").is_file():
         return {}

@@ -216,7 +216,7 @@ def _plots(spec: Spec, source: Spec, rows: Sequence[Any], records: dict[str, dic
             label = {"depth": "depth (weight layers)", "reuse": "layer reuse N"}[kind]
             made.append(plots.plot_sweep(path, rows, records, title, label, caption))
         elif kind == "filters":
-            from dacnn.experiments.filters import load_filters
+            from dacnn.analysis.activation_max import load_filters
 
             for row in rows:
                 rec = records.get(row.id)

@@ -78,7 +78,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _checkpoint_description(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Model name, kwargs and other fields of a training weights file's sidecar, if it has one."""
-    from dacnn.train.checkpoint import read_sidecar
+    from dacnn.checkpoint import read_sidecar
 
     try:
         side = read_sidecar(path)

@@ -17,7 +17,7 @@ from torch import nn
 
 from dacnn.errors import ConfigError
 from dacnn.registry import ModelInfo, register_model
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["ConvMixer", "MixerLayer", "convmixer_256_16", "convmixer_256_16_shared"]
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from dacnn.models.layers import conv1x1, conv3x3, conv_use, init_weights, split_evenly
 from dacnn.registry import ModelInfo, register_model
-from dacnn.sharing import SharedKernel
+from dacnn.shared_kernel import SharedKernel
 
 __all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "dacnn"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["conv3x3", "conv1x1", "conv_use", "split_evenly", "init_weights"]
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from dacnn.errors import ConfigError
 from dacnn.registry import ModelInfo, register_model
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["LruBlock", "LruNet", "channel_shuffle", "lrunet_1x", "lrunet_2x"]
 

@@ -21,7 +21,7 @@ from dacnn.errors import ConfigError
 from dacnn.models.layers import conv3x3
 from dacnn.models.resnet import BasicBlock
 from dacnn.registry import ModelInfo, register_model
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["SqueezeExcitation", "SEBasicBlock", "SEResNet", "se_resnet"]
 

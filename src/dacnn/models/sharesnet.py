@@ -25,7 +25,7 @@ from torch import nn
 from dacnn.errors import ConfigError
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
 from dacnn.registry import ModelInfo, register_model
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["PreActBottleneck", "PreActBasic", "PreActResNet", "WideResNet"]
 

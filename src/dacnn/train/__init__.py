@@ -7,7 +7,7 @@ it directly::
     result = train(resolve_config({"recipe": "demo", "epochs": 1}))
 """
 
-from dacnn.train.checkpoint import load_model_file
+from dacnn.checkpoint import load_model_file
 from dacnn.train.config import TrainConfig, config_from_dict, resolve_config
 from dacnn.train.loop import TrainingDiverged, TrainResult, train
 from dacnn.train.recipes import RECIPES, get_recipe

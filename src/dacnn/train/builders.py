@@ -159,7 +159,7 @@ def model_input_hw(name: str | None) -> int | None:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD / Adagrad / Adam / AdamW over deduplicated parameters (each shared tensor once)."""
-    from dacnn.optim import param_groups
+    from dacnn.train.optim import param_groups
 
     groups = param_groups(model, cfg.weight_decay, decay_1d=cfg.decay_norm_and_bias)
     eps = {} if cfg.eps is None else {"eps": cfg.eps}

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from dacnn import checkpoint as ckpt
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, DacnnError
-from dacnn.train import checkpoint as ckpt
 from dacnn.train.builders import (
     LRSchedule,
     build_data,
@@ -153,7 +153,7 @@ class _Run:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
         self.ema = None
         if cfg.ema is not None:
-            from dacnn.ema import ModelEMA
+            from dacnn.train.ema import ModelEMA
 
             self.ema = ModelEMA(self.model, decay=cfg.ema)
         self.optimizer = build_optimizer(self.model, cfg)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dacnn.checkpoint import atomic_write_text
 from dacnn.errors import ConfigError
-from dacnn.train.checkpoint import atomic_write_text
 
 __all__ = ["RunLog", "format_duration", "progress_bar"]
 

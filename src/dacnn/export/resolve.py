@@ -27,7 +27,7 @@ __all__ = ["weights_path", "load_source", "test_loader", "test_accuracy"]
 
 def weights_path(source: str | os.PathLike[str]) -> Path:
     """The weights file ``source`` designates (a run, a checkpoints folder or a file)."""
-    from dacnn.train.checkpoint import read_pointer
+    from dacnn.checkpoint import read_pointer
 
     path = Path(source)
     if path.is_file():
@@ -52,7 +52,7 @@ def load_source(source: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, An
         model, header = load_exported(path)
         meta = {**header.meta, "model": header.model, "model_kwargs": header.model_kwargs}
     else:
-        from dacnn.train.checkpoint import load_model_file
+        from dacnn.checkpoint import load_model_file
 
         model, meta = load_model_file(path)
         model.create_kwargs = dict(meta.get("model_kwargs", {}))

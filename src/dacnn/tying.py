@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dacnn.errors import ConfigError
-from dacnn.sharing import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["share_kernels", "untie", "unsafe_reason", "Budget", "ShareReport", "KernelGroup"]
 

@@ -219,8 +219,8 @@ def prune_run(
     ``lr`` is given, no EMA, and selects nothing (the last epoch is tested). The output directory
     holds ``config.yaml``, ``checkpoints/`` (readable by ``dacnn export``) and ``prune.json``.
     """
-    from dacnn.export.source import load_source, test_accuracy, test_loader
-    from dacnn.train import checkpoint as ckpt
+    from dacnn import checkpoint as ckpt
+    from dacnn.export.resolve import load_source, test_accuracy, test_loader
     from dacnn.train.config import dump_yaml
 
     check_prune_args(ratio, scope)

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from dacnn import checkpoint as ckpt
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, ConfigError
-from dacnn.train import checkpoint as ckpt
 from dacnn.train.builders import dataset_info, model_input_hw, resolve_device
 from dacnn.train.engine import EvalResult, evaluate
 
