@@ -1,12 +1,14 @@
-"""Atomic file writes: a kill at any moment leaves either the old file or the new one, never half."""
+"""Atomic file writes (a kill at any moment leaves either the old file or the new one, never half)
+and file checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "sha256_file"]
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -43,3 +45,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
+from dacnn.models.base import ClassifierMixin
 from dacnn.registry import ModelInfo, register_model
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
@@ -47,7 +48,7 @@ class MixerLayer(nn.Sequential):
         )
 
 
-class ConvMixer(nn.Module):
+class ConvMixer(ClassifierMixin, nn.Module):
     """ConvMixer-h/d: width ``width`` (h), ``depth`` (d) layers, depthwise kernel ``kernel_size``,
     patch ``patch_size``.
 
@@ -95,9 +96,12 @@ class ConvMixer(nn.Module):
         self.layers = nn.Sequential(*(MixerLayer(depthwise(), pointwise(), width) for _ in range(depth)))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(width, num_classes)
+        self.num_classes, self.num_features = num_classes, width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(self.layers(self.patch_embed(x))), 1))
+    classifier_name = "head"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.patch_embed(x))
 
 
 def _info(name: str, twin: str | None) -> ModelInfo:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, conv_use, init_weights, split_evenly
 from dacnn.registry import ModelInfo, register_model
 from dacnn.shared_kernel import SharedKernel
@@ -116,7 +117,17 @@ class _Classifier(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class PlainDACNN(nn.Module):
+class _DACNNBase(ClassifierMixin, nn.Module):
+    """timm's interface over :class:`_Classifier` (``head.pool``, ``head.fc``)."""
+
+    classifier_name, pool_name = "head.fc", "head.pool"
+
+    def _set_head(self, channels: int, num_classes: int) -> None:
+        self.head = _Classifier(channels, num_classes)
+        self.num_classes, self.num_features = num_classes, channels
+
+
+class PlainDACNN(_DACNNBase):
     """VGG-style DACNN of ``depth`` weight layers (``depth - 1`` convs + FC), paper eq. 2-3.
 
     The ``depth - 1`` convolutions fall into ``min(5, depth - 1)`` groups (VGG-16's 2,2,3,3,3 for
@@ -149,14 +160,14 @@ class PlainDACNN(nn.Module):
                 layers.append(ConvBNReLU(conv, width, batchnorm))
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.head = _Classifier(width, num_classes)
+        self._set_head(width, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
-class ResidualDACNN(nn.Module):
+class ResidualDACNN(_DACNNBase):
     """DACNN with residual learning (eq. 6): stem, four equal-width sections of anchored blocks.
 
     ``depth - 2`` must be even (two convs per block); 18 and 34 use ResNet-18/34's block layouts,
@@ -198,14 +209,14 @@ class ResidualDACNN(nn.Module):
                 stage.append(nn.MaxPool2d(2))
             stages.append(nn.Sequential(*stage))
         self.sections = nn.Sequential(*stages)
-        self.head = _Classifier(width, num_classes)
+        self._set_head(width, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.sections(self.stem(x)))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sections(self.stem(x))
 
 
-class MixedDACNN(nn.Module):
+class MixedDACNN(_DACNNBase):
     """Mixed DACNN: one shared kernel per section width, 3 -> w -> 2w -> 4w -> 8w (w = 64).
 
     ``template="vgg"`` (DACNN-14 MIX): VGG-16's 13 convs in five pooled sections; sections 4 and 5
@@ -270,11 +281,11 @@ class MixedDACNN(nn.Module):
             self.features = nn.Sequential(*stages)
         else:
             raise ValueError(f"MixedDACNN template must be 'vgg' or 'resnet', got {template!r}")
-        self.head = _Classifier(widths[-1], num_classes)
+        self._set_head(widths[-1], num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 def dacnn(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
 from dacnn.registry import ModelInfo, register_model
 
@@ -46,7 +47,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierMixin, nn.Module):
     """CIFAR ResNet with basic blocks; ``layers`` blocks per stage, ``width`` channels in stage 1."""
 
     def __init__(
@@ -69,10 +70,11 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
 def _info(name: str, row: str) -> ModelInfo:

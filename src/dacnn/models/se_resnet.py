@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv3x3
 from dacnn.models.resnet import BasicBlock
 from dacnn.registry import ModelInfo, register_model
@@ -62,7 +63,7 @@ class SEBasicBlock(BasicBlock):
         return self.relu(out + self.shortcut(x))
 
 
-class SEResNet(nn.Module):
+class SEResNet(ClassifierMixin, nn.Module):
     """CIFAR SE-ResNet with ``blocks`` blocks per stage; ``share_stages[s]`` ties stage ``s``'s 3x3 convs.
 
     Shared kernels live in ``self.kernels`` (a ModuleDict keyed by stage index), so each is saved
@@ -110,6 +111,7 @@ class SEResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -123,8 +125,8 @@ class SEResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
 def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Module:

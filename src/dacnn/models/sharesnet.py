@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
 from dacnn.registry import ModelInfo, register_model
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
@@ -86,7 +87,7 @@ class PreActBasic(_PreActUnit):
         return self.conv2(self.act1(self.conv1(a)))
 
 
-class _CifarPreActNet(nn.Module):
+class _CifarPreActNet(ClassifierMixin, nn.Module):
     """Stem 3x3 -> three stages of units -> BN-ReLU -> global pool -> linear."""
 
     def __init__(
@@ -119,11 +120,11 @@ class _CifarPreActNet(nn.Module):
         self.final = _bn_relu(cin)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.final(self.stages(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final(self.stages(self.stem(x)))
 
 
 class PreActResNet(_CifarPreActNet):
