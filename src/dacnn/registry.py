@@ -33,7 +33,8 @@ class ModelInfo:
 
     ``first_conv`` / ``classifier`` are qualified module names (timm's ``first_conv``/``classifier``
     cfg keys); ``mean``/``std`` the input normalisation the model expects (``None``: the training
-    dataset's own statistics; LruNet's reference feeds pixels / 255, i.e. mean 0, std 1); ``model_kwargs`` the keyword arguments it was built with.
+    dataset's own statistics; LruNet's reference feeds pixels / 255, i.e. mean 0, std 1);
+    ``model_kwargs`` the keyword arguments it was built with.
     """
 
     name: str

@@ -414,6 +414,7 @@ for _name, _fn in (("lrunet_1x", lrunet_1x), ("lrunet_2x", lrunet_2x)):
 
 # The six checkpoints the authors released (../shared/reference/weights/lrunet/MANIFEST.json):
 # (model, dataset, layer_reuse, file, sha256, reported test accuracy %).
+_CIFAR_NOTE = "published on the original test set; ../shared/data's CIFAR is JPEG re-encoded (4-5 pts lower)"
 _RELEASE = "okankop/CNN-layer-reuse@1dd8d42bf58442c9530dd660fabe054d434008ed, folder pretrained/"
 _RELEASED = (
     ("lrunet_1x", "cifar10", 1, "cifar10-lru1-ckpt-08391.t7",
@@ -438,6 +439,5 @@ for _model, _dataset, _reuse, _file, _sha, _acc in _RELEASED:
         model_kwargs={"layer_reuse": _reuse, "in_chans": 1 if _dataset == "fashion_mnist" else 3,
                       "num_classes": 100 if _dataset == "cifar100" else 10},
         normalize=False, pad_to=None, filter_fn=checkpoint_filter_fn,
-        notes="" if _dataset == "fashion_mnist" else
-        "published on the original CIFAR test set; ../shared/data's CIFAR is JPEG re-encoded (4-5 points lower)",
+        notes="" if _dataset == "fashion_mnist" else _CIFAR_NOTE,
     ))
