@@ -191,8 +191,11 @@ def test_metadata_rebuilds_model_and_keeps_meta(tmp_path):
 
 def test_bad_inputs_raise_named_errors(tmp_path):
     model = dacnn.create_model("dacnn14", width=8)
-    with pytest.raises(ConfigError, match="model_kwargs"):  # width 8 cannot be guessed from the model
-        export_safetensors(model, tmp_path / "m.safetensors")
+    export_safetensors(model, tmp_path / "m.safetensors")  # create_model recorded width=8 (model.info)
+    stale = dacnn.create_model("dacnn14", width=8)
+    stale.reset_classifier(7)
+    with pytest.raises(ConfigError, match="model_kwargs"):  # the recorded kwargs no longer rebuild it
+        export_safetensors(stale, tmp_path / "m.safetensors")
     export_safetensors(dacnn.create_model("dacnn14", num_classes=10), tmp_path / "m.safetensors")  # guessed
     with pytest.raises(ConfigError, match="bf8"):
         export_safetensors(model, tmp_path / "m.safetensors", "bf8")

@@ -102,7 +102,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--format onnx writes float32 graphs; got --dtype {args.dtype}")
     model, meta = load_source(args.source)
     out = Path(args.output) if args.output else _default_output(args.source, args.format, args.dtype)
-    keep = {k: meta[k] for k in ("dataset", "normalize", "pad_to", "source") if meta.get(k) is not None}
+    keep = {k: meta[k] for k in ("dataset", "normalize", "pad_to", "source") if k in meta}
     counts = count_params(model)
     if args.format == "safetensors":
         from dacnn.export.compact import export_safetensors, load_exported

@@ -75,8 +75,15 @@ def register(subparsers: Any) -> None:
     e = subparsers.add_parser("eval", help="evaluate a checkpoint on a dataset split",
                               description="Accuracy of a run's selected model or of a .safetensors file "
                                           "(with its JSON sidecar) on a dataset split.")
-    e.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
-                   help="run directory, .safetensors file (+ .json sidecar) or .state.pt file")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="RUN_OR_FILE",
+                      help="run directory, .safetensors file (training, imported or `dacnn export` output "
+                           "of any dtype), .state.pt or released .t7 file")
+    what.add_argument("--model", metavar="MODEL.TAG",
+                      help="pretrained weights by name, with --pretrained (see `dacnn models --pretrained`)")
+    e.add_argument("--pretrained", action="store_true", help="load --model's released weights")
+    e.add_argument("--weights-dir", help="where pretrained files are looked for first (then $DACNN_WEIGHTS, "
+                                         "~/.cache/dacnn/weights, ../shared/reference/weights)")
     e.add_argument("--dataset", help="dataset (default: the one the checkpoint names)")
     e.add_argument("--data-dir", help="data root (default: $DACNN_DATA)")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -130,10 +137,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from dacnn.analysis.evaluate import evaluate_checkpoint
+    from dacnn.registry import list_pretrained
 
-    result, meta = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                                       split=args.split, batch_size=args.batch_size, device=args.device,
-                                       which=args.which)
+    if args.model is not None and not args.pretrained:
+        raise ConfigError(f"--model {args.model} evaluates released weights: add --pretrained")
+    if args.model is not None and args.model not in list_pretrained():
+        raise ConfigError(f"--model {args.model}: no such pretrained name; choose one of "
+                          f"{', '.join(list_pretrained())}")
+    result, meta = evaluate_checkpoint(args.checkpoint or args.model, dataset=args.dataset,
+                                       data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+                                       device=args.device, which=args.which, weights_dir=args.weights_dir)
     params = meta["unique_params"]
     if args.json:
         print(json.dumps({"weights": meta["weights"], "model": meta["model"], "dataset": meta["dataset"],
