@@ -15,14 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from dacnn.checkpoint import atomic_write
+from dacnn.models.dacnn import ConvBNReLU
+from dacnn.shared_kernel import AnchoredConv2d
+
 __all__ = ["visualised_layers", "activation_maximisation", "save_filters", "load_filters"]
 
 
 def visualised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers whose outputs are visualised: each conv + BN + ReLU block of a plain DACNN, else
     every convolution (free or anchored) in definition order."""
-    from dacnn.models.dacnn import ConvBNReLU
-    from dacnn.shared_kernel import AnchoredConv2d
 
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ConvBNReLU)]
     if blocks:
@@ -86,7 +88,6 @@ def save_filters(path: Any, images: np.ndarray, layers: list[str]) -> None:
     """Write the images and layer names to an ``.npz`` file (atomically)."""
     from pathlib import Path
 
-    from dacnn.checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

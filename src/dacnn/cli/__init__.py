@@ -10,6 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dacnn import __version__
 from dacnn.errors import DacnnError
 
 # Modules (in dacnn.cli) that add subcommands; a module not written yet is skipped.
@@ -34,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from dacnn import __version__
 
     return __version__
 

@@ -8,14 +8,19 @@ from typing import Any
 
 import torch
 
+from dacnn.counting import count_params
+from dacnn.data import DATASETS
 from dacnn.errors import ConfigError
+from dacnn.export.compact import DTYPES, export_safetensors, load_exported
+from dacnn.export.inspect import format_report, inspect_file
+from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
+from dacnn.export.prune import SCOPES, prune_run
+from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dacnn.export.compact import DTYPES
-    from dacnn.export.prune import SCOPES
 
     p = subparsers.add_parser(
         "export",
@@ -80,7 +85,6 @@ def _input_size(model: torch.nn.Module, meta: dict[str, Any]) -> tuple[int, int,
     if meta.get("pad_to"):
         height = int(meta["pad_to"])
     elif meta.get("dataset"):
-        from dacnn.data import DATASETS
 
         if meta["dataset"] in DATASETS:
             height = DATASETS[meta["dataset"]].image_size[0]
@@ -95,8 +99,6 @@ def _accuracy_line(label: str, before: float, after: float, n: int, dataset: str
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dacnn.counting import count_params
-    from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
     if args.format == "onnx" and args.dtype != "fp32":
         raise ConfigError(f"--format onnx writes float32 graphs; got --dtype {args.dtype}")
@@ -105,7 +107,6 @@ def run_export(args: argparse.Namespace) -> int:
     keep = {k: meta[k] for k in ("dataset", "normalize", "pad_to", "source") if k in meta}
     counts = count_params(model)
     if args.format == "safetensors":
-        from dacnn.export.compact import export_safetensors, load_exported
 
         info = export_safetensors(
             model,
@@ -126,7 +127,6 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"size ratio file / ((params + buffers) x {per} bytes) = {info.size_ratio:.4f}")
         exported, _ = load_exported(out)
     else:
-        from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
 
         size = _input_size(model, meta)
         report = export_onnx(model, out, input_size=size)
@@ -152,14 +152,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from dacnn.export.inspect import format_report, inspect_file
 
     print(format_report(inspect_file(args.file)))
     return 0
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from dacnn.export.prune import prune_run
 
     r = prune_run(
         args.source,

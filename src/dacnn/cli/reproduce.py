@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.errors import ConfigError
+from dacnn.experiments.estimate import estimate_row
+from dacnn.experiments.report import build_report
+from dacnn.experiments.runner import RunOptions, plan, reproduce, row_status
+from dacnn.experiments.spec import SCALES, SPEC_DIR, get_spec, spec_names
+from dacnn.experiments.store import ResultsStore
+from dacnn.train.config import config_from_dict
+from dacnn.train.runlog import format_duration
 
 EPILOG = """examples:
   dacnn reproduce --list                          # every spec and how many rows are done per scale
@@ -25,7 +32,6 @@ EPILOG = """examples:
 
 
 def register(subparsers: Any) -> None:
-    from dacnn.experiments.spec import SCALES
 
     p = subparsers.add_parser(
         "reproduce", help="run a paper's table or figure (paper|cpu|smoke scale), skipping finished rows",
@@ -63,13 +69,11 @@ def register(subparsers: Any) -> None:
 
 
 def _spec_dir(args: argparse.Namespace) -> Path:
-    from dacnn.experiments.spec import SPEC_DIR
 
     return args.spec_dir or SPEC_DIR
 
 
 def _names(args: argparse.Namespace) -> list[str]:
-    from dacnn.experiments.spec import get_spec, spec_names
 
     names = args.experiments or []
     if names == ["all"] or (not names and args.list):
@@ -80,7 +84,6 @@ def _names(args: argparse.Namespace) -> list[str]:
 
 
 def _options(args: argparse.Namespace, scale: str) -> Any:
-    from dacnn.experiments.runner import RunOptions
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     return RunOptions(scale=scale, results=Path(args.results), runs_dir=Path(args.runs_dir),
@@ -89,9 +92,6 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
 
 
 def _list(args: argparse.Namespace, names: list[str]) -> int:
-    from dacnn.experiments.runner import plan, row_status
-    from dacnn.experiments.spec import SCALES, get_spec
-    from dacnn.experiments.store import ResultsStore
 
     store = ResultsStore(Path(args.results))
     scales = [args.scale] if args.scale else list(SCALES)
@@ -117,12 +117,6 @@ def _list(args: argparse.Namespace, names: list[str]) -> int:
 
 
 def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
-    from dacnn.experiments.estimate import estimate_row
-    from dacnn.experiments.runner import plan, row_status
-    from dacnn.experiments.spec import get_spec
-    from dacnn.experiments.store import ResultsStore
-    from dacnn.train.config import config_from_dict
-    from dacnn.train.runlog import format_duration
 
     store = ResultsStore(Path(args.results))
     grand = 0.0
@@ -152,7 +146,6 @@ def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from dacnn.experiments.runner import reproduce
 
     names = _names(args)
     if args.list:
@@ -173,8 +166,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dacnn.experiments.report import build_report
-    from dacnn.experiments.spec import SCALES
 
     scales = [s.strip() for s in args.scales.split(",") if s.strip()]
     bad = [s for s in scales if s not in SCALES]

@@ -16,7 +16,21 @@ from typing import Any
 
 import yaml
 
+from dacnn import checkpoint as ckpt
+from dacnn.analysis.evaluate import evaluate_checkpoint
 from dacnn.errors import ConfigError
+from dacnn.registry import list_pretrained
+from dacnn.train.config import (
+    FIELD_NAMES,
+    TrainConfig,
+    config_from_dict,
+    dump_yaml,
+    field_types,
+    resolve_config,
+    unwrap_optional,
+)
+from dacnn.train.loop import find_run_dir, train
+from dacnn.train.recipes import list_recipes
 
 EPILOG = """examples:
   dacnn train --recipe demo                              # ~3 min on 2 CPU cores, Fashion-MNIST
@@ -35,7 +49,6 @@ def _parse_kwarg(text: str) -> tuple[str, Any]:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from dacnn.train.config import TrainConfig, field_types, unwrap_optional
 
     types_ = field_types()
     group = parser.add_argument_group("configuration (override the recipe and the YAML file)")
@@ -95,7 +108,6 @@ def register(subparsers: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from dacnn.train.config import FIELD_NAMES
 
     values = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
     if "model_kwargs" in values:
@@ -104,10 +116,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dacnn import checkpoint as ckpt
-    from dacnn.train.config import config_from_dict, dump_yaml, resolve_config
-    from dacnn.train.loop import find_run_dir, train
-    from dacnn.train.recipes import list_recipes
 
     if args.list_recipes:
         for recipe in list_recipes():
@@ -136,8 +144,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dacnn.analysis.evaluate import evaluate_checkpoint
-    from dacnn.registry import list_pretrained
 
     if args.model is not None and not args.pretrained:
         raise ConfigError(f"--model {args.model} evaluates released weights: add --pretrained")

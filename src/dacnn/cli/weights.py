@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from dacnn.counting import count_params
+from dacnn.export.import_weights import import_lrunet, save_imported
 
 __all__ = ["register", "run"]
 
@@ -35,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dacnn.export.import_weights import import_lrunet, save_imported
 
     model, meta = import_lrunet(args.file, verify=not args.no_verify)
     out = args.output or Path(Path(args.file).stem + ".safetensors")

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dacnn.analysis.activation_max import activation_maximisation, save_filters
+from dacnn.counting import count_flops, count_params
+from dacnn.data import load_dataset
 from dacnn.errors import ConfigError
 from dacnn.experiments.store import (
     MACHINE_KEYS,
@@ -25,12 +28,16 @@ from dacnn.experiments.store import (
     git_commit,
     now_utc,
 )
+from dacnn.export.prune import prune_run
+from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.train import TrainingDiverged, train
+from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs, resolve_device
+from dacnn.train.config import config_from_dict
 
 __all__ = ["run_training_row", "run_prune_row", "base_record"]
 
 
 def _machine_config(p: Any, opts: Any) -> Any:
-    from dacnn.train.config import config_from_dict
 
     assert p.run_dir is not None
     settings = {**p.train, "out_dir": str(p.run_dir.parent), "run_name": p.run_dir.name}
@@ -60,7 +67,6 @@ def _result_from_dir(run_dir: Path) -> dict[str, Any]:
 
 def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
     """Train (or resume, or read back) the row's run; returns the TrainResult as a dict."""
-    from dacnn.train import train
 
     run_dir = p.run_dir
     assert run_dir is not None
@@ -77,8 +83,6 @@ def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
 
 def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
     """What a run that stopped on nan/inf leaves: its epochs so far and its best checkpoint, if any."""
-    from dacnn.counting import count_params
-    from dacnn.train.builders import build_model, dataset_info, model_kwargs
 
     assert p.run_dir is not None
     history = []
@@ -100,8 +104,6 @@ def _model_figures(cfg: Any) -> dict[str, Any]:
     """FLOPs, per-use parameters (every call counted) and input size of the row's model."""
     import torch
 
-    from dacnn.counting import count_flops, count_params
-    from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs
 
     info = dataset_info(cfg.dataset)
     kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
@@ -115,7 +117,6 @@ def _model_figures(cfg: Any) -> dict[str, Any]:
 
 
 def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
-    from dacnn.data import load_dataset
 
     n_train = len(load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir))
     train = n_train - cfg.val_size
@@ -126,7 +127,6 @@ def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
 
 
 def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> float:
-    from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
     model, meta = load_source(run_dir)
     return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n))
@@ -155,8 +155,6 @@ def base_record(p: Any) -> dict[str, Any]:
 
 
 def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
-    from dacnn.train import TrainingDiverged
-    from dacnn.train.builders import resolve_device
 
     cfg = _machine_config(p, opts)
     start = time.perf_counter()
@@ -197,8 +195,6 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
 
 def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
                  store: ResultsStore) -> dict[str, Any]:
-    from dacnn.analysis.activation_max import activation_maximisation, save_filters
-    from dacnn.export.resolve import load_source
 
     assert p.run_dir is not None
     model, _ = load_source(p.run_dir)
@@ -212,7 +208,6 @@ def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
 
 
 def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
-    from dacnn.export.prune import prune_run
 
     src_dir = Path(source["run_dir"])
     if not (src_dir / "checkpoints").is_dir():

@@ -24,6 +24,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from dacnn import __version__
+from dacnn.data import find_source
+from dacnn.fileio import sha256_file
+
 __all__ = [
     "ResultsStore",
     "RECORD_FIELDS",
@@ -75,7 +79,6 @@ def config_hash(train: dict[str, Any], runner: dict[str, Any]) -> str:
 
 def code_version() -> str:
     """The package version: records made by another version are not reused (bump it to re-run all)."""
-    from dacnn import __version__
 
     return __version__
 
@@ -114,8 +117,6 @@ def device_description(device: str) -> str:
 def dataset_checksum(name: str, data_dir: str | None = None) -> str | None:
     """16 hex digits over the train and test files of a dataset: the manifest's sha256 of each shard
     where there is one, else a sha256 of the file. ``None`` if the files are not found."""
-    from dacnn.data import find_source
-    from dacnn.fileio import sha256_file
 
     digest = hashlib.sha256()
     found = False

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dacnn.checkpoint import read_sidecar
 from dacnn.counting import count_params, parameter_uses
 from dacnn.errors import CheckpointError
 from dacnn.export.compact import FORMAT, SCALE_SUFFIX, SCALES, VECTORS, parse_header
@@ -78,7 +79,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _checkpoint_description(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Model name, kwargs and other fields of a training weights file's sidecar, if it has one."""
-    from dacnn.checkpoint import read_sidecar
 
     try:
         side = read_sidecar(path)

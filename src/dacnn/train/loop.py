@@ -49,6 +49,7 @@ from dacnn.train.distributed import (
     shard_batch,
     wrap_ddp,
 )
+from dacnn.train.ema import ModelEMA
 from dacnn.train.engine import StepRunner, evaluate
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
 
@@ -197,7 +198,6 @@ class _Run:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
         self.ema = None
         if cfg.ema is not None:
-            from dacnn.train.ema import ModelEMA
 
             self.ema = ModelEMA(self.model, decay=cfg.ema)
         self.optimizer = build_optimizer(self.model, cfg)
