@@ -27,7 +27,8 @@ from dacnn.analysis.paper_figures import (
 )
 from dacnn.counting import count_flops, count_params
 from dacnn.errors import ConfigError
-from dacnn.registry import create_model, list_models
+from dacnn.hub import weights_dirs
+from dacnn.registry import create_model, list_models, list_pretrained, pretrained_cfg
 
 __all__ = ["register", "model_rows", "run"]
 
@@ -45,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pattern", default="*", metavar="P", help="fnmatch pattern, e.g. 'dacnn*'")
     parser.add_argument("--paper", action="store_true",
                         help=f"compare with every parameter figure of the DACNN paper ({PAPER})")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="list pretrained weights by name (<model>.<tag>), dataset, published accuracy")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="machine-readable output")
     out.add_argument("--markdown", action="store_true", help="markdown tables (docs/parameters.md)")
@@ -221,8 +224,34 @@ def _render_text(rows: list[dict[str, Any]], comparisons: list[Comparison] | Non
     return "\n".join(out) + "\n"
 
 
+def pretrained_rows(pattern: str = "*") -> list[dict[str, Any]]:
+    """One row per pretrained name matching ``pattern`` (the table of :func:`dacnn.list_pretrained`)."""
+    rows = []
+    for name in list_pretrained(pattern if "." in pattern else f"{pattern}.*"):
+        cfg = pretrained_cfg(name)
+        rows.append({"name": name, "dataset": cfg.dataset, "accuracy": cfg.accuracy, "file": cfg.file,
+                     "sha256": cfg.sha256, "source": cfg.source, "licence": cfg.licence,
+                     "model_kwargs": cfg.model_kwargs, "command": cfg.command, "notes": cfg.notes})
+    return rows
+
+
+def _run_pretrained(args: argparse.Namespace) -> int:
+    rows = pretrained_rows(args.pattern)
+    if args.json:
+        sys.stdout.write(json.dumps({"pretrained": rows}, indent=2) + "\n")
+        return 0
+    headers = ["name", "dataset", "published top-1 %", "file"]
+    body = [[r["name"], r["dataset"], f"{r['accuracy']:.2f}", r["file"]] for r in rows]
+    table = _markdown_table(headers, body) if args.markdown else _text_table(headers, body)
+    dirs = ", ".join(str(d) for d in weights_dirs())
+    sys.stdout.write(f"{table}\nweights are looked for in: {dirs} (--weights-dir, $DACNN_WEIGHTS)\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``dacnn models``."""
+    if args.pretrained:
+        return _run_pretrained(args)
     rows = model_rows(args.pattern, flops=not args.no_flops, paper=args.paper)
     comparisons = compare_figures() if args.paper else None
     if args.json:

@@ -53,8 +53,9 @@ def resolve_weights(source: Source, which: str = "best", out_dir: str | Path = "
         path = Path(out_dir) / path
     if not path.exists():
         raise CheckpointError(
-            f"{os.fspath(source)!r}: no such run directory, weights file or pretrained name (runs are also "
-            f"looked for under {out_dir}/; pretrained names: dacnn.list_pretrained())"
+            f"checkpoint {os.fspath(source)!r} does not exist (a run directory, .safetensors, .state.pt or "
+            f".t7 file, or a pretrained name from `dacnn models --pretrained`; runs are also looked for "
+            f"under {out_dir}/)"
         )
     if path.is_dir():
         order = [which] + [w for w in ("best", "last") if w != which]

@@ -12,6 +12,9 @@ Counts (CIFAR-10): 1,409,034 free, 107,274 shared (SPEC.md table in 1.1).
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,7 +23,7 @@ from dacnn.models.base import ClassifierMixin
 from dacnn.registry import ModelInfo, register_model
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
-__all__ = ["ConvMixer", "MixerLayer", "convmixer_256_16", "convmixer_256_16_shared"]
+__all__ = ["ConvMixer", "MixerLayer"]
 
 PAPER = "arXiv 2210.14151"
 
@@ -104,19 +107,23 @@ class ConvMixer(ClassifierMixin, nn.Module):
         return self.layers(self.patch_embed(x))
 
 
-def _info(name: str, twin: str | None) -> ModelInfo:
-    return ModelInfo(
-        name, "convmixer", num_classes=10, paper=PAPER, shared_twin=twin,
+# name -> builder kwargs (SPEC 1.1: ConvMixer-256/16, kernel 9, patch 1) and free-weight twin.
+_CFGS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "convmixer_256_16": ({"width": 256, "depth": 16, "kernel_size": 9, "patch_size": 1}, None),
+    "convmixer_256_16_shared": (
+        {"width": 256, "depth": 16, "kernel_size": 9, "patch_size": 1, "shared": True}, "convmixer_256_16"),
+}
+
+
+def _create_convmixer(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS`; keyword arguments override its config."""
+    return ConvMixer(**{**_CFGS[variant][0], **kwargs})
+
+
+for _name, (_cfg, _twin) in _CFGS.items():
+    register_model(ModelInfo(
+        _name, "convmixer", num_classes=10, paper=PAPER, shared_twin=_twin,
         table_row="SPEC 1.1: ConvMixer-256/16, kernel 9, patch 1",
-        notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
-    )
-
-
-@register_model(_info("convmixer_256_16", None))
-def convmixer_256_16(**kw: object) -> nn.Module:
-    return ConvMixer(256, 16, kernel_size=9, patch_size=1, shared=False, **kw)
-
-
-@register_model(_info("convmixer_256_16_shared", "convmixer_256_16"))
-def convmixer_256_16_shared(**kw: object) -> nn.Module:
-    return ConvMixer(256, 16, kernel_size=9, patch_size=1, shared=True, **kw)
+        notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)", first_conv="patch_embed.0",
+        classifier="head",
+    ))(partial(_create_convmixer, _name))

@@ -27,6 +27,8 @@ the network the paper trains. See :data:`dacnn.paper.READING_NOTES`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -314,64 +316,36 @@ def dacnn(
     )
 
 
-def _info(name: str, row: str, twin: str | None = None, **extra: object) -> ModelInfo:
-    return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin, extra=dict(extra))
+# name -> (paper row, builder kwargs, free-weight twin): one per row of the paper's Table 6.
+_CFGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "dacnn14": ("Table 6: DACNN-14 (plain)", {"depth": 14}, None),
+    "dacnn18": ("Table 6: DACNN-18 (plain)", {"depth": 18}, None),
+    "dacnn34": ("Table 6: DACNN-34 (plain)", {"depth": 34}, None),
+    "dacnn18_reg": ("Table 6: DACNN-18 (REG)", {"depth": 18, "regulators": "all"}, None),
+    "dacnn24_reg": ("Table 6: DACNN-24 (REG)", {"depth": 24, "regulators": "all"}, None),
+    "dacnn34_reg": ("Table 6: DACNN-34 (REG)", {"depth": 34, "regulators": "all"}, None),
+    "dacnn14_mix": ("Table 6: DACNN-14 (MIX)", {"mixed": True, "depth": 14, "template": "vgg"}, "vgg16_1fc"),
+    "dacnn18_mix": ("Table 6: DACNN-18 (MIX)", {"mixed": True, "depth": 18}, "resnet18"),
+    "dacnn34_mix": ("Table 6: DACNN-34 (MIX)", {"mixed": True, "depth": 34}, "resnet34"),
+    "dacnn18_mix_reg": ("Table 6: DACNN-18 (MIX, REG)", {"mixed": True, "depth": 18, "regulators": "all"},
+                        None),
+    "dacnn34_mix_reg": ("Table 6: DACNN-34 (MIX, REG)", {"mixed": True, "depth": 34, "regulators": "all"},
+                        None),
+}
 
 
-# ---- registered variants: one per row of the paper's Table 6 (plus the generic builder) ----
-register_model(_info("dacnn", "Table 2 (any depth/width)"))(dacnn)
+def _create_dacnn(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS`; keyword arguments override its config."""
+    cfg = {**_CFGS[variant][1], **kwargs}
+    return MixedDACNN(**cfg) if cfg.pop("mixed", False) else dacnn(**cfg)
 
 
-@register_model(_info("dacnn14", "Table 6: DACNN-14 (plain)"))
-def dacnn14(**kw: object) -> nn.Module:
-    return dacnn(14, **kw)
+def _info(name: str, row: str, cfg: dict[str, Any], twin: str | None = None) -> ModelInfo:
+    plain = cfg.get("mixed") or cfg.get("depth", 14) <= 17  # a plain stack: no stem module
+    return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin,
+                     first_conv="features.0.0" if plain else "stem.0", classifier="head.fc")
 
 
-@register_model(_info("dacnn18", "Table 6: DACNN-18 (plain)"))
-def dacnn18(**kw: object) -> nn.Module:
-    return dacnn(18, **kw)
-
-
-@register_model(_info("dacnn34", "Table 6: DACNN-34 (plain)"))
-def dacnn34(**kw: object) -> nn.Module:
-    return dacnn(34, **kw)
-
-
-@register_model(_info("dacnn18_reg", "Table 6: DACNN-18 (REG)"))
-def dacnn18_reg(**kw: object) -> nn.Module:
-    return dacnn(18, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn24_reg", "Table 6: DACNN-24 (REG)"))
-def dacnn24_reg(**kw: object) -> nn.Module:
-    return dacnn(24, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn34_reg", "Table 6: DACNN-34 (REG)"))
-def dacnn34_reg(**kw: object) -> nn.Module:
-    return dacnn(34, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn14_mix", "Table 6: DACNN-14 (MIX)", twin="vgg16_1fc"))
-def dacnn14_mix(**kw: object) -> nn.Module:
-    return MixedDACNN(14, template="vgg", **kw)
-
-
-@register_model(_info("dacnn18_mix", "Table 6: DACNN-18 (MIX)", twin="resnet18"))
-def dacnn18_mix(**kw: object) -> nn.Module:
-    return MixedDACNN(18, **kw)
-
-
-@register_model(_info("dacnn34_mix", "Table 6: DACNN-34 (MIX)", twin="resnet34"))
-def dacnn34_mix(**kw: object) -> nn.Module:
-    return MixedDACNN(34, **kw)
-
-
-@register_model(_info("dacnn18_mix_reg", "Table 6: DACNN-18 (MIX, REG)"))
-def dacnn18_mix_reg(**kw: object) -> nn.Module:
-    return MixedDACNN(18, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn34_mix_reg", "Table 6: DACNN-34 (MIX, REG)"))
-def dacnn34_mix_reg(**kw: object) -> nn.Module:
-    return MixedDACNN(34, regulators=kw.pop("regulators", "all"), **kw)
+register_model(_info("dacnn", "Table 2 (any depth/width)", {}))(dacnn)
+for _name, (_row, _cfg, _twin) in _CFGS.items():
+    register_model(_info(_name, _row, _cfg, _twin))(partial(_create_dacnn, _name))

@@ -7,6 +7,9 @@ global average pooling and one linear layer.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,7 +17,7 @@ from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
 from dacnn.registry import ModelInfo, register_model
 
-__all__ = ["BasicBlock", "ResNet", "resnet18", "resnet34"]
+__all__ = ["BasicBlock", "ResNet"]
 
 
 class BasicBlock(nn.Module):
@@ -77,15 +80,17 @@ class ResNet(ClassifierMixin, nn.Module):
         return self.stages(self.stem(x))
 
 
-def _info(name: str, row: str) -> ModelInfo:
-    return ModelInfo(name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=row)
+# name -> (blocks per stage, paper row)
+_CFGS = {"resnet18": ((2, 2, 2, 2), "Table 6: ResNet18"), "resnet34": ((3, 4, 6, 3), "Table 6: ResNet34")}
 
 
-@register_model(_info("resnet18", "Table 6: ResNet18"))
-def resnet18(**kw: object) -> nn.Module:
-    return ResNet((2, 2, 2, 2), **kw)
+def _create_resnet(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS` (``layers`` may be overridden)."""
+    return ResNet(kwargs.pop("layers", _CFGS[variant][0]), **kwargs)
 
 
-@register_model(_info("resnet34", "Table 6: ResNet34"))
-def resnet34(**kw: object) -> nn.Module:
-    return ResNet((3, 4, 6, 3), **kw)
+for _name, (_, _row) in _CFGS.items():
+    register_model(ModelInfo(
+        _name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=_row,
+        first_conv="stem.0", classifier="fc",
+    ))(partial(_create_resnet, _name))

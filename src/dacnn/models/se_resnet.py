@@ -13,6 +13,8 @@ projections, SE layers and all BatchNorms stay free. ``share_stages`` switches s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,23 +138,22 @@ def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Modu
     return SEResNet(blocks, share_stages=share_stages, **kw)  # type: ignore[arg-type]
 
 
-def _register(blocks: int) -> None:
-    for shared in (False, True):
-        name = f"se_resnet_d_{blocks}" + ("_shared" if shared else "")
-        info = ModelInfo(
-            name, "se_resnet", num_classes=10, paper=PAPER,
-            table_row=f"SPEC 1.3: se_resnet_d_{blocks}" + (" (all stages shared)" if shared else " (free)"),
-            shared_twin=f"se_resnet_d_{blocks}" if shared else None,
+_DEPTHS = (2, 3, 4, 6, 8, 10)  # blocks per stage of the registered variants (SPEC 1.3)
+
+
+def _create_se_resnet(blocks: int, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
+    """``se_resnet_d_<blocks>`` (``_shared``: every stage shares one kernel); ``blocks`` may be
+    overridden by keyword."""
+    return se_resnet(kwargs.pop("blocks", blocks), shared=shared, **kwargs)
+
+
+for _blocks in _DEPTHS:
+    for _shared in (False, True):
+        _name = f"se_resnet_d_{_blocks}" + ("_shared" if _shared else "")
+        register_model(ModelInfo(
+            _name, "se_resnet", num_classes=10, paper=PAPER,
+            table_row=f"SPEC 1.3: se_resnet_d_{_blocks}" + (" (all stages shared)" if _shared else " (free)"),
+            shared_twin=f"se_resnet_d_{_blocks}" if _shared else None,
             notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
-            extra={"blocks": blocks},
-        )
-
-        def build(_blocks: int = blocks, _shared: bool = shared, **kw: object) -> nn.Module:
-            return se_resnet(_blocks, shared=_shared, **kw)
-
-        build.__name__ = name
-        register_model(info)(build)
-
-
-for _n in (2, 3, 4, 6, 8, 10):
-    _register(_n)
+            extra={"blocks": _blocks}, first_conv="stem.0", classifier="fc",
+        ))(partial(_create_se_resnet, _blocks, shared=_shared))

@@ -18,6 +18,8 @@ WRN-28-10 (CIFAR-100) 36,536,884 -> 26,860,084 (ShaResNet README table).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,23 +160,26 @@ class WideResNet(_CifarPreActNet):
         )
 
 
-def _register(name: str, builder: Callable[..., nn.Module], classes: int, row: str) -> None:
-    for shared in (False, True):
-        full = name + ("_shared" if shared else "")
-        info = ModelInfo(
-            full, "sharesnet", num_classes=classes, paper=PAPER, table_row=row,
-            shared_twin=name if shared else None,
-            notes=f"default num_classes={classes} as in the ShaResNet README row",
-        )
-
-        def build(_shared: bool = shared, **kw: object) -> nn.Module:
-            kw.setdefault("num_classes", classes)
-            return builder(shared=_shared, **kw)
-
-        build.__name__ = full
-        register_model(info)(build)
+# name -> (class, its config, default num_classes, README row); each registered free and ``_shared``.
+_CFGS: dict[str, tuple[Callable[..., nn.Module], dict[str, int], int, str]] = {
+    "sharesnet164": (PreActResNet, {"depth": 164}, 10, "README: CIFAR-10 ResNet-164 (pre-act)"),
+    "wrn40_4": (WideResNet, {"depth": 40, "widen": 4}, 10, "README: CIFAR-10 WRN-40-4"),
+    "wrn28_10": (WideResNet, {"depth": 28, "widen": 10}, 100, "README: CIFAR-100 WRN-28-10"),
+}
 
 
-_register("sharesnet164", lambda **kw: PreActResNet(164, **kw), 10, "README: CIFAR-10 ResNet-164 (pre-act)")
-_register("wrn40_4", lambda **kw: WideResNet(40, 4, **kw), 10, "README: CIFAR-10 WRN-40-4")
-_register("wrn28_10", lambda **kw: WideResNet(28, 10, **kw), 100, "README: CIFAR-100 WRN-28-10")
+def _create_sharesnet(variant: str, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS`; keyword arguments override its config (e.g. ``depth``)."""
+    cls, cfg, classes, _ = _CFGS[variant]
+    return cls(**{**cfg, "num_classes": classes, **kwargs, "shared": shared})
+
+
+for _name, (_, _, _classes, _row) in _CFGS.items():
+    for _shared in (False, True):
+        _full = _name + ("_shared" if _shared else "")
+        register_model(ModelInfo(
+            _full, "sharesnet", num_classes=_classes, paper=PAPER, table_row=_row,
+            shared_twin=_name if _shared else None,
+            notes=f"default num_classes={_classes} as in the ShaResNet README row",
+            first_conv="stem", classifier="fc",
+        ))(partial(_create_sharesnet, _name, shared=_shared))

@@ -47,7 +47,7 @@ class VGG(ClassifierMixin, nn.Module):
 
 @register_model(
     ModelInfo("vgg16_1fc", "vgg", paper="arXiv 1409.1556 (baseline of arXiv 1904.09764)",
-              table_row="Table 6: VGG (1-fc)")
+              table_row="Table 6: VGG (1-fc)", first_conv="features.0", classifier="fc")
 )
 def vgg16_1fc(**kw: object) -> nn.Module:
     return VGG(CFG_D, **kw)
