@@ -25,7 +25,7 @@ from dacnn import count_params, untie
 from dacnn.models.convmixer import ConvMixer
 from dacnn.models.lrunet import LruNet
 from dacnn.models.se_resnet import SEResNet
-from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
 from dacnn.train.ema import ModelEMA
 from dacnn.train.optim import param_groups
 
@@ -101,7 +101,7 @@ def test_deepcopy_keeps_tying_to_the_copy() -> None:
     clone = copy.deepcopy(model)
     uses = [m for m in clone.modules() if isinstance(m, AnchoredConv2d)]
     assert all(u.kernel in (clone.depthwise_kernel, clone.pointwise_kernel) for u in uses)
-    assert clone.depthwise_kernel.uses == 16
+    assert anchored_uses(clone)[id(clone.depthwise_kernel)] == 16
 
 
 # ---- B.3 safetensors ----------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ class SharedKernel(nn.Module):
     """Owner of one convolution weight ``(out, in/groups, k, k)`` applied by many layers.
 
     Calling the module convolves with the kernel; :class:`AnchoredConv2d` does that for each use,
-    so forward hooks on a ``SharedKernel`` fire once per use.
+    so forward hooks on a ``SharedKernel`` fire once per use. The kernel keeps no count of its uses:
+    they are the ``AnchoredConv2d`` in the module tree (:func:`anchored_uses`), the one source that
+    counting, export and :func:`dacnn.untie` read.
     """
 
     def __init__(
@@ -58,7 +60,6 @@ class SharedKernel(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
         self.groups = groups
-        self.uses = 0  # number of AnchoredConv2d layers built on this kernel
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
         )
@@ -92,7 +93,7 @@ class SharedKernel(nn.Module):
         k = "x".join(map(str, self.kernel_size))
         return (
             f"{self.in_channels}, {self.out_channels}, kernel={k}, groups={self.groups}, "
-            f"bias={self.bias is not None}, uses={self.uses}"
+            f"bias={self.bias is not None}"
         )
 
 
@@ -115,7 +116,6 @@ class AnchoredConv2d(nn.Module):
         if not isinstance(kernel, SharedKernel):
             raise TypeError(f"AnchoredConv2d needs a SharedKernel, got {type(kernel).__name__}")
         object.__setattr__(self, "kernel", kernel)
-        kernel.uses += 1
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
         if padding is None:  # "same" for odd kernels

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
-from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
 
 __all__ = ["share_kernels", "untie", "ShareReport", "KernelGroup", "KernelSequential"]
 
@@ -296,11 +296,11 @@ def untie(model: nn.Module) -> list[str]:
         for ref_name, parent, attr in refs[id(module)]:
             setattr(parent, attr, conv)
             names.append(ref_name)
-        k.uses -= 1
         touched[id(k)] = k
+    still_used = anchored_uses(model)  # from the module tree, after the replacements
     for _, parent, attr in [r for rs in _references(model).values() for r in rs]:
         child = parent._modules.get(attr)
-        if isinstance(child, SharedKernel) and id(child) in touched and child.uses <= 0:
+        if isinstance(child, SharedKernel) and id(child) in touched and id(child) not in still_used:
             del parent._modules[attr]
     for _, parent, attr in [r for rs in _references(model).values() for r in rs]:
         child = parent._modules.get(attr)
