@@ -1,7 +1,7 @@
 """Tied weights stay tied everywhere: one test per pitfall of ``../shared/reference/PITFALLS.md`` (B, C).
 
-Design under test: a shared tensor is owned by one :class:`~dacnn.sharing.SharedKernel`; its uses
-(:class:`~dacnn.sharing.AnchoredConv2d`) point at the owning *module*, so whatever tensor the owner
+Design under test: a shared tensor is owned by one :class:`~dacnn.shared_kernel.SharedKernel`; its uses
+(:class:`~dacnn.shared_kernel.AnchoredConv2d`) point at the owning *module*, so whatever tensor the owner
 holds is what every use applies, whichever way it got there (copy, assign, to_empty, deepcopy).
 """
 

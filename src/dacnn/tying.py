@@ -18,8 +18,8 @@ has never seen:
   ``include="*.conv2", exclude="stages.*.0.*"``; its ImageNet rule on torchvision names is
   ``include="*.conv2", stride_policy="unstrided"``.
 
-Each group of two or more convs becomes one :class:`~dacnn.sharing.SharedKernel` initialised from the
-group's first conv (module order) and applied by an :class:`~dacnn.sharing.AnchoredConv2d` per use.
+Each group of two or more convs becomes one :class:`~dacnn.shared_kernel.SharedKernel` initialised from the
+group's first conv (module order) and applied by an :class:`~dacnn.shared_kernel.AnchoredConv2d` per use.
 The kernel is registered once, in a ``shared_kernels`` ModuleDict of the lowest common ancestor of the
 group that is not a container (for a bare ``nn.Sequential`` root the root's class is switched to
 :class:`KernelSequential`, which skips that dict in ``forward``). Norm layers are never touched, so

@@ -3,7 +3,7 @@
 ``dacnn models [--pattern P] [--paper] [--json | --markdown] [--no-flops]`` lists, per model, unique
 parameters, per-use parameters (the free-weight twin's size), the compression ratio and forward
 GFLOPs of one image at the model's input size. ``--paper`` adds the DACNN paper's figure beside each
-model and a table of every parameter figure of its Tables 2-6 (:mod:`dacnn.paper`).
+model and a table of every parameter figure of its Tables 2-6 (:mod:`dacnn.analysis.paper_figures`).
 ``docs/parameters.md`` is ``dacnn models --paper --markdown``.
 """
 

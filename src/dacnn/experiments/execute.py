@@ -4,7 +4,7 @@ A ``train`` row trains (or resumes, or reads back a finished run directory), eva
 model on the test split (or its seeded subset), counts FLOPs and per-use parameters of the model,
 and writes it all into one record. A run that diverges (nan/inf loss) is a result too: its best
 checkpoint before the divergence is tested and the record says so. ``filters`` rows add Figure 7's
-activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.prune`).
+activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.export.prune`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What the file holds (format ``dacnn-compact/1``):
 
 * each conv/linear weight (2-D or more) under its ``state_dict`` name, once: a shared kernel is one
-  tensor owned by its :class:`~dacnn.sharing.SharedKernel`, and aliases (a module registered under
+  tensor owned by its :class:`~dacnn.shared_kernel.SharedKernel`, and aliases (a module registered under
   two parents) are recorded in the metadata instead of stored again;
 * every 1-D tensor (BatchNorm weight/bias/running statistics, biases) concatenated into
   one ``__vectors__`` tensor, with its index (names and shapes; JSON, zlib-compressed, base64) in

@@ -2,7 +2,7 @@
 
 Reads safetensors files (compact exports and training checkpoints) and ONNX graphs. When the model
 is recorded (export metadata, or the checkpoint's sidecar read by
-:func:`dacnn.train.checkpoint.read_sidecar`) it is rebuilt with
+:func:`dacnn.checkpoint.read_sidecar`) it is rebuilt with
 :func:`dacnn.create_model` and :func:`dacnn.counting.parameter_uses` says how often each tensor is
 applied; otherwise the uses recorded at export time are shown.
 """

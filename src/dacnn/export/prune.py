@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dacnn import checkpoint as ckpt
+from dacnn.counting import parameter_uses
 from dacnn.errors import ConfigError
 from dacnn.export.resolve import load_source, test_accuracy, test_loader
 from dacnn.train.config import config_from_dict, dump_yaml, load_yaml
@@ -110,8 +111,10 @@ def keep_masks(
 
 
 def count_nonzero(model: nn.Module, prunable_only: bool = False) -> tuple[int, int]:
-    """``(non-zero, total)`` over unique trainable parameters (or only the prunable weights)."""
-    params = (p for _, p in prunable_weights(model)) if prunable_only else model.parameters()
+    """``(non-zero, total)`` over the unique parameters of :func:`dacnn.count_params` (or only the
+    prunable weights)."""
+    params = (p for _, p in prunable_weights(model)) if prunable_only else (
+        p for _, p, _ in parameter_uses(model).values())
     nonzero = total = 0
     for p in params:
         nonzero += int(torch.count_nonzero(p.detach()))

@@ -5,7 +5,7 @@ depthwise ``k x k`` conv with a residual connection followed by a pointwise 1x1 
 followed by GELU and then BatchNorm (activation before normalisation), and a global-pool + linear head.
 
 Kernel sharing (paper section 3, "isomorphic layers"): with ``shared=True`` all ``d`` depthwise
-convs apply one :class:`~dacnn.sharing.SharedKernel` (weight *and* bias, ``groups=h``) and all ``d``
+convs apply one :class:`~dacnn.shared_kernel.SharedKernel` (weight *and* bias, ``groups=h``) and all ``d``
 pointwise convs another; each layer keeps its own two BatchNorms. Patch embedding and head are free.
 Counts (CIFAR-10): 1,409,034 free, 107,274 shared (SPEC.md table in 1.1).
 """

@@ -12,16 +12,17 @@
 
 ``depth`` counts weight layers as the paper does: convolutions plus the one linear classifier
 (DACNN-14 = 13 convolutions + FC). Where the official release code differs (conv->ReLU->BN order,
-conv biases, unused regulators, channel rotation; see ``../shared/reference/SPEC.md`` section 3)
-this file follows the paper; ``docs/parameters.md`` says how that compares with the paper's counts.
+conv biases, unused regulators, channel rotation, the release ResNets' fourth max-pool after the
+last group, ``Mix_Net``'s bare first conv of ``block_512_2``; see ``../shared/reference/SPEC.md``
+section 3) this file follows the paper; ``docs/parameters.md`` says how that compares with the paper's counts.
 
-Parameter accounting (:mod:`dacnn.paper`): of the 44 parameter figures printed in Tables 2-6 this
-reading matches 6 to the printed precision (Table 2 at 3 layers, Table 4's four single sections,
-Table 6's DACNN-34). The tables disagree with each other (Table 2 vs 6 on DACNN-18, Tables 4/5/6 on
+Parameter accounting (:mod:`dacnn.analysis.paper_figures`): of the 44 parameter figures printed in
+Tables 2-6 this reading matches 6 to the printed precision (Table 2 at 3 layers, Table 4's four single
+sections, Table 6's DACNN-34). The tables disagree with each other (Table 2 vs 6 on DACNN-18, Tables 4/5/6 on
 the regulators' size), and the other readings tried (depth = kernel uses, conv biases, 10 classes,
 the release code's 3,4,6,3 layout, regulators without BN) match at most 7; only counting
 conventions that drop BatchNorm's shift (11) or all of BatchNorm (16) match more, and they are not
-the network the paper trains. See :data:`dacnn.paper.READING_NOTES`.
+the network the paper trains. See :data:`dacnn.analysis.paper_figures.READING_NOTES`.
 """
 
 from __future__ import annotations

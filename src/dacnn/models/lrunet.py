@@ -7,7 +7,7 @@ the logits**, 2x2 average pooling).
 
 A block (paper Fig. 2) owns two kernels, a depthwise 3x3 conv with channel multiplier 2 (``q -> 2q``,
 groups ``q``) and a grouped pointwise conv (``2q -> q``, groups 8), each a
-:class:`~dacnn.sharing.SharedKernel` applied ``N`` times ("layer reuse"). Iteration ``i``:
+:class:`~dacnn.shared_kernel.SharedKernel` applied ``N`` times ("layer reuse"). Iteration ``i``:
 ``y = relu(BN_pw_i(pw(BN_dw_i(dw(x)))) + x)``, followed (except after the last) by the channel
 shuffle of the reference code: swap the two halves, then the 2-group shuffle. Every iteration has
 its own two BatchNorms; no activation between ``dw`` and ``pw``.
@@ -180,11 +180,11 @@ class LruBlock(nn.Module):
     :class:`_ShuffleDuplicate`, in eval mode BatchNorm folded into per-iteration kernel copies).
     """
 
-    def __init__(self, planes: int, layer_reuse: int) -> None:
+    def __init__(self, planes: int, layer_reuse: int, fast: bool = True) -> None:
         super().__init__()
         if planes % PW_GROUPS:
             raise ConfigError(f"LruBlock: planes={planes} must be divisible by {PW_GROUPS}")
-        self.planes, self.layer_reuse, self.fast = planes, layer_reuse, True
+        self.planes, self.layer_reuse, self.fast = planes, layer_reuse, fast
         self.dw = SharedKernel(planes, 2 * planes, 3, groups=planes)
         self.pw = SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS)
         self.dw_uses = nn.ModuleList(AnchoredConv2d(self.dw, padding=1) for _ in range(layer_reuse))
@@ -238,6 +238,9 @@ class LruBlock(nn.Module):
 class LruNet(ClassifierMixin, nn.Module):
     """``layer_reuse``-LruNet-``width_mult``x for 32x32 (CIFAR) or 28x28 (Fashion-MNIST) input.
 
+    ``fast=False`` runs the reference's op sequence in every block (``--model-kwargs fast=false``
+    on the command line); the default computes the same function faster (:class:`LruBlock`).
+
     timm's interface: :meth:`forward_features` ends after stage 4 (``(B, 512w, 2, 2)`` at 32x32);
     :meth:`forward_head` is the grouped 1x1 classifier (``pre_logits=True`` stops before the logits
     conv, ``classifier.4``, so the features are ``(B, 256w, H, W)``: the reference pools *after* its
@@ -254,6 +257,7 @@ class LruNet(ClassifierMixin, nn.Module):
         num_classes: int = 10,
         in_chans: int = 3,
         drop_rate: float = 0.5,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(width_mult, float) and width_mult.is_integer():
@@ -272,7 +276,7 @@ class LruNet(ClassifierMixin, nn.Module):
             nn.BatchNorm2d(STEM_WIDTH),
             nn.ReLU(inplace=True),
         )
-        self.stage1, self.stage2, self.stage3, self.stage4 = (LruBlock(c, layer_reuse) for c in widths)
+        self.stage1, self.stage2, self.stage3, self.stage4 = (LruBlock(c, layer_reuse, fast) for c in widths)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         head = 256 * width_mult
         self.num_features = head

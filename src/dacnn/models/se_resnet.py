@@ -4,7 +4,7 @@ A 16-wide 3x3 stem, three stages of ``n`` post-activation squeeze-and-excitation
 64/128/256 channels (strides 1, 2, 2), global pooling and a linear head. Every stage's first block
 projects its shortcut (1x1 conv + BN) because the stem is narrower than stage 1.
 
-Kernel sharing: in a shared stage one ``C x C`` 3x3 :class:`~dacnn.sharing.SharedKernel` is applied
+Kernel sharing: in a shared stage one ``C x C`` 3x3 :class:`~dacnn.shared_kernel.SharedKernel` is applied
 by the second conv of every block and by the first conv of every block whose input already has ``C``
 channels, i.e. ``2n - 1`` times; the first block's first conv (``Cin -> C``, maybe strided), the
 projections, SE layers and all BatchNorms stay free. ``share_stages`` switches stages one by one.
