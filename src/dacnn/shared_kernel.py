@@ -68,9 +68,13 @@ class SharedKernel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out, as torchvision ResNets) or PyTorch's Conv2d default."""
+        """``init``: ``"kaiming_normal"`` (fan_out, as torchvision ResNets), ``"kaiming_normal_fan_in"``
+        (``nn.init.kaiming_normal_``'s default, the SE-ResNet reference) or ``"default"`` (PyTorch's
+        Conv2d init). Model families re-initialise a kernel through this method only."""
         if self.init == "kaiming_normal":
             nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        elif self.init == "kaiming_normal_fan_in":
+            nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         elif self.init == "default":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         else:

@@ -94,7 +94,7 @@ class SEResNet(ClassifierMixin, nn.Module):
             conv3x3(in_chans, STEM_WIDTH), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU(inplace=True)
         )
         self.kernels = nn.ModuleDict(
-            {str(s): SharedKernel(c, c, 3, init="kaiming_normal")
+            {str(s): SharedKernel(c, c, 3, init="kaiming_normal_fan_in")
              for s, (c, share) in enumerate(zip(STAGE_WIDTHS, share_stages)) if share}
         )
         stages: list[nn.Module] = []
@@ -122,7 +122,7 @@ class SEResNet(ClassifierMixin, nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, SharedKernel):
-                nn.init.kaiming_normal_(m.weight)
+                m.reset_parameters()  # built with init="kaiming_normal_fan_in": the same draw
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
