@@ -89,3 +89,9 @@ def test_eval_pretrained_needs_the_flag_and_a_known_name(capsys):
     assert "add --pretrained" in capsys.readouterr().err
     assert main(["eval", "--model", "lrunet_1x.mnist_n3", "--pretrained"]) == 2
     assert "lrunet_1x.fashion_mnist_n10" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_run_directory(tmp_path, monkeypatch, capsys):
+    run, _ = make_run(tmp_path, monkeypatch)
+    assert main(["inspect", str(run)]) == 0
+    assert "anchor.weight used 12x" in capsys.readouterr().out

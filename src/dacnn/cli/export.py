@@ -15,7 +15,7 @@ from dacnn.export.compact import DTYPES, export_safetensors, load_exported
 from dacnn.export.inspect import format_report, inspect_file
 from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
 from dacnn.export.prune import SCOPES, prune_run
-from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.export.resolve import load_source, resolve_weights, test_accuracy, test_loader
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 
@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
     i = subparsers.add_parser("inspect", help="list a checkpoint's tensors, which are shared and their bytes")
-    i.add_argument("file", metavar="FILE", help=".safetensors (checkpoint or export) or .onnx")
+    i.add_argument("file", metavar="FILE",
+                   help=".safetensors (checkpoint or export), .onnx, or a run directory / .state.pt")
     i.set_defaults(func=run_inspect)
 
     r = subparsers.add_parser(
@@ -152,8 +153,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-
-    print(format_report(inspect_file(args.file)))
+    path = Path(args.file)
+    if path.is_dir() or path.name.endswith(".state.pt"):  # a run: the file eval/export would read
+        path = resolve_weights(path)
+    print(format_report(inspect_file(path)))
     return 0
 
 
