@@ -140,7 +140,7 @@ def test_ema_moves_a_16_way_shared_kernel_once_per_step() -> None:
 
 def test_optimizer_groups_hold_each_tensor_once() -> None:
     model = _small_mixer()
-    groups = param_groups(model, weight_decay=0.01)
+    groups = param_groups(model, weight_decay=0.01, decay_1d=False)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     torch.optim.AdamW(groups, lr=1e-3)  # raises on duplicates
