@@ -18,31 +18,33 @@ from dacnn.analysis.activation_max import activation_maximisation, visualised_la
 from dacnn.errors import CheckpointError
 from dacnn.hub import find_weights, weights_dirs
 
-SMALL: dict[str, dict] = {  # family -> builder kwargs that keep the model tiny
-    "convmixer": {"width": 8, "depth": 2},
-    "dacnn": {"width": 4},
-    "lrunet": {"layer_reuse": 2},
-    "resnet": {"width": 4},
-    "se_resnet": {"blocks": 2},
-    "sharesnet": {"depth": 20, "widen": 1},
-    "vgg": {"width": 8},
+# family -> (builder kwargs that keep the model small, input side): named variants fix their depth and
+# width, so the families without a width argument run on small images instead.
+SMALL: dict[str, tuple[dict, int | None]] = {
+    "convmixer": ({}, 8),
+    "dacnn": ({"width": 4}, None),
+    "lrunet": ({"layer_reuse": 2}, None),
+    "resnet": ({"width": 4}, None),
+    "se_resnet": ({}, 8),
+    "sharesnet": ({}, 8),
+    "vgg": ({"width": 8}, None),
 }
 MODELS = list_models()
 
 
 def small(name: str, **kwargs) -> torch.nn.Module:
-    family = model_info(name).family
-    extra = dict(SMALL[family])
-    if family == "sharesnet" and name.startswith("sharesnet"):
-        extra.pop("widen")
-    if family == "sharesnet" and name.startswith("wrn"):
-        extra["depth"] = 16
     torch.manual_seed(0)
-    return create_model(name, **extra, **kwargs)
+    return create_model(name, **SMALL[model_info(name).family][0], **kwargs)
+
+
+def input_size(model: torch.nn.Module) -> tuple[int, int, int]:
+    chans, height, width = model.info.input_size
+    side = SMALL[model.info.family][1]
+    return (chans, side, side) if side else (chans, height, width)
 
 
 def _x(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, *model.info.input_size, generator=torch.Generator().manual_seed(1))
+    return torch.randn(batch, *input_size(model), generator=torch.Generator().manual_seed(1))
 
 
 def test_every_family_has_a_small_config() -> None:
@@ -123,7 +125,7 @@ def test_activation_maximisation_runs_on_every_family(name: str) -> None:
     layers = [n for n, _ in visualised_layers(model)]
     pick = [layers[0], layers[len(layers) // 2], layers[-1]]
     chans = model.info.input_size[0]
-    images, names = activation_maximisation(model, model.info.input_size, (0.5,) * chans, (0.25,) * chans,
+    images, names = activation_maximisation(model, input_size(model), (0.5,) * chans, (0.25,) * chans,
                                             filters=2, steps=2, layers=pick)
     assert names == list(dict.fromkeys(pick)) and images.shape[:2] == (len(names), 2)
     assert model.training and [p.requires_grad for p in model.parameters()] == flags  # caller's model intact
@@ -197,3 +199,11 @@ def test_pretrained_loads_the_release_bit_for_bit() -> None:
     assert meta["pretrained"] == "lrunet_1x.fashion_mnist_n1" and not model.training
     for (k, a), (k2, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
+
+
+def test_named_variants_reject_what_their_row_fixes() -> None:
+    with pytest.raises(TypeError, match="dacnn14 fixes depth=14"):
+        create_model("dacnn14", depth=8)
+    with pytest.raises(TypeError, match="wrn40_4 fixes depth=40"):
+        create_model("wrn40_4", depth=16)
+    assert create_model("dacnn", depth=8, width=4).info.model_kwargs == {"depth": 8, "width": 4}

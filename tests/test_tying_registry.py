@@ -18,11 +18,11 @@ from safetensors.torch import load_model, save_model
 
 from dacnn import count_params, untie
 from dacnn.shared_kernel import AnchoredConv2d, anchored_uses, iter_shared_kernels
-from test_model_interface import SHARED, small
+from test_model_interface import SHARED, input_size, small
 
 
 def _x(model: torch.nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.randn(2, *model.info.input_size, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    return torch.randn(2, *input_size(model), generator=torch.Generator().manual_seed(2), dtype=dtype)
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -56,14 +56,18 @@ def _same_output(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("name", SHARED)
 def test_one_tensor_and_gradient_is_sum_over_uses(name: str) -> None:
-    model = small(name).double().eval()  # eval: no dropout, BN statistics fixed
+    model = small(name).eval()  # eval: no dropout, BN statistics fixed
+    big = count_params(model).unique > 5_000_000  # float64 convs have no fast CPU kernels
+    dtype = torch.float32 if big else torch.float64
+    tol = {"rtol": 1e-4, "atol": 1e-6} if big else {"rtol": 1e-8, "atol": 1e-10}
+    model = model.to(dtype)
     _assert_one_tensor_per_kernel(model)
     uses = _use_names(model)
     free = copy.deepcopy(model)
     untie(free)
-    x = _x(model)
+    x = _x(model, dtype)
     loss, loss_free = _loss(model, x), _loss(free, x)
-    torch.testing.assert_close(loss, loss_free, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, loss_free, **tol)
     loss.backward()
     loss_free.backward()
     free_modules = dict(free.named_modules(remove_duplicate=False))
@@ -72,19 +76,18 @@ def test_one_tensor_and_gradient_is_sum_over_uses(name: str) -> None:
         if len(names) < 2:
             continue
         distinct = {id(free_modules[n]): free_modules[n] for n in names}.values()  # a use under 2 parents
-        torch.testing.assert_close(kernel.weight.grad, sum(m.weight.grad for m in distinct),
-                                   rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(kernel.weight.grad, sum(m.weight.grad for m in distinct), **tol)
 
 
 @pytest.mark.parametrize("name", SHARED)
 def test_optimizer_step_keeps_the_tie(name: str) -> None:
-    model = small(name).double().train()
+    model = small(name).train()
     n_params = len(list(model.parameters()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params
     for _ in range(2):
         opt.zero_grad()
-        _loss(model, _x(model)).backward()
+        _loss(model, _x(model, torch.float32)).backward()
         opt.step()
     _assert_one_tensor_per_kernel(model)
     assert len(list(model.parameters())) == n_params

@@ -23,7 +23,7 @@ from dacnn.hub import PretrainedCfg
 
 __all__ = [
     "ModelInfo", "PretrainedCfg", "register_model", "register_pretrained", "create_model", "list_models",
-    "list_pretrained", "model_info", "pretrained_cfg", "split_tag",
+    "list_pretrained", "model_info", "pretrained_cfg", "split_tag", "variant_args",
 ]
 
 
@@ -68,6 +68,16 @@ def register_model(info: ModelInfo) -> Callable[[Callable[..., nn.Module]], Call
         return fn
 
     return decorator
+
+
+def variant_args(variant: str, cfg: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A variant's config plus the caller's kwargs; a kwarg the config fixes is a ``TypeError``
+    (as timm's ``dict(**cfg, **kwargs)``): ``dacnn14`` is depth 14, the generic ``dacnn`` takes any."""
+    clash = sorted(set(cfg) & set(kwargs))
+    if clash:
+        fixed = ", ".join(f"{k}={cfg[k]!r}" for k in clash)
+        raise TypeError(f"{variant} fixes {fixed}; build the family's generic model to change it")
+    return {**cfg, **kwargs}
 
 
 def register_pretrained(model: str, cfg: PretrainedCfg) -> None:

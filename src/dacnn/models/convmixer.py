@@ -20,7 +20,7 @@ from torch import nn
 
 from dacnn.errors import ConfigError
 from dacnn.models.base import ClassifierMixin
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["ConvMixer", "MixerLayer"]
@@ -116,8 +116,8 @@ _CFGS: dict[str, tuple[dict[str, Any], str | None]] = {
 
 
 def _create_convmixer(variant: str, /, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS`; keyword arguments override its config."""
-    return ConvMixer(**{**_CFGS[variant][0], **kwargs})
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (classes, input channels)."""
+    return ConvMixer(**variant_args(variant, _CFGS[variant][0], kwargs))
 
 
 for _name, (_cfg, _twin) in _CFGS.items():

@@ -36,7 +36,7 @@ from torch import nn
 
 from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, conv_use, init_weights, split_evenly
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import SharedKernel
 
 __all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "dacnn"]
@@ -336,8 +336,8 @@ _CFGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 
 
 def _create_dacnn(variant: str, /, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS`; keyword arguments override its config."""
-    cfg = {**_CFGS[variant][1], **kwargs}
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes...; not what the row fixes)."""
+    cfg = variant_args(variant, _CFGS[variant][1], kwargs)
     return MixedDACNN(**cfg) if cfg.pop("mixed", False) else dacnn(**cfg)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 
 __all__ = ["BasicBlock", "ResNet"]
 
@@ -85,8 +85,8 @@ _CFGS = {"resnet18": ((2, 2, 2, 2), "Table 6: ResNet18"), "resnet34": ((3, 4, 6,
 
 
 def _create_resnet(variant: str, /, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS` (``layers`` may be overridden)."""
-    return ResNet(kwargs.pop("layers", _CFGS[variant][0]), **kwargs)
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, input channels)."""
+    return ResNet(**variant_args(variant, {"layers": _CFGS[variant][0]}, kwargs))
 
 
 for _name, (_, _row) in _CFGS.items():

@@ -23,7 +23,7 @@ from dacnn.errors import ConfigError
 from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv3x3
 from dacnn.models.resnet import BasicBlock
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["SqueezeExcitation", "SEBasicBlock", "SEResNet", "se_resnet"]
@@ -142,9 +142,9 @@ _DEPTHS = (2, 3, 4, 6, 8, 10)  # blocks per stage of the registered variants (SP
 
 
 def _create_se_resnet(blocks: int, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
-    """``se_resnet_d_<blocks>`` (``_shared``: every stage shares one kernel); ``blocks`` may be
-    overridden by keyword."""
-    return se_resnet(kwargs.pop("blocks", blocks), shared=shared, **kwargs)
+    """``se_resnet_d_<blocks>`` (``_shared``: every stage shares one kernel) with ``kwargs``."""
+    cfg = variant_args(f"se_resnet_d_{blocks}", {"blocks": blocks, "shared": shared}, kwargs)
+    return se_resnet(**cfg)
 
 
 for _blocks in _DEPTHS:

@@ -27,7 +27,7 @@ from torch import nn
 from dacnn.errors import ConfigError
 from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["PreActBottleneck", "PreActBasic", "PreActResNet", "WideResNet"]
@@ -169,9 +169,9 @@ _CFGS: dict[str, tuple[Callable[..., nn.Module], dict[str, int], int, str]] = {
 
 
 def _create_sharesnet(variant: str, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS`; keyword arguments override its config (e.g. ``depth``)."""
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (classes, input channels)."""
     cls, cfg, classes, _ = _CFGS[variant]
-    return cls(**{**cfg, "num_classes": classes, **kwargs, "shared": shared})
+    return cls(**variant_args(variant, {**cfg, "shared": shared}, {"num_classes": classes, **kwargs}))
 
 
 for _name, (_, _, _classes, _row) in _CFGS.items():
