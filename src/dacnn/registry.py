@@ -70,14 +70,17 @@ def register_model(info: ModelInfo) -> Callable[[Callable[..., nn.Module]], Call
     return decorator
 
 
-def variant_args(variant: str, cfg: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A variant's config plus the caller's kwargs; a kwarg the config fixes is a ``TypeError``
-    (as timm's ``dict(**cfg, **kwargs)``): ``dacnn14`` is depth 14, the generic ``dacnn`` takes any."""
+def variant_args(
+    variant: str, cfg: dict[str, Any], kwargs: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A variant's config plus the caller's kwargs over its ``defaults``; a kwarg the config fixes is
+    a ``TypeError`` (as timm's ``dict(**cfg, **kwargs)``): ``dacnn14`` is depth 14, the generic
+    ``dacnn`` takes any depth; ``dacnn18_reg``'s regulators (``"all"``) are a default."""
     clash = sorted(set(cfg) & set(kwargs))
     if clash:
         fixed = ", ".join(f"{k}={cfg[k]!r}" for k in clash)
         raise TypeError(f"{variant} fixes {fixed}; build the family's generic model to change it")
-    return {**cfg, **kwargs}
+    return {**(defaults or {}), **cfg, **kwargs}
 
 
 def register_pretrained(model: str, cfg: PretrainedCfg) -> None:

@@ -336,8 +336,11 @@ _CFGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 
 
 def _create_dacnn(variant: str, /, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes...; not what the row fixes)."""
-    cfg = variant_args(variant, _CFGS[variant][1], kwargs)
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, regulators...; not the
+    depth or template the row fixes)."""
+    fixed = dict(_CFGS[variant][1])
+    defaults = {k: fixed.pop(k) for k in ("regulators",) if k in fixed}  # REG rows: "all" unless told
+    cfg = variant_args(variant, fixed, kwargs, defaults)
     return MixedDACNN(**cfg) if cfg.pop("mixed", False) else dacnn(**cfg)
 
 
