@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from dacnn import checkpoint as ckpt
 from dacnn import create_model
 from dacnn.cli import build_parser, main
 from dacnn.data.synthetic import write_cifar
 from dacnn.errors import ConfigError
-from dacnn.train import checkpoint as ckpt
 from dacnn.train.config import NUMERIC_FIELDS, TrainConfig, config_from_dict, field_types, unwrap_optional
 from dacnn.validation import rule_for
 

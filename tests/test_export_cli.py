@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import dacnn
@@ -66,3 +68,30 @@ def test_clean_errors(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
     assert main(["export", str(junk), "--format", "onnx", "--dtype", "int8"]) == 2
     assert "float32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_eval_reads_every_export(tmp_path, monkeypatch, capsys, dtype):
+    """`dacnn eval` accepts what `dacnn export` writes, and agrees with export's own evaluation."""
+    run, data = make_run(tmp_path, monkeypatch)
+    out = tmp_path / f"m-{dtype}.safetensors"
+    assert main(["export", str(run), "--dtype", dtype, "-o", str(out), "--evaluate",
+                 "--data-dir", str(data)]) == 0
+    exported_acc = capsys.readouterr().out.split(f"safetensors {dtype} ")[1].split("%")[0]
+    assert main(["eval", "--checkpoint", str(out), "--data-dir", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dataset"] == "fashion_mnist" and result["weights"] == str(out)
+    assert f"{result['accuracy']:.2f}" == exported_acc
+
+
+def test_eval_pretrained_needs_the_flag_and_a_known_name(capsys):
+    assert main(["eval", "--model", "lrunet_1x.fashion_mnist_n10"]) == 2
+    assert "add --pretrained" in capsys.readouterr().err
+    assert main(["eval", "--model", "lrunet_1x.mnist_n3", "--pretrained"]) == 2
+    assert "lrunet_1x.fashion_mnist_n10" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_run_directory(tmp_path, monkeypatch, capsys):
+    run, _ = make_run(tmp_path, monkeypatch)
+    assert main(["inspect", str(run)]) == 0
+    assert "anchor.weight used 12x" in capsys.readouterr().out

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dacnn import SharedKernel, create_model
+from dacnn.checkpoint import load_model_file, read_pointer
 from dacnn.cli import main
-from dacnn.train.checkpoint import load_model_file, read_pointer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

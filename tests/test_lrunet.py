@@ -276,3 +276,25 @@ def test_mismatched_keys_and_shapes_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.t7").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a trusted PyTorch checkpoint"):
         import_lrunet(tmp_path / "junk.t7")
+
+
+PRETRAINED_ON_SHARED_DATA = [  # (name, accuracy the manifest gives on ../shared/data)
+    pytest.param("lrunet_1x.fashion_mnist_n1", marks=()),
+    pytest.param("lrunet_1x.fashion_mnist_n10", marks=pytest.mark.slow),
+    pytest.param("lrunet_1x.cifar10_n14", marks=pytest.mark.slow),
+]
+
+
+@needs_weights
+@needs_data
+@pytest.mark.parametrize("name", PRETRAINED_ON_SHARED_DATA)
+def test_pretrained_names_reproduce_the_manifest(name: str) -> None:
+    """`create_model(name, pretrained=True)` through `dacnn eval`'s path gives the release's figure."""
+    from dacnn.analysis.evaluate import evaluate_checkpoint
+    from dacnn.registry import pretrained_cfg
+
+    cfg = pretrained_cfg(name)
+    entry = json.loads((WEIGHTS / "MANIFEST.json").read_text())["files"][cfg.file.removeprefix("lrunet/")]
+    result, meta = evaluate_checkpoint(name, data_dir=str(DATA), device="cpu")
+    assert meta["dataset"] == cfg.dataset and result.n == 10_000
+    assert round(result.acc, 2) == entry["test_accuracy_on_shared_data"]

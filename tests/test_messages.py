@@ -9,10 +9,10 @@ import tarfile
 import pytest
 import torch
 
+from dacnn import checkpoint as ckpt
 from dacnn.cli import main
 from dacnn.data.webdataset import ShardRef, decode_shard
 from dacnn.errors import CheckpointError, ConfigError, DataError
-from dacnn.train import checkpoint as ckpt
 from dacnn.train.config import load_yaml
 
 UNSAFE_ADVICE = ("weights_only set to False", "Re-running", "weights_only=False")

@@ -1,7 +1,7 @@
 """Tied weights stay tied everywhere: one test per pitfall of ``../shared/reference/PITFALLS.md`` (B, C).
 
-Design under test: a shared tensor is owned by one :class:`~dacnn.sharing.SharedKernel`; its uses
-(:class:`~dacnn.sharing.AnchoredConv2d`) point at the owning *module*, so whatever tensor the owner
+Design under test: a shared tensor is owned by one :class:`~dacnn.shared_kernel.SharedKernel`; its uses
+(:class:`~dacnn.shared_kernel.AnchoredConv2d`) point at the owning *module*, so whatever tensor the owner
 holds is what every use applies, whichever way it got there (copy, assign, to_empty, deepcopy).
 """
 
@@ -25,7 +25,7 @@ from dacnn import count_params, untie
 from dacnn.models.convmixer import ConvMixer
 from dacnn.models.lrunet import LruNet
 from dacnn.models.se_resnet import SEResNet
-from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
 from dacnn.train.ema import ModelEMA
 from dacnn.train.optim import param_groups
 
@@ -101,7 +101,7 @@ def test_deepcopy_keeps_tying_to_the_copy() -> None:
     clone = copy.deepcopy(model)
     uses = [m for m in clone.modules() if isinstance(m, AnchoredConv2d)]
     assert all(u.kernel in (clone.depthwise_kernel, clone.pointwise_kernel) for u in uses)
-    assert clone.depthwise_kernel.uses == 16
+    assert anchored_uses(clone)[id(clone.depthwise_kernel)] == 16
 
 
 # ---- B.3 safetensors ----------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_ema_moves_a_16_way_shared_kernel_once_per_step() -> None:
 
 def test_optimizer_groups_hold_each_tensor_once() -> None:
     model = _small_mixer()
-    groups = param_groups(model, weight_decay=0.01)
+    groups = param_groups(model, weight_decay=0.01, decay_1d=False)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     torch.optim.AdamW(groups, lr=1e-3)  # raises on duplicates

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dacnn import checkpoint as ckpt
 from dacnn.cli import main
 from dacnn.data.synthetic import write_fashion_mnist
 from dacnn.errors import WriteError
-from dacnn.train import checkpoint as ckpt
 from dacnn.train import loop
 from dacnn.train.rundir import RunLock, create_run_dir
 

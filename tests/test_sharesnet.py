@@ -8,7 +8,7 @@ import torch
 from dacnn import count_params, create_model, model_info
 from dacnn.errors import ConfigError
 from dacnn.models.sharesnet import PreActResNet, WideResNet
-from dacnn.shared_kernel import AnchoredConv2d
+from dacnn.shared_kernel import AnchoredConv2d, anchored_uses
 
 SPEC = {  # ShaResNet README, reproduced in SPEC.md 4: name -> (free, shared)
     "sharesnet164": (1_703_258, 929_114),
@@ -36,7 +36,7 @@ def test_sharing_rule_first_unit_of_each_stage_free() -> None:
             assert all(isinstance(u.conv2, AnchoredConv2d) and u.conv2.kernel is model.kernels[str(s)]
                        for u in units[1:])
             assert all(not isinstance(u.conv1, AnchoredConv2d) for u in units)
-        assert [k.uses for k in model.kernels.values()] == [n - 1] * 3
+        assert [anchored_uses(model)[id(k)] for k in model.kernels.values()] == [n - 1] * 3
 
 
 @pytest.mark.parametrize("build", [

@@ -96,7 +96,7 @@ def test_ema_moves_a_shared_kernel_once_per_step():
 
 def test_param_groups_hold_each_shared_tensor_once():
     model = create_model("dacnn14_mix", num_classes=10)
-    groups = param_groups(model, 5e-4)
+    groups = param_groups(model, 5e-4, decay_1d=False)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0

@@ -38,6 +38,7 @@ from torch import nn
 
 from dacnn.errors import CheckpointError, WriteError
 from dacnn.fileio import atomic_write, atomic_write_text, torch_load_reason, write_error
+from dacnn.registry import create_model
 
 __all__ = [
     "atomic_write",
@@ -134,7 +135,6 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
     num_classes, in_chans) and optionally ``dataset``, ``normalize``, ``pad_to``. Any weights file
     with such a sidecar works: training checkpoints and imported released weights alike.
     """
-    from dacnn.registry import create_model
 
     path = Path(path)
     if not path.is_file():

@@ -2,13 +2,13 @@
 
 Two parameter figures are reported (``../shared/reference/PITFALLS.md`` item 1):
 
-* ``unique``: every parameter tensor (trainable or frozen) counted once, what
+* ``unique``: every parameter tensor counted once (trainable or frozen), what
   ``sum(p.numel() for p in model.parameters())`` gives and what the papers' "# params" means;
 * ``per_use``: every use of a shared tensor counted, i.e. the size of the same network with free
   weights (DACNN Table 2, the numbers in parentheses).
 
-Uses are found statically: a tensor owned by a :class:`~dacnn.sharing.SharedKernel` is used once per
-:class:`~dacnn.sharing.AnchoredConv2d` that applies it; any other tensor once per name it is registered
+Uses are found statically: a tensor owned by a :class:`~dacnn.shared_kernel.SharedKernel` is used once per
+:class:`~dacnn.shared_kernel.AnchoredConv2d` that applies it; any other tensor once per name it is registered
 under (``Parameter`` aliasing and modules with several parents, the two other mechanisms in SPEC.md).
 A module called several times in ``forward`` (LruNet's reference code) cannot be seen statically; pass
 ``example_input`` to count calls instead.
@@ -81,7 +81,8 @@ def _call_counts(model: nn.Module, example_input: torch.Tensor) -> dict[int, int
 def parameter_uses(
     model: nn.Module, example_input: torch.Tensor | None = None
 ) -> dict[int, tuple[str, nn.Parameter, int]]:
-    """``id(param) -> (first name, param, uses)`` for every parameter of ``model`` (frozen ones too).
+    """``id(param) -> (first name, param, uses)`` for every parameter of ``model``, frozen or not
+    (the one definition of "unique parameters": a tensor counts once whether it trains or not).
 
     Without ``example_input`` uses are counted statically (see the module docstring); with it, as
     the number of calls of the modules that own the tensor during one forward pass (a registered
@@ -113,7 +114,7 @@ def parameter_uses(
 
 
 def count_params(model: nn.Module, example_input: torch.Tensor | None = None) -> ParamCount:
-    """Unique and per-use parameter counts (frozen tensors included) plus the list of shared tensors."""
+    """Unique and per-use parameter counts (frozen tensors included) plus the shared tensors."""
     uses = parameter_uses(model, example_input)
     unique = sum(p.numel() for _, p, _ in uses.values())
     per_use = sum(p.numel() * n for _, p, n in uses.values())

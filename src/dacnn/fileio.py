@@ -1,7 +1,9 @@
-"""Atomic file writes: a kill at any moment leaves either the old file or the new one, never half."""
+"""Atomic file writes (a kill at any moment leaves either the old file or the new one, never half)
+and file checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -9,7 +11,9 @@ from pathlib import Path
 
 from dacnn.errors import WriteError
 
-__all__ = ["atomic_write", "atomic_write_text", "write_error", "check_writable", "torch_load_reason"]
+__all__ = [
+    "atomic_write", "atomic_write_text", "write_error", "check_writable", "torch_load_reason", "sha256_file",
+]
 
 
 def write_error(path: str | Path, exc: BaseException) -> WriteError | None:
@@ -100,3 +104,10 @@ def torch_load_reason(exc: BaseException) -> str:
     if "Unsupported global" in text or "GLOBAL" in text:
         return "it holds Python objects that a safe (weights-only) load refuses to run"
     return "the file is damaged, truncated or not a PyTorch checkpoint"
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -35,7 +35,9 @@ class SharedKernel(nn.Module):
     """Owner of one convolution weight ``(out, in/groups, k, k)`` applied by many layers.
 
     Calling the module convolves with the kernel; :class:`AnchoredConv2d` does that for each use,
-    so forward hooks on a ``SharedKernel`` fire once per use.
+    so forward hooks on a ``SharedKernel`` fire once per use. The kernel keeps no count of its uses:
+    they are the ``AnchoredConv2d`` in the module tree (:func:`anchored_uses`), the one source that
+    counting, export and :func:`dacnn.untie` read.
     """
 
     def __init__(
@@ -58,7 +60,6 @@ class SharedKernel(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
         self.groups = groups
-        self.uses = 0  # number of AnchoredConv2d layers built on this kernel
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
         )
@@ -67,9 +68,13 @@ class SharedKernel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out, as torchvision ResNets) or PyTorch's Conv2d default."""
+        """``init``: ``"kaiming_normal"`` (fan_out, as torchvision ResNets), ``"kaiming_normal_fan_in"``
+        (``nn.init.kaiming_normal_``'s default, the SE-ResNet reference) or ``"default"`` (PyTorch's
+        Conv2d init). Model families re-initialise a kernel through this method only."""
         if self.init == "kaiming_normal":
             nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        elif self.init == "kaiming_normal_fan_in":
+            nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         elif self.init == "default":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         else:
@@ -92,7 +97,7 @@ class SharedKernel(nn.Module):
         k = "x".join(map(str, self.kernel_size))
         return (
             f"{self.in_channels}, {self.out_channels}, kernel={k}, groups={self.groups}, "
-            f"bias={self.bias is not None}, uses={self.uses}"
+            f"bias={self.bias is not None}"
         )
 
 
@@ -115,7 +120,6 @@ class AnchoredConv2d(nn.Module):
         if not isinstance(kernel, SharedKernel):
             raise TypeError(f"AnchoredConv2d needs a SharedKernel, got {type(kernel).__name__}")
         object.__setattr__(self, "kernel", kernel)
-        kernel.uses += 1
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
         if padding is None:  # "same" for odd kernels

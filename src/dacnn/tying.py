@@ -32,9 +32,9 @@ has never seen, and ties only what cannot change the function:
 * ``budget``: tie the groups that save the most first, only until the model has at most
   ``max_params`` (or ``ratio`` x the original) parameters; see :class:`Budget`.
 
-Each group of two or more convs becomes one :class:`~dacnn.sharing.SharedKernel` holding the group's
+Each group of two or more convs becomes one :class:`~dacnn.shared_kernel.SharedKernel` holding the group's
 first conv's (module order) ``weight``/``bias`` tensors, applied by an
-:class:`~dacnn.sharing.AnchoredConv2d` put in each conv's place. The kernel is registered as
+:class:`~dacnn.shared_kernel.AnchoredConv2d` put in each conv's place. The kernel is registered as
 ``kernel`` under the group's first use (``layer1.0.conv2.kernel.weight``), so no module gains a child
 and modules that iterate their children, ``nn.Sequential`` subclasses and ``ModuleList`` users keep
 working. Norm layers are never touched, so every use keeps its own BatchNorm. Compile
@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dacnn.errors import ConfigError
-from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
 
 __all__ = ["share_kernels", "untie", "unsafe_reason", "Budget", "ShareReport", "KernelGroup"]
 
@@ -437,10 +437,10 @@ def untie(model: nn.Module) -> list[str]:
         for ref_name, parent, attr in refs[id(module)]:
             setattr(parent, attr, conv)
             names.append(ref_name)
-        module.kernel.uses -= 1
         touched[id(module.kernel)] = module.kernel
+    still_used = anchored_uses(model)  # from the module tree, after the replacements
     for _, parent, attr in [r for rs in _references(model).values() for r in rs]:
         child = parent._modules.get(attr)
-        if isinstance(child, SharedKernel) and id(child) in touched and child.uses <= 0:
+        if isinstance(child, SharedKernel) and id(child) in touched and id(child) not in still_used:
             del parent._modules[attr]
     return names

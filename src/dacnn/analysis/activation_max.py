@@ -9,11 +9,16 @@ pixels kept in range. The result is uint8 images, one row per layer, ready to pl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from dacnn.checkpoint import atomic_write
+from dacnn.models.dacnn import ConvBNReLU
+from dacnn.shared_kernel import AnchoredConv2d
 
 __all__ = ["visualised_layers", "activation_maximisation", "save_filters", "load_filters"]
 
@@ -21,8 +26,6 @@ __all__ = ["visualised_layers", "activation_maximisation", "save_filters", "load
 def visualised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers whose outputs are visualised: each conv + BN + ReLU block of a plain DACNN, else
     every convolution (free or anchored) in definition order."""
-    from dacnn.models.dacnn import ConvBNReLU
-    from dacnn.shared_kernel import AnchoredConv2d
 
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, ConvBNReLU)]
     if blocks:
@@ -41,23 +44,40 @@ def activation_maximisation(
     lr: float = 0.05,
     l2: float = 1e-3,
     seed: int = 0,
+    layers: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """``(images uint8 (layers, filters, H, W, C), layer names)`` maximising each channel's mean output.
 
     The optimisation runs in the normalised input space of the trained model (``mean``/``std`` in
-    0..1 units); pixels are clamped to [0, 1] after every step.
+    0..1 units); pixels are clamped to [0, 1] after every step. ``layers`` restricts it to those
+    names of :func:`visualised_layers`. Only the input is differentiated (``torch.autograd.grad``):
+    the caller's model keeps its ``requires_grad`` flags, its gradients and (after the call) its mode.
     """
-    model = model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    try:
+        return _maximise(model, input_size, mean, std, filters, steps, lr, l2, seed, layers)
+    finally:
+        model.train(was_training)
+
+
+def _maximise(
+    model: nn.Module, input_size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...],
+    filters: int, steps: int, lr: float, l2: float, seed: int, names: Sequence[str] | None,
+) -> tuple[np.ndarray, list[str]]:
     channels, height, width = input_size
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     low, high = (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
     layers = visualised_layers(model)
+    if names is not None:
+        unknown = sorted(set(names) - {n for n, _ in layers})
+        if unknown:
+            raise ValueError(f"activation maximisation: no visualised layer named {unknown}")
+        layers = [(n, m) for n, m in layers if n in set(names)]
     out = np.zeros((len(layers), filters, height, width, channels), dtype=np.uint8)
     gen = torch.Generator().manual_seed(seed)
-    for li, (_, layer) in enumerate(layers):
+    for li, (name, layer) in enumerate(layers):
         captured: dict[str, torch.Tensor] = {}
         handle = layer.register_forward_hook(lambda m, a, o, store=captured: store.__setitem__("out", o))
         try:
@@ -65,13 +85,15 @@ def activation_maximisation(
             x.requires_grad_(True)
             optimizer = torch.optim.Adam([x], lr=lr)
             for _ in range(steps):
-                optimizer.zero_grad()
+                captured.clear()
                 model(x)
+                if "out" not in captured:
+                    raise RuntimeError(f"activation maximisation: layer {name!r} was not called in forward")
                 act = captured["out"]
                 n = min(filters, act.shape[1])
                 score = act[torch.arange(n), torch.arange(n)].mean(dim=(1, 2)).sum()
                 loss = -score + l2 * (x ** 2).sum()
-                loss.backward()
+                (x.grad,) = torch.autograd.grad(loss, [x])
                 optimizer.step()
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
@@ -86,7 +108,6 @@ def save_filters(path: Any, images: np.ndarray, layers: list[str]) -> None:
     """Write the images and layer names to an ``.npz`` file (atomically)."""
     from pathlib import Path
 
-    from dacnn.checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

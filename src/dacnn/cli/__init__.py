@@ -6,38 +6,26 @@ Subcommand modules live beside this file; each adds its parsers and sets ``func`
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
+from dacnn import __version__
+from dacnn.cli import data, export, models, reproduce, share, train, weights
 from dacnn.errors import DacnnError
 
-# Modules (in dacnn.cli) that add subcommands; a module not written yet is skipped.
-SUBCOMMAND_MODULES = ("models", "data", "train", "weights", "export", "reproduce", "share")
+SUBCOMMAND_MODULES = (models, data, train, weights, export, reproduce, share)  # each has register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dacnn", description="Weight-shared CNNs: build, train, measure, compress, ship."
     )
-    parser.add_argument("--version", action="version", version=f"dacnn {_version()}")
+    parser.add_argument("--version", action="version", version=f"dacnn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"dacnn.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"dacnn.cli.{name}":
-                continue
-            raise
+    for module in SUBCOMMAND_MODULES:
         module.register(subparsers)
     return parser
-
-
-def _version() -> str:
-    from dacnn import __version__
-
-    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,10 @@ import argparse
 import time
 
 from dacnn.data.catalog import DATASETS, data_dir_origin, get_cache_dir, get_data_dir
+from dacnn.data.convert import convert
+from dacnn.data.download import download
 from dacnn.data.sources import available_splits, find_source
+from dacnn.data.verify import MAX_PROBLEMS_SHOWN, datasets_present, verify_dataset
 from dacnn.data.webdataset import read_manifest
 from dacnn.errors import DataError
 from dacnn.validation import option_type
@@ -72,7 +75,6 @@ def _describe(name: str, root) -> tuple[str, str, str]:  # noqa: ANN001 - Path
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from dacnn.data.verify import datasets_present
 
     root = get_data_dir(args.data_dir)
     print(f"data dir:  {root} (from {data_dir_origin(args.data_dir)})")
@@ -88,7 +90,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dacnn.data.verify import MAX_PROBLEMS_SHOWN, datasets_present, verify_dataset
 
     root = get_data_dir(args.data_dir)
     names = [args.name] if args.name else datasets_present(root)
@@ -112,7 +113,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from dacnn.data.download import download
 
     download(args.name, args.data_dir, args.base_url, args.extra, args.timeout, report=print)
     print(f"{args.name}: done; 'dacnn data verify {args.name}' checks it, 'dacnn data convert {args.name}' "
@@ -121,7 +121,6 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dacnn.data.convert import convert
 
     out = convert(args.name, args.data_dir, args.out, args.splits, args.shard_size, not args.no_compress,
                   report=print)

@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
+from dacnn.counting import count_params
+from dacnn.data import DATASETS
 from dacnn.errors import ConfigError
+from dacnn.export.compact import DTYPES, export_safetensors, load_exported
+from dacnn.export.inspect import format_report, inspect_file
+from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
+from dacnn.export.prune import SCOPES, prune_run
+from dacnn.export.resolve import load_source, resolve_weights, test_accuracy, test_loader
 from dacnn.fileio import check_writable
 from dacnn.validation import option_type
 
@@ -16,8 +23,6 @@ FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dacnn.export.compact import DTYPES
-    from dacnn.export.prune import SCOPES
 
     p = subparsers.add_parser(
         "export",
@@ -43,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
     i = subparsers.add_parser("inspect", help="list a checkpoint's tensors, which are shared and their bytes")
-    i.add_argument("file", metavar="FILE", help=".safetensors (checkpoint or export) or .onnx")
+    i.add_argument("file", metavar="FILE",
+                   help=".safetensors (checkpoint or export), .onnx, or a run directory / .state.pt")
     i.set_defaults(func=run_inspect)
 
     r = subparsers.add_parser(
@@ -88,7 +94,6 @@ def _input_size(model: torch.nn.Module, meta: dict[str, Any]) -> tuple[int, int,
     if meta.get("pad_to"):
         height = int(meta["pad_to"])
     elif meta.get("dataset"):
-        from dacnn.data import DATASETS
 
         if meta["dataset"] in DATASETS:
             height = DATASETS[meta["dataset"]].image_size[0]
@@ -103,18 +108,15 @@ def _accuracy_line(label: str, before: float, after: float, n: int, dataset: str
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dacnn.counting import count_params
-    from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
     if args.format == "onnx" and args.dtype != "fp32":
         raise ConfigError(f"--format onnx writes float32 graphs; got --dtype {args.dtype}")
     out = Path(args.output) if args.output else _default_output(args.source, args.format, args.dtype)
     check_writable(out, "--output" if args.output else "the export")
     model, meta = load_source(args.source)
-    keep = {k: meta[k] for k in ("dataset", "normalize", "pad_to", "source") if meta.get(k) is not None}
+    keep = {k: meta[k] for k in ("dataset", "normalize", "pad_to", "source") if k in meta}
     counts = count_params(model)
     if args.format == "safetensors":
-        from dacnn.export.compact import export_safetensors, load_exported
 
         info = export_safetensors(
             model,
@@ -135,7 +137,6 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"size ratio file / ((params + buffers) x {per} bytes) = {info.size_ratio:.4f}")
         exported, _ = load_exported(out)
     else:
-        from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
 
         size = _input_size(model, meta)
         report = export_onnx(model, out, input_size=size)
@@ -161,14 +162,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from dacnn.export.inspect import format_report, inspect_file
-
-    print(format_report(inspect_file(args.file)))
+    path = Path(args.file)
+    if path.is_dir() or path.name.endswith(".state.pt"):  # a run: the file eval/export would read
+        path = resolve_weights(path)
+    print(format_report(inspect_file(path)))
     return 0
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from dacnn.export.prune import prune_run
 
     r = prune_run(
         args.source,

@@ -14,6 +14,14 @@ from typing import Any
 import yaml
 
 from dacnn.errors import ConfigError
+from dacnn.experiments.campaign import run_campaign
+from dacnn.experiments.estimate import estimate_row
+from dacnn.experiments.report import build_report
+from dacnn.experiments.runner import RunOptions, plan, reproduce, row_status
+from dacnn.experiments.spec import SCALES, SPEC_DIR, get_spec, spec_names
+from dacnn.experiments.store import ResultsStore
+from dacnn.train.config import config_from_dict
+from dacnn.train.runlog import format_duration
 from dacnn.validation import option_type
 
 EPILOG = """examples:
@@ -30,7 +38,6 @@ EPILOG = """examples:
 
 
 def register(subparsers: Any) -> None:
-    from dacnn.experiments.spec import SCALES
 
     p = subparsers.add_parser(
         "reproduce", help="run a paper's table or figure (paper|cpu|smoke scale), skipping finished rows",
@@ -82,13 +89,11 @@ def register(subparsers: Any) -> None:
 
 
 def _spec_dir(args: argparse.Namespace) -> Path:
-    from dacnn.experiments.spec import SPEC_DIR
 
     return args.spec_dir or SPEC_DIR
 
 
 def _names(args: argparse.Namespace) -> list[str]:
-    from dacnn.experiments.spec import get_spec, spec_names
 
     names = args.experiments or []
     if names == ["all"] or (not names and args.list):
@@ -99,7 +104,6 @@ def _names(args: argparse.Namespace) -> list[str]:
 
 
 def _options(args: argparse.Namespace, scale: str) -> Any:
-    from dacnn.experiments.runner import RunOptions
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     try:
@@ -139,9 +143,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _list(args: argparse.Namespace, names: list[str]) -> int:
-    from dacnn.experiments.runner import plan, row_status
-    from dacnn.experiments.spec import SCALES, get_spec
-    from dacnn.experiments.store import ResultsStore
 
     store = ResultsStore(Path(args.results))
     scales = [args.scale] if args.scale else list(SCALES)
@@ -167,12 +168,6 @@ def _list(args: argparse.Namespace, names: list[str]) -> int:
 
 
 def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
-    from dacnn.experiments.estimate import estimate_row
-    from dacnn.experiments.runner import plan, row_status
-    from dacnn.experiments.spec import get_spec
-    from dacnn.experiments.store import ResultsStore
-    from dacnn.train.config import config_from_dict
-    from dacnn.train.runlog import format_duration
 
     store = ResultsStore(Path(args.results))
     grand = 0.0
@@ -202,7 +197,6 @@ def _estimate(args: argparse.Namespace, names: list[str], scale: str) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from dacnn.experiments.runner import reproduce
 
     names = _names(args)
     if args.list:
@@ -218,8 +212,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if args.estimate:
         return _estimate(args, names, args.scale)
     if args.jobs > 1 and not args.dry_run:
-        from dacnn.experiments.campaign import run_campaign
-
         return run_campaign(names, _options(args, args.scale))
     for name in names:
         reproduce(name, _options(args, args.scale), dry_run=args.dry_run)
@@ -227,8 +219,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dacnn.experiments.report import build_report
-    from dacnn.experiments.spec import SCALES
 
     scales = [s.strip() for s in args.scales.split(",") if s.strip()]
     bad = [s for s in scales if s not in SCALES]

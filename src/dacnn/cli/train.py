@@ -16,7 +16,21 @@ from typing import Any
 
 import yaml
 
+from dacnn.analysis.evaluate import evaluate_checkpoint
 from dacnn.errors import ConfigError, RunFinished
+from dacnn.registry import list_pretrained
+from dacnn.train.config import (
+    FIELD_NAMES,
+    TrainConfig,
+    config_from_dict,
+    dump_yaml,
+    field_types,
+    resolve_config,
+    unwrap_optional,
+)
+from dacnn.train.loop import train
+from dacnn.train.recipes import list_recipes
+from dacnn.train.rundir import check_same_architecture, find_run_dir, saved_config
 from dacnn.validation import option_type
 
 EPILOG = """examples:
@@ -36,7 +50,6 @@ def _parse_kwarg(text: str) -> tuple[str, Any]:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from dacnn.train.config import TrainConfig, field_types, unwrap_optional
 
     types_ = field_types()
     group = parser.add_argument_group("configuration (override the recipe and the YAML file)")
@@ -78,8 +91,15 @@ def register(subparsers: Any) -> None:
     e = subparsers.add_parser("eval", help="evaluate a checkpoint on a dataset split",
                               description="Accuracy of a run's selected model or of a .safetensors file "
                                           "(with its JSON sidecar) on a dataset split.")
-    e.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
-                   help="run directory, .safetensors file (+ .json sidecar) or .state.pt file")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="RUN_OR_FILE",
+                      help="run directory, .safetensors file (training, imported or `dacnn export` output "
+                           "of any dtype), .state.pt or released .t7 file")
+    what.add_argument("--model", metavar="MODEL.TAG",
+                      help="pretrained weights by name, with --pretrained (see `dacnn models --pretrained`)")
+    e.add_argument("--pretrained", action="store_true", help="load --model's released weights")
+    e.add_argument("--weights-dir", help="where pretrained files are looked for first (then $DACNN_WEIGHTS, "
+                                         "~/.cache/dacnn/weights, ../shared/reference/weights)")
     e.add_argument("--dataset", help="dataset (default: the one the checkpoint names)")
     e.add_argument("--data-dir", help="data root (default: $DACNN_DATA)")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -91,7 +111,6 @@ def register(subparsers: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from dacnn.train.config import FIELD_NAMES
 
     values = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
     if "model_kwargs" in values:
@@ -100,10 +119,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dacnn.train.config import config_from_dict, dump_yaml, resolve_config
-    from dacnn.train.loop import train
-    from dacnn.train.recipes import list_recipes
-    from dacnn.train.rundir import check_same_architecture, find_run_dir, saved_config
 
     if args.list_recipes:
         for recipe in list_recipes():
@@ -135,11 +150,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dacnn.analysis.evaluate import evaluate_checkpoint
 
-    result, meta = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                                       split=args.split, batch_size=args.batch_size, device=args.device,
-                                       which=args.which)
+    if args.model is not None and not args.pretrained:
+        raise ConfigError(f"--model {args.model} evaluates released weights: add --pretrained")
+    if args.model is not None and args.model not in list_pretrained():
+        raise ConfigError(f"--model {args.model}: no such pretrained name; choose one of "
+                          f"{', '.join(list_pretrained())}")
+    result, meta = evaluate_checkpoint(args.checkpoint or args.model, dataset=args.dataset,
+                                       data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+                                       device=args.device, which=args.which, weights_dir=args.weights_dir)
     params = meta["unique_params"]
     if args.json:
         print(json.dumps({"weights": meta["weights"], "model": meta["model"], "dataset": meta["dataset"],

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from dacnn.counting import count_params
+from dacnn.export.import_weights import import_lrunet, save_imported
 from dacnn.fileio import check_writable
 
 __all__ = ["register", "run"]
@@ -36,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dacnn.export.import_weights import import_lrunet, save_imported
 
     out = args.output or Path(Path(args.file).stem + ".safetensors")
     check_writable(out, "--output" if args.output else "the output")

@@ -21,20 +21,17 @@ from dacnn.errors import ConfigError
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation; the defaults are the standard CIFAR recipe (crop 4 + flip)."""
+    """Training augmentation; the defaults are none, as ``TrainConfig``'s (the recipes set them:
+    CIFAR's crop 4 + flip, :meth:`lrunet`)."""
 
-    crop_padding: int = 4
-    flip: bool = True
+    crop_padding: int = 0
+    flip: bool = False
     rotate_degrees: float = 0.0
     cutout: int = 0
 
     def __post_init__(self) -> None:
         if self.crop_padding < 0 or self.cutout < 0 or self.rotate_degrees < 0:
             raise ConfigError(f"Augment values must be >= 0, got {self}")
-
-    @classmethod
-    def none(cls) -> Augment:
-        return cls(crop_padding=0, flip=False, rotate_degrees=0.0, cutout=0)
 
     @classmethod
     def lrunet(cls) -> Augment:

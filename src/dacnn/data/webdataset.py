@@ -48,14 +48,6 @@ class ShardData:
     keys: list[str]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(ds_dir: Path) -> dict | None:
     """The folder's MANIFEST.json as a dict, or None when there is none."""
     path = ds_dir / "MANIFEST.json"

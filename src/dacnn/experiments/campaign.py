@@ -27,6 +27,7 @@ from dacnn.experiments.estimate import estimate_row
 from dacnn.experiments.runner import PlannedRow, RunOptions, plan, reproduce, row_status
 from dacnn.experiments.spec import SPEC_DIR, get_spec
 from dacnn.experiments.store import ResultsStore, check_clean
+from dacnn.train.runlog import format_duration
 
 __all__ = ["Job", "pending_jobs", "run_campaign"]
 
@@ -104,8 +105,6 @@ def _start(job: Job) -> subprocess.Popen[bytes]:
 
 
 def _estimate(jobs: list[Job], n: int, say: Any) -> None:
-    from dacnn.train.runlog import format_duration
-
     total = 0.0
     for job in jobs:
         job.seconds, _ = estimate_row(job.planned)

@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+from dacnn.data import DATASETS
+from dacnn.train.builders import build_model, build_optimizer, dataset_info, model_input_hw, model_kwargs
+from dacnn.train.config import config_from_dict
+
 __all__ = ["measure_speed", "estimate_row"]
 
 _speeds: dict[str, tuple[float, float]] = {}
@@ -24,7 +28,6 @@ ROW_OVERHEAD_S = 5.0  # loading the data, building loaders, the test subset and 
 
 def measure_speed(cfg: Any, steps: int = 2, batch: int = 128) -> tuple[float, float]:
     """``(train images/s, eval images/s)`` per CPU-second of ``cfg``'s model with its optimizer."""
-    from dacnn.train.builders import build_model, build_optimizer, dataset_info, model_input_hw, model_kwargs
 
     info = dataset_info(cfg.dataset)
     kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
@@ -59,7 +62,6 @@ def measure_speed(cfg: Any, steps: int = 2, batch: int = 128) -> tuple[float, fl
 
 
 def _images(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
-    from dacnn.data import DATASETS
 
     splits = DATASETS[cfg.dataset].splits
     train = splits["train"] - cfg.val_size
@@ -71,7 +73,6 @@ def _images(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
 
 def estimate_row(planned: Any, source_cfg: Any | None = None) -> tuple[float, str]:
     """``(seconds, explanation)`` for one planned row (see the module docstring)."""
-    from dacnn.train.config import config_from_dict
 
     row = planned.row
     if row.kind == "prune":

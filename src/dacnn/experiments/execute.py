@@ -4,7 +4,7 @@ A ``train`` row trains (or resumes, or reads back a finished run directory), eva
 model on the test split (or its seeded subset), counts FLOPs and per-use parameters of the model,
 and writes it all into one record. A run that diverges (nan/inf loss) is a result too: its best
 checkpoint before the divergence is tested and the record says so. ``filters`` rows add Figure 7's
-activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.prune`).
+activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.export.prune`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dacnn.analysis.activation_max import activation_maximisation, save_filters
+from dacnn.checkpoint import read_pointer
+from dacnn.counting import count_flops, count_params
+from dacnn.data import load_dataset
 from dacnn.errors import ConfigError
 from dacnn.experiments.store import (
     MACHINE_KEYS,
@@ -29,12 +33,17 @@ from dacnn.experiments.store import (
     source_hash,
     tree_state,
 )
+from dacnn.export.prune import prune_run
+from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.fileio import sha256_file
+from dacnn.train import TrainingDiverged, train
+from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs, resolve_device
+from dacnn.train.config import config_from_dict
 
 __all__ = ["run_training_row", "run_prune_row", "base_record", "model_figures"]
 
 
 def _machine_config(p: Any, opts: Any) -> Any:
-    from dacnn.train.config import config_from_dict
 
     assert p.run_dir is not None
     settings = {**p.train, "out_dir": str(p.run_dir.parent), "run_name": p.run_dir.name}
@@ -82,7 +91,6 @@ def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
 
 
 def _train_locked(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
-    from dacnn.train import train
 
     run_dir = p.run_dir
     if (run_dir / "result.json").is_file() and (run_dir / "checkpoints" / "best.json").is_file():
@@ -102,8 +110,6 @@ def _train_locked(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
 
 def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
     """What a run that stopped on nan/inf leaves: its epochs so far and its best checkpoint, if any."""
-    from dacnn.counting import count_params
-    from dacnn.train.builders import build_model, dataset_info, model_kwargs
 
     assert p.run_dir is not None
     history = []
@@ -125,8 +131,6 @@ def model_figures(cfg: Any) -> dict[str, Any]:
     """FLOPs, per-use parameters (every call counted) and input size of the row's model."""
     import torch
 
-    from dacnn.counting import count_flops, count_params
-    from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs
 
     info = dataset_info(cfg.dataset)
     kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
@@ -140,7 +144,6 @@ def model_figures(cfg: Any) -> dict[str, Any]:
 
 
 def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
-    from dacnn.data import load_dataset
 
     n_train = len(load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir))
     train = n_train - cfg.val_size
@@ -151,7 +154,6 @@ def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
 
 
 def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> float:
-    from dacnn.export.resolve import load_source, test_accuracy, test_loader
 
     model, meta = load_source(run_dir)
     return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n))
@@ -184,8 +186,6 @@ def base_record(p: Any, opts: Any) -> dict[str, Any]:
 
 
 def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
-    from dacnn.train import TrainingDiverged
-    from dacnn.train.builders import resolve_device
 
     cfg = _machine_config(p, opts)
     start = time.perf_counter()
@@ -227,8 +227,6 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
 
 def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
                  store: ResultsStore) -> dict[str, Any]:
-    from dacnn.analysis.activation_max import activation_maximisation, save_filters
-    from dacnn.export.resolve import load_source
 
     assert p.run_dir is not None
     model, _ = load_source(p.run_dir)
@@ -242,7 +240,6 @@ def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
 
 
 def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
-    from dacnn.export.prune import prune_run
 
     src_dir = Path(source["run_dir"])
     if not (src_dir / "checkpoints").is_dir():
@@ -274,9 +271,6 @@ def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
 
 def _best_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The weights file of the best checkpoint, its size and sha256 (what a pretrained entry names)."""
-    from dacnn.data.webdataset import sha256_file
-    from dacnn.checkpoint import read_pointer
-
     if not (run_dir / "checkpoints" / "best.json").is_file():
         return {}
     path = run_dir / "checkpoints" / read_pointer(run_dir / "checkpoints", "best")["eval_weights"]

@@ -22,10 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dacnn.analysis.activation_max import load_filters
 from dacnn.errors import ConfigError
 from dacnn.experiments import plots
+from dacnn.experiments.runner import RunOptions, plan
 from dacnn.experiments.spec import SPEC_DIR, Spec, get_spec, load_specs, rows_at_scale
 from dacnn.experiments.store import ResultsStore
+from dacnn.train.runlog import format_duration
 
 __all__ = ["build_report", "read_blocks"]
 
@@ -64,7 +67,6 @@ def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
 def _current_hashes(spec: Spec, scale: str) -> dict[str, set[str]]:
     """Config hashes (one per seed) the spec resolves to now; records with another hash are from an
     older protocol."""
-    from dacnn.experiments.runner import RunOptions, plan
 
     try:
         _, planned = plan(spec, RunOptions(scale=scale))
@@ -160,7 +162,6 @@ def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]
 
 
 def _duration(seconds: float | None) -> str:
-    from dacnn.train.runlog import format_duration
 
     return "—" if seconds is None else format_duration(seconds)
 
@@ -216,7 +217,6 @@ def _plots(spec: Spec, source: Spec, rows: Sequence[Any], records: dict[str, dic
             label = {"depth": "depth (weight layers)", "reuse": "layer reuse N"}[kind]
             made.append(plots.plot_sweep(path, rows, records, title, label, caption))
         elif kind == "filters":
-            from dacnn.analysis.activation_max import load_filters
 
             for row in rows:
                 rec = records.get(row.id)
@@ -274,7 +274,6 @@ def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, d
 
 def _runs_done(spec: Spec, scale: str, store: ResultsStore) -> str:
     """``done/planned`` runs (each seed of a row is a run) with the spec's configuration now."""
-    from dacnn.experiments.runner import RunOptions, plan
 
     source = get_spec(spec.from_spec, spec.path.parent) if spec.from_spec else spec
     if scale not in source.scales:

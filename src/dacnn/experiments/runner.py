@@ -21,6 +21,8 @@ from dacnn.errors import ConfigError
 from dacnn.experiments.execute import run_prune_row, run_training_row
 from dacnn.experiments.spec import SPEC_DIR, ResolvedRow, Spec, get_spec, resolve_row, rows_at_scale
 from dacnn.experiments.store import ResultsStore, check_clean, config_hash, source_hash
+from dacnn.train.config import resolve_config
+from dacnn.train.runlog import format_duration
 
 __all__ = ["RunOptions", "PlannedRow", "plan", "reproduce", "row_status"]
 
@@ -85,7 +87,6 @@ def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
 
 
 def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow]) -> PlannedRow:
-    from dacnn.train.config import resolve_config
 
     row = rr.row
     if row.kind == "quoted":
@@ -236,7 +237,6 @@ def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dic
 
 
 def _summary(record: dict[str, Any]) -> str:
-    from dacnn.train.runlog import format_duration
 
     err = record.get("test_error")
     parts = [f"test error {err:.2f} %" if err is not None else "no test error",

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from dacnn.errors import ConfigError
+from dacnn.train.config import FIELD_NAMES
+from dacnn.train.recipes import get_recipe
 
 __all__ = [
     "SCALES",
@@ -280,7 +282,6 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def _validate_references(spec: Spec) -> None:
-    from dacnn.train.config import FIELD_NAMES
 
     where = str(spec.path)
     for key in spec.defaults:
@@ -366,7 +367,6 @@ def resolve_row(spec: Spec, row: Row, scale: str) -> ResolvedRow:
     train.update(over.get("train") or {})
     dataset = train.get("dataset")
     if dataset is None and train.get("recipe"):
-        from dacnn.train.recipes import get_recipe
 
         dataset = get_recipe(train["recipe"]).settings.get("dataset")
     if dataset in sc.datasets:

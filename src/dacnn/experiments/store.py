@@ -31,7 +31,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from dacnn.data import find_source
 from dacnn.errors import ConfigError
+from dacnn.fileio import sha256_file
 
 __all__ = [
     "ResultsStore",
@@ -203,8 +205,6 @@ def device_description(device: str) -> str:
 def dataset_checksum(name: str, data_dir: str | None = None) -> str | None:
     """16 hex digits over the train and test files of a dataset: the manifest's sha256 of each shard
     where there is one, else a sha256 of the file. ``None`` if the files are not found."""
-    from dacnn.data import find_source
-    from dacnn.data.webdataset import sha256_file
 
     digest = hashlib.sha256()
     found = False

@@ -3,7 +3,7 @@
 What the file holds (format ``dacnn-compact/1``):
 
 * each conv/linear weight (2-D or more) under its ``state_dict`` name, once: a shared kernel is one
-  tensor owned by its :class:`~dacnn.sharing.SharedKernel`, and aliases (a module registered under
+  tensor owned by its :class:`~dacnn.shared_kernel.SharedKernel`, and aliases (a module registered under
   two parents) are recorded in the metadata instead of stored again;
 * every 1-D tensor (BatchNorm weight/bias/running statistics, biases) concatenated into
   one ``__vectors__`` tensor, with its index (names and shapes; JSON, zlib-compressed, base64) in
@@ -148,13 +148,11 @@ def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def _default_spec(model: nn.Module) -> tuple[str, dict[str, Any]]:
-    """Model name and kwargs recorded on the module (``model.create_kwargs`` or ``model.info``)."""
+    """Model name and the kwargs :func:`dacnn.create_model` built it with (``model.info``)."""
     info = getattr(model, "info", None)
-    name = getattr(info, "name", "") or ""
-    kwargs = getattr(model, "create_kwargs", None)
-    if kwargs is None and info is not None:
-        kwargs = {"num_classes": info.num_classes, "in_chans": info.input_size[0]}
-    return name, dict(kwargs or {})
+    if info is None:
+        return "", {}
+    return info.name, dict(info.model_kwargs)
 
 
 def _check_rebuilds(name: str, kwargs: dict[str, Any], stored: dict[str, torch.Tensor]) -> None:
@@ -183,7 +181,8 @@ def export_safetensors(
     """Write ``model`` as a compact safetensors file (see the module docstring) and describe it.
 
     ``model_name``/``model_kwargs`` let :func:`load_exported` rebuild the model with
-    :func:`dacnn.create_model`; by default they are read from the model (``create_kwargs``/``info``).
+    :func:`dacnn.create_model`; by default they are read from ``model.info`` (and checked to rebuild
+    tensors of the stored shapes, e.g. after ``reset_classifier``).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -191,7 +190,7 @@ def export_safetensors(
     name = model_name if model_name is not None else default_name
     kwargs = model_kwargs if model_kwargs is not None else default_kwargs
     stored, aliases = unique_state(model)
-    if name and model_kwargs is None and getattr(model, "create_kwargs", None) is None:
+    if name and model_kwargs is None:
         _check_rebuilds(name, kwargs, stored)
     tensors: dict[str, torch.Tensor] = {}
     vectors: list[tuple[str, torch.Tensor]] = []
@@ -375,6 +374,5 @@ def load_exported(
             raise CheckpointError(f"{path}: tensor {wrong[0]} does not fit model {header.model!r} "
                                   f"with {header.model_kwargs}")
         model = create_model(header.model, **header.model_kwargs)
-        model.create_kwargs = dict(header.model_kwargs)
     load_state_into(model, state, header.aliases, source=path)
     return model.to(dtype).eval(), header

@@ -2,7 +2,7 @@
 
 Reads safetensors files (compact exports and training checkpoints) and ONNX graphs. When the model
 is recorded (export metadata, or the checkpoint's sidecar read by
-:func:`dacnn.train.checkpoint.read_sidecar`) it is rebuilt with
+:func:`dacnn.checkpoint.read_sidecar`) it is rebuilt with
 :func:`dacnn.create_model` and :func:`dacnn.counting.parameter_uses` says how often each tensor is
 applied; otherwise the uses recorded at export time are shown.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dacnn.checkpoint import read_sidecar
 from dacnn.counting import count_params, parameter_uses
 from dacnn.errors import CheckpointError
 from dacnn.export.compact import FORMAT, SCALE_SUFFIX, SCALES, VECTORS, parse_header
@@ -78,7 +79,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _checkpoint_description(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Model name, kwargs and other fields of a training weights file's sidecar, if it has one."""
-    from dacnn.checkpoint import read_sidecar
 
     try:
         side = read_sidecar(path)

@@ -8,7 +8,8 @@ smallest magnitudes are set to zero:
 * ``scope="layer"``: the same fraction removed from each tensor.
 
 Masks stay fixed while fine-tuning: :func:`keep_masks` re-applies them after every optimizer step
-(``Optimizer.register_step_post_hook``), so any training loop keeps pruned weights at zero. Vectors
+(``Optimizer.register_step_post_hook``), so any training loop keeps pruned weights at zero;
+:func:`prune_run` fine-tunes with :func:`dacnn.train.train` itself. Vectors
 (BatchNorm affine, biases) are never pruned. :func:`count_nonzero` counts unique parameters.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dacnn import checkpoint as ckpt
+from dacnn.counting import parameter_uses
 from dacnn.errors import ConfigError
+from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.train.config import config_from_dict, dump_yaml, load_yaml
+from dacnn.train.loop import train
 
 __all__ = [
     "SCOPES",
@@ -32,7 +39,6 @@ __all__ = [
     "apply_masks",
     "keep_masks",
     "count_nonzero",
-    "finetune",
     "prune_run",
 ]
 
@@ -105,8 +111,10 @@ def keep_masks(
 
 
 def count_nonzero(model: nn.Module, prunable_only: bool = False) -> tuple[int, int]:
-    """``(non-zero, total)`` over unique trainable parameters (or only the prunable weights)."""
-    params = (p for _, p in prunable_weights(model)) if prunable_only else model.parameters()
+    """``(non-zero, total)`` over the unique parameters of :func:`dacnn.count_params` (or only the
+    prunable weights)."""
+    params = (p for _, p in prunable_weights(model)) if prunable_only else (
+        p for _, p, _ in parameter_uses(model).values())
     nonzero = total = 0
     for p in params:
         nonzero += int(torch.count_nonzero(p.detach()))
@@ -127,8 +135,6 @@ def _run_dir_of(source: str | os.PathLike[str]) -> Path | None:
 
 def _finetune_config(source: str | os.PathLike[str], meta: dict[str, Any], **overrides: Any) -> Any:
     """The run's ``config.yaml`` (or the sidecar's model/dataset) with the fine-tuning overrides."""
-    from dacnn.train.config import config_from_dict, load_yaml
-
     run_dir = _run_dir_of(source)
     if run_dir is not None:
         base = load_yaml(run_dir / "config.yaml")
@@ -157,47 +163,13 @@ def _finetune_config(source: str | os.PathLike[str], meta: dict[str, Any], **ove
     return config_from_dict(settings, source=f"{run_dir or source}: fine-tuning config")
 
 
-def finetune(model: nn.Module, masks: dict[str, torch.Tensor], cfg: Any, verbose: bool = True) -> list[dict]:
-    """``cfg.epochs`` epochs of the training engine's step with the masks kept; a record per epoch."""
-    from dacnn.train.builders import (
-        LRSchedule,
-        build_data,
-        build_optimizer,
-        model_input_hw,
-        resolve_device,
-        seed_everything,
-    )
-    from dacnn.train.engine import StepRunner, evaluate
-
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = build_data(cfg, device, model_input_hw(cfg.model))
-    model.to(device)
-    masks = {k: m.to(device) for k, m in masks.items()}
-    optimizer = build_optimizer(model, cfg)
-    handle = keep_masks(optimizer, model, masks)
-    schedule = LRSchedule(cfg, len(data.train))
-    runner = StepRunner(
-        model, optimizer, device, label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad
-    )
-    records = []
-    try:
-        for epoch in range(cfg.epochs):
-            data.train.set_epoch(epoch)
-            model.train()
-            for batch, (x, y) in enumerate(data.train):
-                schedule.apply(optimizer, epoch, batch)
-                runner.step(x, y)
-            val = evaluate(model, data.val, device) if data.val is not None else None
-            records.append({"epoch": epoch, "val_acc": val.acc if val else None})
-            if verbose:
-                print(
-                    f"fine-tune epoch {epoch + 1}/{cfg.epochs}"
-                    + (f": val acc {val.acc:.2f} %" if val else "")
-                )
-    finally:
-        handle.remove()
-    return records
+def _select_last(ckpt_dir: Path) -> None:
+    """Point ``best`` at ``last`` (fine-tuning selects nothing) and delete the other versions."""
+    last = ckpt.read_pointer(ckpt_dir, "last")
+    ckpt.atomic_write_text(ckpt_dir / "best.json", json.dumps(last, indent=1) + "\n")
+    for path in ckpt_dir.glob("e*-s*"):
+        if path.name.split(".")[0].removesuffix("-ema") != last["version"]:
+            path.unlink(missing_ok=True)
 
 
 def prune_run(
@@ -215,25 +187,47 @@ def prune_run(
 ) -> dict[str, Any]:
     """``dacnn prune``: load a run's model, prune, fine-tune ``epochs``, test, save a run directory.
 
-    Fine-tuning uses the run's recipe with a tenth of its learning rate (cosine to zero) unless
-    ``lr`` is given, no EMA, and selects nothing (the last epoch is tested). The output directory
-    holds ``config.yaml``, ``checkpoints/`` (readable by ``dacnn export``) and ``prune.json``.
+    Fine-tuning is :func:`dacnn.train.train` started from the pruned weights (so it has AMP,
+    checkpoints, resume, the NaN guard and DDP) with the masks re-applied after every optimizer
+    step; it uses the run's recipe with a tenth of its learning rate (cosine to zero) unless ``lr`` is
+    given, no EMA, and the last epoch is tested. The output directory holds ``config.yaml``,
+    ``checkpoints/`` (readable by ``dacnn export``) and ``prune.json``.
     """
-    from dacnn import checkpoint as ckpt
-    from dacnn.export.resolve import load_source, test_accuracy, test_loader
-    from dacnn.train.config import dump_yaml
-
     check_prune_args(ratio, scope)
     model, meta = load_source(source)
+    run_dir = _run_dir_of(source)
+    default = f"{(run_dir or Path(meta['source']).with_suffix('')).as_posix().rstrip('/')}-pruned{ratio:g}"
+    out = Path(output or default)
     cfg = _finetune_config(
-        source, meta, lr=lr, epochs=max(epochs, 1), train_subset=train_subset, data_dir=data_dir
+        source, meta, lr=lr, epochs=max(epochs, 1), train_subset=train_subset, data_dir=data_dir,
+        out_dir=str(out.parent), run_name=out.name,
     )
     loader = test_loader(meta, data_dir=data_dir, limit=limit)
     before = test_accuracy(model, loader)
     masks = magnitude_prune(model, ratio, scope)
     pruned = test_accuracy(model, loader)
-    history = finetune(model, masks, cfg, verbose) if epochs > 0 else []
-    after = test_accuracy(model.cpu(), loader) if epochs > 0 else pruned
+    kept, prunable = count_nonzero(model, prunable_only=True)
+    pruned_meta = {"pruned": {"ratio": ratio, "scope": scope, "prunable_kept": kept}}
+    history: list[dict[str, Any]] = []
+    if epochs > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            init = ckpt.save_weights(model, Path(tmp) / "pruned.safetensors", {"model": meta["model"]})
+            trained = train(cfg, init_weights=init, meta=pruned_meta, verbose=verbose,
+                            on_optimizer=lambda m, opt: keep_masks(opt, m, masks))
+        out = Path(trained.run_dir or out)
+        _select_last(out / "checkpoints")
+        history = [{"epoch": r["epoch"], "val_acc": r["val_acc"]} for r in trained.history]
+        model, _ = load_source(out)
+        after = test_accuracy(model, loader)
+    else:
+        after = pruned
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        sidecar = {k: v for k, v in meta.items() if k not in ("source", "format", "ema")}
+        state = {"epoch": 0, "batches_done": 0, "global_step": 0, "epoch_done": True,
+                 "config": cfg.to_dict(), "pruned": {"ratio": ratio, "scope": scope, "epochs": 0}}
+        ckpt.save_checkpoint(out / "checkpoints", model=model.cpu(), ema_model=None, state=state,
+                             meta={**sidecar, **pruned_meta}, is_best=True)
     nonzero, unique = count_nonzero(model)
     kept, prunable = count_nonzero(model, prunable_only=True)
     result = {
@@ -255,29 +249,7 @@ def prune_run(
         "prunable_total": prunable,
         "compression": unique / max(nonzero, 1),
         "history": history,
+        "output": str(out),
     }
-    run_dir = _run_dir_of(source)
-    default = f"{(run_dir or Path(meta['source']).with_suffix('')).as_posix().rstrip('/')}-pruned{ratio:g}"
-    out = Path(output or default)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    sidecar = {k: v for k, v in meta.items() if k not in ("source", "format", "ema")}
-    state = {
-        "epoch": max(epochs - 1, 0),
-        "batches_done": 0,
-        "global_step": 0,
-        "epoch_done": True,
-        "config": cfg.to_dict(),
-        "pruned": {k: result[k] for k in ("ratio", "scope", "epochs")},
-    }
-    ckpt.save_checkpoint(
-        out / "checkpoints",
-        model=model.cpu(),
-        ema_model=None,
-        state=state,
-        meta={**sidecar, "pruned": {"ratio": ratio, "scope": scope, "nonzero": nonzero}},
-        is_best=True,
-    )
-    result["output"] = str(out)
     ckpt.atomic_write_text(out / "prune.json", json.dumps(result, indent=1) + "\n")
     return result

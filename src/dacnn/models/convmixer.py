@@ -5,21 +5,25 @@ depthwise ``k x k`` conv with a residual connection followed by a pointwise 1x1 
 followed by GELU and then BatchNorm (activation before normalisation), and a global-pool + linear head.
 
 Kernel sharing (paper section 3, "isomorphic layers"): with ``shared=True`` all ``d`` depthwise
-convs apply one :class:`~dacnn.sharing.SharedKernel` (weight *and* bias, ``groups=h``) and all ``d``
+convs apply one :class:`~dacnn.shared_kernel.SharedKernel` (weight *and* bias, ``groups=h``) and all ``d``
 pointwise convs another; each layer keeps its own two BatchNorms. Patch embedding and head are free.
 Counts (CIFAR-10): 1,409,034 free, 107,274 shared (SPEC.md table in 1.1).
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
-from dacnn.registry import ModelInfo, register_model
+from dacnn.models.base import ClassifierMixin
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
-__all__ = ["ConvMixer", "MixerLayer", "convmixer_256_16", "convmixer_256_16_shared"]
+__all__ = ["ConvMixer", "MixerLayer"]
 
 PAPER = "arXiv 2210.14151"
 
@@ -47,7 +51,7 @@ class MixerLayer(nn.Sequential):
         )
 
 
-class ConvMixer(nn.Module):
+class ConvMixer(ClassifierMixin, nn.Module):
     """ConvMixer-h/d: width ``width`` (h), ``depth`` (d) layers, depthwise kernel ``kernel_size``,
     patch ``patch_size``.
 
@@ -95,24 +99,31 @@ class ConvMixer(nn.Module):
         self.layers = nn.Sequential(*(MixerLayer(depthwise(), pointwise(), width) for _ in range(depth)))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(width, num_classes)
+        self.num_classes, self.num_features = num_classes, width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(self.layers(self.patch_embed(x))), 1))
+    classifier_name = "head"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.patch_embed(x))
 
 
-def _info(name: str, twin: str | None) -> ModelInfo:
-    return ModelInfo(
-        name, "convmixer", num_classes=10, paper=PAPER, shared_twin=twin,
+# name -> builder kwargs (SPEC 1.1: ConvMixer-256/16, kernel 9, patch 1) and free-weight twin.
+_CFGS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "convmixer_256_16": ({"width": 256, "depth": 16, "kernel_size": 9, "patch_size": 1}, None),
+    "convmixer_256_16_shared": (
+        {"width": 256, "depth": 16, "kernel_size": 9, "patch_size": 1, "shared": True}, "convmixer_256_16"),
+}
+
+
+def _create_convmixer(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (classes, input channels)."""
+    return ConvMixer(**variant_args(variant, _CFGS[variant][0], kwargs))
+
+
+for _name, (_cfg, _twin) in _CFGS.items():
+    register_model(ModelInfo(
+        _name, "convmixer", num_classes=10, paper=PAPER, shared_twin=_twin,
         table_row="SPEC 1.1: ConvMixer-256/16, kernel 9, patch 1",
-        notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
-    )
-
-
-@register_model(_info("convmixer_256_16", None))
-def convmixer_256_16(**kw: object) -> nn.Module:
-    return ConvMixer(256, 16, kernel_size=9, patch_size=1, shared=False, **kw)
-
-
-@register_model(_info("convmixer_256_16_shared", "convmixer_256_16"))
-def convmixer_256_16_shared(**kw: object) -> nn.Module:
-    return ConvMixer(256, 16, kernel_size=9, patch_size=1, shared=True, **kw)
+        notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)", first_conv="patch_embed.0",
+        classifier="head",
+    ))(partial(_create_convmixer, _name))

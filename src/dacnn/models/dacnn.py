@@ -12,27 +12,31 @@
 
 ``depth`` counts weight layers as the paper does: convolutions plus the one linear classifier
 (DACNN-14 = 13 convolutions + FC). Where the official release code differs (conv->ReLU->BN order,
-conv biases, unused regulators, channel rotation; see ``../shared/reference/SPEC.md`` section 3)
-this file follows the paper; ``docs/parameters.md`` says how that compares with the paper's counts.
+conv biases, unused regulators, channel rotation, the release ResNets' fourth max-pool after the
+last group, ``Mix_Net``'s bare first conv of ``block_512_2``; see ``../shared/reference/SPEC.md``
+section 3) this file follows the paper; ``docs/parameters.md`` says how that compares with the paper's counts.
 
-Parameter accounting (:mod:`dacnn.paper`): of the 44 parameter figures printed in Tables 2-6 this
-reading matches 6 to the printed precision (Table 2 at 3 layers, Table 4's four single sections,
-Table 6's DACNN-34). The tables disagree with each other (Table 2 vs 6 on DACNN-18, Tables 4/5/6 on
+Parameter accounting (:mod:`dacnn.analysis.paper_figures`): of the 44 parameter figures printed in
+Tables 2-6 this reading matches 6 to the printed precision (Table 2 at 3 layers, Table 4's four single
+sections, Table 6's DACNN-34). The tables disagree with each other (Table 2 vs 6 on DACNN-18, Tables 4/5/6 on
 the regulators' size), and the other readings tried (depth = kernel uses, conv biases, 10 classes,
 the release code's 3,4,6,3 layout, regulators without BN) match at most 7; only counting
 conventions that drop BatchNorm's shift (11) or all of BatchNorm (16) match more, and they are not
-the network the paper trains. See :data:`dacnn.paper.READING_NOTES`.
+the network the paper trains. See :data:`dacnn.analysis.paper_figures.READING_NOTES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, conv_use, init_weights, split_evenly
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import SharedKernel
 
 __all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "dacnn"]
@@ -116,7 +120,17 @@ class _Classifier(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class PlainDACNN(nn.Module):
+class _DACNNBase(ClassifierMixin, nn.Module):
+    """timm's interface over :class:`_Classifier` (``head.pool``, ``head.fc``)."""
+
+    classifier_name, pool_name = "head.fc", "head.pool"
+
+    def _set_head(self, channels: int, num_classes: int) -> None:
+        self.head = _Classifier(channels, num_classes)
+        self.num_classes, self.num_features = num_classes, channels
+
+
+class PlainDACNN(_DACNNBase):
     """VGG-style DACNN of ``depth`` weight layers (``depth - 1`` convs + FC), paper eq. 2-3.
 
     The ``depth - 1`` convolutions fall into ``min(5, depth - 1)`` groups (VGG-16's 2,2,3,3,3 for
@@ -149,14 +163,14 @@ class PlainDACNN(nn.Module):
                 layers.append(ConvBNReLU(conv, width, batchnorm))
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.head = _Classifier(width, num_classes)
+        self._set_head(width, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
-class ResidualDACNN(nn.Module):
+class ResidualDACNN(_DACNNBase):
     """DACNN with residual learning (eq. 6): stem, four equal-width sections of anchored blocks.
 
     ``depth - 2`` must be even (two convs per block); 18 and 34 use ResNet-18/34's block layouts,
@@ -198,14 +212,14 @@ class ResidualDACNN(nn.Module):
                 stage.append(nn.MaxPool2d(2))
             stages.append(nn.Sequential(*stage))
         self.sections = nn.Sequential(*stages)
-        self.head = _Classifier(width, num_classes)
+        self._set_head(width, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.sections(self.stem(x)))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sections(self.stem(x))
 
 
-class MixedDACNN(nn.Module):
+class MixedDACNN(_DACNNBase):
     """Mixed DACNN: one shared kernel per section width, 3 -> w -> 2w -> 4w -> 8w (w = 64).
 
     ``template="vgg"`` (DACNN-14 MIX): VGG-16's 13 convs in five pooled sections; sections 4 and 5
@@ -270,11 +284,11 @@ class MixedDACNN(nn.Module):
             self.features = nn.Sequential(*stages)
         else:
             raise ValueError(f"MixedDACNN template must be 'vgg' or 'resnet', got {template!r}")
-        self.head = _Classifier(widths[-1], num_classes)
+        self._set_head(widths[-1], num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 def dacnn(
@@ -303,64 +317,39 @@ def dacnn(
     )
 
 
-def _info(name: str, row: str, twin: str | None = None, **extra: object) -> ModelInfo:
-    return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin, extra=dict(extra))
+# name -> (paper row, builder kwargs, free-weight twin): one per row of the paper's Table 6.
+_CFGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "dacnn14": ("Table 6: DACNN-14 (plain)", {"depth": 14}, None),
+    "dacnn18": ("Table 6: DACNN-18 (plain)", {"depth": 18}, None),
+    "dacnn34": ("Table 6: DACNN-34 (plain)", {"depth": 34}, None),
+    "dacnn18_reg": ("Table 6: DACNN-18 (REG)", {"depth": 18, "regulators": "all"}, None),
+    "dacnn24_reg": ("Table 6: DACNN-24 (REG)", {"depth": 24, "regulators": "all"}, None),
+    "dacnn34_reg": ("Table 6: DACNN-34 (REG)", {"depth": 34, "regulators": "all"}, None),
+    "dacnn14_mix": ("Table 6: DACNN-14 (MIX)", {"mixed": True, "depth": 14, "template": "vgg"}, "vgg16_1fc"),
+    "dacnn18_mix": ("Table 6: DACNN-18 (MIX)", {"mixed": True, "depth": 18}, "resnet18"),
+    "dacnn34_mix": ("Table 6: DACNN-34 (MIX)", {"mixed": True, "depth": 34}, "resnet34"),
+    "dacnn18_mix_reg": ("Table 6: DACNN-18 (MIX, REG)", {"mixed": True, "depth": 18, "regulators": "all"},
+                        None),
+    "dacnn34_mix_reg": ("Table 6: DACNN-34 (MIX, REG)", {"mixed": True, "depth": 34, "regulators": "all"},
+                        None),
+}
 
 
-# ---- registered variants: one per row of the paper's Table 6 (plus the generic builder) ----
-register_model(_info("dacnn", "Table 2 (any depth/width)"))(dacnn)
+def _create_dacnn(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, regulators...; not the
+    depth or template the row fixes)."""
+    fixed = dict(_CFGS[variant][1])
+    defaults = {k: fixed.pop(k) for k in ("regulators",) if k in fixed}  # REG rows: "all" unless told
+    cfg = variant_args(variant, fixed, kwargs, defaults)
+    return MixedDACNN(**cfg) if cfg.pop("mixed", False) else dacnn(**cfg)
 
 
-@register_model(_info("dacnn14", "Table 6: DACNN-14 (plain)"))
-def dacnn14(**kw: object) -> nn.Module:
-    return dacnn(14, **kw)
+def _info(name: str, row: str, cfg: dict[str, Any], twin: str | None = None) -> ModelInfo:
+    plain = cfg.get("mixed") or cfg.get("depth", 14) <= 17  # a plain stack: no stem module
+    return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin,
+                     first_conv="features.0.0" if plain else "stem.0", classifier="head.fc")
 
 
-@register_model(_info("dacnn18", "Table 6: DACNN-18 (plain)"))
-def dacnn18(**kw: object) -> nn.Module:
-    return dacnn(18, **kw)
-
-
-@register_model(_info("dacnn34", "Table 6: DACNN-34 (plain)"))
-def dacnn34(**kw: object) -> nn.Module:
-    return dacnn(34, **kw)
-
-
-@register_model(_info("dacnn18_reg", "Table 6: DACNN-18 (REG)"))
-def dacnn18_reg(**kw: object) -> nn.Module:
-    return dacnn(18, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn24_reg", "Table 6: DACNN-24 (REG)"))
-def dacnn24_reg(**kw: object) -> nn.Module:
-    return dacnn(24, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn34_reg", "Table 6: DACNN-34 (REG)"))
-def dacnn34_reg(**kw: object) -> nn.Module:
-    return dacnn(34, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn14_mix", "Table 6: DACNN-14 (MIX)", twin="vgg16_1fc"))
-def dacnn14_mix(**kw: object) -> nn.Module:
-    return MixedDACNN(14, template="vgg", **kw)
-
-
-@register_model(_info("dacnn18_mix", "Table 6: DACNN-18 (MIX)", twin="resnet18"))
-def dacnn18_mix(**kw: object) -> nn.Module:
-    return MixedDACNN(18, **kw)
-
-
-@register_model(_info("dacnn34_mix", "Table 6: DACNN-34 (MIX)", twin="resnet34"))
-def dacnn34_mix(**kw: object) -> nn.Module:
-    return MixedDACNN(34, **kw)
-
-
-@register_model(_info("dacnn18_mix_reg", "Table 6: DACNN-18 (MIX, REG)"))
-def dacnn18_mix_reg(**kw: object) -> nn.Module:
-    return MixedDACNN(18, regulators=kw.pop("regulators", "all"), **kw)
-
-
-@register_model(_info("dacnn34_mix_reg", "Table 6: DACNN-34 (MIX, REG)"))
-def dacnn34_mix_reg(**kw: object) -> nn.Module:
-    return MixedDACNN(34, regulators=kw.pop("regulators", "all"), **kw)
+register_model(_info("dacnn", "Table 2 (any depth/width)", {}))(dacnn)
+for _name, (_row, _cfg, _twin) in _CFGS.items():
+    register_model(_info(_name, _row, _cfg, _twin))(partial(_create_dacnn, _name))

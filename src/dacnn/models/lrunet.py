@@ -7,7 +7,7 @@ the logits**, 2x2 average pooling).
 
 A block (paper Fig. 2) owns two kernels, a depthwise 3x3 conv with channel multiplier 2 (``q -> 2q``,
 groups ``q``) and a grouped pointwise conv (``2q -> q``, groups 8), each a
-:class:`~dacnn.sharing.SharedKernel` applied ``N`` times ("layer reuse"). Iteration ``i``:
+:class:`~dacnn.shared_kernel.SharedKernel` applied ``N`` times ("layer reuse"). Iteration ``i``:
 ``y = relu(BN_pw_i(pw(BN_dw_i(dw(x)))) + x)``, followed (except after the last) by the channel
 shuffle of the reference code: swap the two halves, then the 2-group shuffle. Every iteration has
 its own two BatchNorms; no activation between ``dw`` and ``pw``.
@@ -22,17 +22,24 @@ residual merged into one grouped 3x3 conv. ``benchmarks/lrunet_speed.py`` measur
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
-from dacnn.errors import ConfigError
-from dacnn.registry import ModelInfo, register_model
+from dacnn.errors import CheckpointError, ConfigError
+from dacnn.hub import PretrainedCfg
+from dacnn.models.base import ClassifierMixin
+from dacnn.registry import ModelInfo, register_model, register_pretrained
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
-__all__ = ["LruBlock", "LruNet", "channel_shuffle", "lrunet_1x", "lrunet_2x"]
+__all__ = [
+    "LruBlock", "LruNet", "channel_shuffle", "lrunet_1x", "lrunet_2x", "checkpoint_filter_fn",
+    "config_from_state",
+]
 
 PAPER = "arXiv 1901.09615"
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -111,6 +118,14 @@ def _is_tracing() -> bool:
     )
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether a forward (pre-)hook would see a call the fused fast path skips: one on any
+    submodule of ``module`` (a kernel, a use, a BatchNorm) or a global module hook."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
 def _kernel_of(use: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight and bias an (anchored or, after :func:`dacnn.untie`, free) conv applies."""
     owner = use.kernel if isinstance(use, AnchoredConv2d) else use
@@ -165,11 +180,11 @@ class LruBlock(nn.Module):
     :class:`_ShuffleDuplicate`, in eval mode BatchNorm folded into per-iteration kernel copies).
     """
 
-    def __init__(self, planes: int, layer_reuse: int) -> None:
+    def __init__(self, planes: int, layer_reuse: int, fast: bool = True) -> None:
         super().__init__()
         if planes % PW_GROUPS:
             raise ConfigError(f"LruBlock: planes={planes} must be divisible by {PW_GROUPS}")
-        self.planes, self.layer_reuse, self.fast = planes, layer_reuse, True
+        self.planes, self.layer_reuse, self.fast = planes, layer_reuse, fast
         self.dw = SharedKernel(planes, 2 * planes, 3, groups=planes)
         self.pw = SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS)
         self.dw_uses = nn.ModuleList(AnchoredConv2d(self.dw, padding=1) for _ in range(layer_reuse))
@@ -178,9 +193,7 @@ class LruBlock(nn.Module):
         self.pw_bns = nn.ModuleList(nn.BatchNorm2d(planes) for _ in range(layer_reuse))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = [self._modules.get(name) for name in ("dw", "pw")]  # gone after dacnn.untie
-        hooked = any(k._forward_hooks or k._forward_pre_hooks for k in kernels if k is not None)
-        if not self.fast or hooked or _is_tracing():  # hooks on a kernel expect it to be called
+        if not self.fast or _has_hooks(self) or _is_tracing():  # a hooked module must be called
             return self._forward_reference(x)
         frozen = all(bn.running_mean is not None for bn in (*self.dw_bns, *self.pw_bns))
         if not self.training and frozen:
@@ -222,8 +235,19 @@ class LruBlock(nn.Module):
         return x
 
 
-class LruNet(nn.Module):
-    """``layer_reuse``-LruNet-``width_mult``x for 32x32 (CIFAR) or 28x28 (Fashion-MNIST) input."""
+class LruNet(ClassifierMixin, nn.Module):
+    """``layer_reuse``-LruNet-``width_mult``x for 32x32 (CIFAR) or 28x28 (Fashion-MNIST) input.
+
+    ``fast=False`` runs the reference's op sequence in every block (``--model-kwargs fast=false``
+    on the command line); the default computes the same function faster (:class:`LruBlock`).
+
+    timm's interface: :meth:`forward_features` ends after stage 4 (``(B, 512w, 2, 2)`` at 32x32);
+    :meth:`forward_head` is the grouped 1x1 classifier (``pre_logits=True`` stops before the logits
+    conv, ``classifier.4``, so the features are ``(B, 256w, H, W)``: the reference pools *after* its
+    ReLU on the logits, so there is no pooled pre-logits vector).
+    """
+
+    classifier_name = "classifier.4"
 
     def __init__(
         self,
@@ -233,6 +257,7 @@ class LruNet(nn.Module):
         num_classes: int = 10,
         in_chans: int = 3,
         drop_rate: float = 0.5,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(width_mult, float) and width_mult.is_integer():
@@ -251,9 +276,10 @@ class LruNet(nn.Module):
             nn.BatchNorm2d(STEM_WIDTH),
             nn.ReLU(inplace=True),
         )
-        self.stage1, self.stage2, self.stage3, self.stage4 = (LruBlock(c, layer_reuse) for c in widths)
+        self.stage1, self.stage2, self.stage3, self.stage4 = (LruBlock(c, layer_reuse, fast) for c in widths)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         head = 256 * width_mult
+        self.num_features = head
         self.classifier = nn.Sequential(
             nn.Conv2d(widths[-1], head, 1, groups=PW_GROUPS, bias=False),
             nn.BatchNorm2d(head),
@@ -266,26 +292,97 @@ class LruNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Kaiming-normal (fan_out) on every conv, BN weight 1 / bias 0 (reference init)."""
+        """The reference init: Kaiming-normal (fan_out) on every conv weight (a shared kernel through
+        its own :meth:`~dacnn.SharedKernel.reset_parameters`), conv biases left at PyTorch's default,
+        BN weight 1 / bias 0."""
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, SharedKernel)):
+            if isinstance(m, SharedKernel):
+                m.reset_parameters()
+            elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem(x)
         if self.width_mult > 1:
             out = torch.cat([out] * self.width_mult, 1)
         out = self.pool(self.stage1(out))
         out = self.pool(self.stage2(torch.cat([out, out], 1)))
         out = self.stage3(torch.cat([out, out], 1))
-        out = self.pool(self.stage4(torch.cat([out, out], 1)))
-        out = self.classifier(out.contiguous())  # dropout masks follow memory order: keep the reference's
-        return out.reshape(out.shape[0], self.num_classes)
+        return self.pool(self.stage4(torch.cat([out, out], 1)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.contiguous()  # dropout masks follow memory order: keep the reference's
+        if pre_logits:
+            return self.classifier[:4](x)
+        out = self.classifier(x)
+        return out.reshape(out.shape[0], -1)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new logits conv ``256w -> num_classes`` (``0``: identity, the head then returns the
+        ReLU'd, pooled ``256w`` features)."""
+        self.num_classes = num_classes
+        self.classifier[4] = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
+
+
+_KEY_RENAMES = ((r"^features\.", "stem."), (r"\.dw_bn_list\.", ".dw_bns."), (r"\.pw_bn_list\.", ".pw_bns."))
+
+
+def config_from_state(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, int]:
+    """``layer_reuse``, ``width_mult``, ``num_classes``, ``in_chans`` of a reference LruNet state_dict."""
+    try:
+        stem = state["features.0.weight"]
+        dw = state["stage1.dw.weight"]
+        logits = state["classifier.4.weight"]
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: not an LruNet state_dict (no key {exc.args[0]!r})") from None
+    reuse = len({k for k in state if re.match(r"stage1\.dw_bn_list\.\d+\.weight$", k)})
+    if dw.shape[0] % 128 or reuse < 1:
+        raise CheckpointError(
+            f"{source}: stage1.dw.weight has shape {tuple(dw.shape)}; expected (128*w, 1, 3, 3)"
+        )
+    return {
+        "layer_reuse": reuse,
+        "width_mult": dw.shape[0] // 128,
+        "num_classes": int(logits.shape[0]),
+        "in_chans": int(stem.shape[1]),
+    }
+
+
+def _few(keys: list[str]) -> str:
+    return str(keys[:5]) + (" ..." if len(keys) > 5 else "")
+
+
+def checkpoint_filter_fn(
+    state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """The authors' state_dict (``features.``, ``dw_bn_list``, ``pw_bn_list``) renamed to ours,
+    keys and shapes checked against ``model`` (timm's ``checkpoint_filter_fn``)."""
+    converted = {}
+    for key, value in state.items():
+        for pattern, repl in _KEY_RENAMES:
+            key = re.sub(pattern, repl, key)
+        converted[key] = value
+    ours = model.state_dict()
+    for key, value in ours.items():  # checkpoints from PyTorch < 0.4.1 have no BN step counters
+        if key.endswith("num_batches_tracked") and key not in converted:
+            converted[key] = torch.zeros_like(value)
+    missing = sorted(set(ours) - set(converted))
+    unexpected = sorted(set(converted) - set(ours))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match {type(model).__name__}: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}"
+        )
+    for key, value in ours.items():
+        if converted[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(converted[key].shape)}, "
+                f"the model expects {tuple(value.shape)}"
+            )
+    return converted
 
 
 def _info(name: str, width: int) -> ModelInfo:
@@ -293,15 +390,58 @@ def _info(name: str, width: int) -> ModelInfo:
         name, "lrunet", num_classes=10, paper=PAPER,
         table_row=f"SPEC 2.1: N-LruNet-{width}x (layer_reuse=N, default 8 as the reference code)",
         notes="CIFAR-10 by default; in_chans=1 for Fashion-MNIST (28x28); no input normalisation",
-        extra={"width_mult": width},
+        extra={"width_mult": width}, first_conv="stem.0", classifier="classifier.4",
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
     )
 
 
-@register_model(_info("lrunet_1x", 1))
-def lrunet_1x(layer_reuse: int = 8, **kw: object) -> nn.Module:
-    return LruNet(layer_reuse, 1, **kw)  # type: ignore[arg-type]
+def _create_lrunet(variant: str, layer_reuse: int = 8, **kwargs: Any) -> nn.Module:
+    return LruNet(layer_reuse, _VARIANTS[variant], **kwargs)
 
 
-@register_model(_info("lrunet_2x", 2))
-def lrunet_2x(layer_reuse: int = 8, **kw: object) -> nn.Module:
-    return LruNet(layer_reuse, 2, **kw)  # type: ignore[arg-type]
+_VARIANTS = {"lrunet_1x": 1, "lrunet_2x": 2}  # name -> width_mult
+
+
+def lrunet_1x(layer_reuse: int = 8, **kwargs: Any) -> nn.Module:
+    """``N``-LruNet-1x (``N = layer_reuse``)."""
+    return _create_lrunet("lrunet_1x", layer_reuse, **kwargs)
+
+
+def lrunet_2x(layer_reuse: int = 8, **kwargs: Any) -> nn.Module:
+    """``N``-LruNet-2x (``N = layer_reuse``)."""
+    return _create_lrunet("lrunet_2x", layer_reuse, **kwargs)
+
+
+for _name, _fn in (("lrunet_1x", lrunet_1x), ("lrunet_2x", lrunet_2x)):
+    register_model(_info(_name, _VARIANTS[_name]))(_fn)
+
+
+# The six checkpoints the authors released (../shared/reference/weights/lrunet/MANIFEST.json):
+# (model, dataset, layer_reuse, file, sha256, reported test accuracy %).
+_CIFAR_NOTE = "published on the original test set; ../shared/data's CIFAR is JPEG re-encoded (4-5 pts lower)"
+_RELEASE = "okankop/CNN-layer-reuse@1dd8d42bf58442c9530dd660fabe054d434008ed, folder pretrained/"
+_RELEASED = (
+    ("lrunet_1x", "cifar10", 1, "cifar10-lru1-ckpt-08391.t7",
+     "6bac007ff78004d21884f7b0682f7978796f92a0e850cac6c1168ba756d81465", 83.91),
+    ("lrunet_1x", "cifar10", 14, "cifar10-lru14-ckpt-08934.t7",
+     "bc6991084834975d549134aa79cffaaf471a525649f2f0fa11151bdee9664bfe", 89.34),
+    ("lrunet_2x", "cifar100", 1, "cifar100-lru1-2x-ckpt-06322.t7",
+     "683a13b33520ac18d1fa2a9b74610cd9eba169c76f5ce11db89079fc0298dbe3", 63.22),
+    ("lrunet_2x", "cifar100", 14, "cifar100-lru14-2x-ckpt-06884.t7",
+     "62d4b4e9b8f3feff7ceb56c9ccf2f675615d3b369f38f8161f414f6b890a0da0", 68.84),
+    ("lrunet_1x", "fashion_mnist", 1, "fashionmnist-lru1-ckpt-09117.t7",
+     "f0b96bdedd6cf8027b4aaecf360ee8c32c7dd60d6224a603196850c306b7f58e", 91.17),
+    ("lrunet_1x", "fashion_mnist", 10, "fashionmnist-lru10-ckpt-09346.t7",
+     "aba6b4783ece6267aa761f6fff161b4cf651e005f92e6b3a842449aef1e2fe15", 93.46),
+)
+for _model, _dataset, _reuse, _file, _sha, _acc in _RELEASED:
+    _tag = f"{_dataset}_n{_reuse}"
+    register_pretrained(_model, PretrainedCfg(
+        tag=_tag, file=f"lrunet/{_file}", sha256=_sha, source=_RELEASE,
+        licence="MIT (Copyright (c) 2017 Okan Kopuklu)", dataset=_dataset, accuracy=_acc,
+        command=f"dacnn eval --model {_model}.{_tag} --pretrained --dataset {_dataset}",
+        model_kwargs={"layer_reuse": _reuse, "in_chans": 1 if _dataset == "fashion_mnist" else 3,
+                      "num_classes": 100 if _dataset == "cifar100" else 10},
+        normalize=False, pad_to=None, filter_fn=checkpoint_filter_fn,
+        notes="" if _dataset == "fashion_mnist" else _CIFAR_NOTE,
+    ))

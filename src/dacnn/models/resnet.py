@@ -7,13 +7,17 @@ global average pooling and one linear layer.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 
-__all__ = ["BasicBlock", "ResNet", "resnet18", "resnet34"]
+__all__ = ["BasicBlock", "ResNet"]
 
 
 class BasicBlock(nn.Module):
@@ -46,7 +50,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierMixin, nn.Module):
     """CIFAR ResNet with basic blocks; ``layers`` blocks per stage, ``width`` channels in stage 1."""
 
     def __init__(
@@ -69,21 +73,24 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
-def _info(name: str, row: str) -> ModelInfo:
-    return ModelInfo(name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=row)
+# name -> (blocks per stage, paper row)
+_CFGS = {"resnet18": ((2, 2, 2, 2), "Table 6: ResNet18"), "resnet34": ((3, 4, 6, 3), "Table 6: ResNet34")}
 
 
-@register_model(_info("resnet18", "Table 6: ResNet18"))
-def resnet18(**kw: object) -> nn.Module:
-    return ResNet((2, 2, 2, 2), **kw)
+def _create_resnet(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, input channels)."""
+    return ResNet(**variant_args(variant, {"layers": _CFGS[variant][0]}, kwargs))
 
 
-@register_model(_info("resnet34", "Table 6: ResNet34"))
-def resnet34(**kw: object) -> nn.Module:
-    return ResNet((3, 4, 6, 3), **kw)
+for _name, (_, _row) in _CFGS.items():
+    register_model(ModelInfo(
+        _name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=_row,
+        first_conv="stem.0", classifier="fc",
+    ))(partial(_create_resnet, _name))

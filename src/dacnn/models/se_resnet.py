@@ -4,7 +4,7 @@ A 16-wide 3x3 stem, three stages of ``n`` post-activation squeeze-and-excitation
 64/128/256 channels (strides 1, 2, 2), global pooling and a linear head. Every stage's first block
 projects its shortcut (1x1 conv + BN) because the stem is narrower than stage 1.
 
-Kernel sharing: in a shared stage one ``C x C`` 3x3 :class:`~dacnn.sharing.SharedKernel` is applied
+Kernel sharing: in a shared stage one ``C x C`` 3x3 :class:`~dacnn.shared_kernel.SharedKernel` is applied
 by the second conv of every block and by the first conv of every block whose input already has ``C``
 channels, i.e. ``2n - 1`` times; the first block's first conv (``Cin -> C``, maybe strided), the
 projections, SE layers and all BatchNorms stay free. ``share_stages`` switches stages one by one.
@@ -13,14 +13,17 @@ projections, SE layers and all BatchNorms stay free. ``share_stages`` switches s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv3x3
 from dacnn.models.resnet import BasicBlock
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["SqueezeExcitation", "SEBasicBlock", "SEResNet", "se_resnet"]
@@ -62,7 +65,7 @@ class SEBasicBlock(BasicBlock):
         return self.relu(out + self.shortcut(x))
 
 
-class SEResNet(nn.Module):
+class SEResNet(ClassifierMixin, nn.Module):
     """CIFAR SE-ResNet with ``blocks`` blocks per stage; ``share_stages[s]`` ties stage ``s``'s 3x3 convs.
 
     Shared kernels live in ``self.kernels`` (a ModuleDict keyed by stage index), so each is saved
@@ -91,7 +94,7 @@ class SEResNet(nn.Module):
             conv3x3(in_chans, STEM_WIDTH), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU(inplace=True)
         )
         self.kernels = nn.ModuleDict(
-            {str(s): SharedKernel(c, c, 3, init="kaiming_normal")
+            {str(s): SharedKernel(c, c, 3, init="kaiming_normal_fan_in")
              for s, (c, share) in enumerate(zip(STAGE_WIDTHS, share_stages)) if share}
         )
         stages: list[nn.Module] = []
@@ -110,6 +113,7 @@ class SEResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -118,13 +122,13 @@ class SEResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, SharedKernel):
-                nn.init.kaiming_normal_(m.weight)
+                m.reset_parameters()  # built with init="kaiming_normal_fan_in": the same draw
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
 def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Module:
@@ -134,23 +138,22 @@ def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Modu
     return SEResNet(blocks, share_stages=share_stages, **kw)  # type: ignore[arg-type]
 
 
-def _register(blocks: int) -> None:
-    for shared in (False, True):
-        name = f"se_resnet_d_{blocks}" + ("_shared" if shared else "")
-        info = ModelInfo(
-            name, "se_resnet", num_classes=10, paper=PAPER,
-            table_row=f"SPEC 1.3: se_resnet_d_{blocks}" + (" (all stages shared)" if shared else " (free)"),
-            shared_twin=f"se_resnet_d_{blocks}" if shared else None,
+_DEPTHS = (2, 3, 4, 6, 8, 10)  # blocks per stage of the registered variants (SPEC 1.3)
+
+
+def _create_se_resnet(blocks: int, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
+    """``se_resnet_d_<blocks>`` (``_shared``: every stage shares one kernel) with ``kwargs``."""
+    cfg = variant_args(f"se_resnet_d_{blocks}", {"blocks": blocks, "shared": shared}, kwargs)
+    return se_resnet(**cfg)
+
+
+for _blocks in _DEPTHS:
+    for _shared in (False, True):
+        _name = f"se_resnet_d_{_blocks}" + ("_shared" if _shared else "")
+        register_model(ModelInfo(
+            _name, "se_resnet", num_classes=10, paper=PAPER,
+            table_row=f"SPEC 1.3: se_resnet_d_{_blocks}" + (" (all stages shared)" if _shared else " (free)"),
+            shared_twin=f"se_resnet_d_{_blocks}" if _shared else None,
             notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
-            extra={"blocks": blocks},
-        )
-
-        def build(_blocks: int = blocks, _shared: bool = shared, **kw: object) -> nn.Module:
-            return se_resnet(_blocks, shared=_shared, **kw)
-
-        build.__name__ = name
-        register_model(info)(build)
-
-
-for _n in (2, 3, 4, 6, 8, 10):
-    _register(_n)
+            extra={"blocks": _blocks}, first_conv="stem.0", classifier="fc",
+        ))(partial(_create_se_resnet, _blocks, shared=_shared))

@@ -18,13 +18,16 @@ WRN-28-10 (CIFAR-100) 36,536,884 -> 26,860,084 (ShaResNet README table).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv1x1, conv3x3, init_weights
-from dacnn.registry import ModelInfo, register_model
+from dacnn.registry import ModelInfo, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["PreActBottleneck", "PreActBasic", "PreActResNet", "WideResNet"]
@@ -86,7 +89,7 @@ class PreActBasic(_PreActUnit):
         return self.conv2(self.act1(self.conv1(a)))
 
 
-class _CifarPreActNet(nn.Module):
+class _CifarPreActNet(ClassifierMixin, nn.Module):
     """Stem 3x3 -> three stages of units -> BN-ReLU -> global pool -> linear."""
 
     def __init__(
@@ -119,11 +122,11 @@ class _CifarPreActNet(nn.Module):
         self.final = _bn_relu(cin)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.final(self.stages(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final(self.stages(self.stem(x)))
 
 
 class PreActResNet(_CifarPreActNet):
@@ -157,23 +160,26 @@ class WideResNet(_CifarPreActNet):
         )
 
 
-def _register(name: str, builder: Callable[..., nn.Module], classes: int, row: str) -> None:
-    for shared in (False, True):
-        full = name + ("_shared" if shared else "")
-        info = ModelInfo(
-            full, "sharesnet", num_classes=classes, paper=PAPER, table_row=row,
-            shared_twin=name if shared else None,
-            notes=f"default num_classes={classes} as in the ShaResNet README row",
-        )
-
-        def build(_shared: bool = shared, **kw: object) -> nn.Module:
-            kw.setdefault("num_classes", classes)
-            return builder(shared=_shared, **kw)
-
-        build.__name__ = full
-        register_model(info)(build)
+# name -> (class, its config, default num_classes, README row); each registered free and ``_shared``.
+_CFGS: dict[str, tuple[Callable[..., nn.Module], dict[str, int], int, str]] = {
+    "sharesnet164": (PreActResNet, {"depth": 164}, 10, "README: CIFAR-10 ResNet-164 (pre-act)"),
+    "wrn40_4": (WideResNet, {"depth": 40, "widen": 4}, 10, "README: CIFAR-10 WRN-40-4"),
+    "wrn28_10": (WideResNet, {"depth": 28, "widen": 10}, 100, "README: CIFAR-100 WRN-28-10"),
+}
 
 
-_register("sharesnet164", lambda **kw: PreActResNet(164, **kw), 10, "README: CIFAR-10 ResNet-164 (pre-act)")
-_register("wrn40_4", lambda **kw: WideResNet(40, 4, **kw), 10, "README: CIFAR-10 WRN-40-4")
-_register("wrn28_10", lambda **kw: WideResNet(28, 10, **kw), 100, "README: CIFAR-100 WRN-28-10")
+def _create_sharesnet(variant: str, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (classes, input channels)."""
+    cls, cfg, classes, _ = _CFGS[variant]
+    return cls(**variant_args(variant, {**cfg, "shared": shared}, {"num_classes": classes, **kwargs}))
+
+
+for _name, (_, _, _classes, _row) in _CFGS.items():
+    for _shared in (False, True):
+        _full = _name + ("_shared" if _shared else "")
+        register_model(ModelInfo(
+            _full, "sharesnet", num_classes=_classes, paper=PAPER, table_row=_row,
+            shared_twin=_name if _shared else None,
+            notes=f"default num_classes={_classes} as in the ShaResNet README row",
+            first_conv="stem", classifier="fc",
+        ))(partial(_create_sharesnet, _name, shared=_shared))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dacnn.models.base import ClassifierMixin
 from dacnn.models.layers import conv3x3, init_weights
 from dacnn.registry import ModelInfo, register_model
 
@@ -18,7 +19,7 @@ __all__ = ["VGG", "vgg16_1fc"]
 CFG_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(ClassifierMixin, nn.Module):
     """VGG from a layer list (ints are conv widths, ``"M"`` max-pools); ``width`` scales channels."""
 
     def __init__(
@@ -37,15 +38,16 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.num_classes, self.num_features = num_classes, cin
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 @register_model(
     ModelInfo("vgg16_1fc", "vgg", paper="arXiv 1409.1556 (baseline of arXiv 1904.09764)",
-              table_row="Table 6: VGG (1-fc)")
+              table_row="Table 6: VGG (1-fc)", first_conv="features.0", classifier="fc")
 )
 def vgg16_1fc(**kw: object) -> nn.Module:
     return VGG(CFG_D, **kw)

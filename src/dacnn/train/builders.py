@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dacnn.data import DATASETS, Augment, DeviceLoader, load_dataset
 from dacnn.errors import ConfigError
+from dacnn.registry import create_model, model_info
 from dacnn.train.config import TrainConfig
 from dacnn.train.distributed import DistContext
+from dacnn.train.optim import param_groups
 
 __all__ = ["dataset_info", "resolve_device", "seed_everything", "set_deterministic", "RunData", "build_data",
            "build_model", "build_optimizer", "LRSchedule"]
@@ -67,7 +70,6 @@ class RunData:
 
 def dataset_info(name: str | None) -> Any:
     """``DATASETS[name]``, or a :class:`ConfigError` listing the known names."""
-    from dacnn.data import DATASETS
 
     if name is None:
         raise ConfigError("no dataset given: use --dataset NAME or a recipe that sets one")
@@ -82,7 +84,6 @@ def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None) -> 
     The validation split and the subset use seed 0 whatever ``cfg.seed`` is, so runs with different
     seeds see the same data; ``cfg.seed`` sets the order and augmentation.
     """
-    from dacnn.data import Augment, DeviceLoader, load_dataset
 
     info = dataset_info(cfg.dataset)
     full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
@@ -133,7 +134,6 @@ def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str,
 
 def build_model(name: str | None, kwargs: dict[str, Any]) -> nn.Module:
     """``create_model`` with its errors turned into :class:`ConfigError`."""
-    from dacnn.registry import create_model
 
     if name is None:
         raise ConfigError("no model given: use --model NAME (see `dacnn models`) or a recipe that sets one")
@@ -147,7 +147,6 @@ def build_model(name: str | None, kwargs: dict[str, Any]) -> nn.Module:
 
 def model_input_hw(name: str | None) -> int | None:
     """Input height the registered model is designed for (to pad smaller images), if known."""
-    from dacnn.registry import model_info
 
     if name is None:
         return None
@@ -159,7 +158,6 @@ def model_input_hw(name: str | None) -> int | None:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD / Adagrad / Adam / AdamW over deduplicated parameters (each shared tensor once)."""
-    from dacnn.train.optim import param_groups
 
     groups = param_groups(model, cfg.weight_decay, decay_1d=cfg.decay_norm_and_bias)
     eps = {} if cfg.eps is None else {"eps": cfg.eps}

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from dacnn.errors import ConfigError
+from dacnn.train.recipes import get_recipe
 from dacnn.validation import RULES, check_value
 
 __all__ = ["TrainConfig", "resolve_config", "load_yaml", "config_from_dict", "dump_yaml"]
@@ -236,7 +237,6 @@ def resolve_config(
     the milestones are scaled in proportion (a 9-epoch ``dacnn-cifar100`` drops lr after epoch 4.5
     -> 4, as 90 epochs do at 45), so every recipe scales down.
     """
-    from dacnn.train.recipes import get_recipe
 
     overrides = dict(overrides or {})
     check_keys(overrides, "command line")

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dacnn import checkpoint as ckpt
 from dacnn.counting import count_params
@@ -46,6 +48,7 @@ from dacnn.train.distributed import (
     shard_batch,
     wrap_ddp,
 )
+from dacnn.train.ema import ModelEMA
 from dacnn.train.engine import StepRunner, evaluate
 from dacnn.train.rundir import find_run_dir, open_run
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
@@ -106,17 +109,24 @@ class _Running:
                 "train_seconds": self.seconds}
 
 
-def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool = True,
+          init_weights: str | Path | None = None, on_optimizer: OptimizerHook | None = None,
+          meta: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset``; ``resume`` (a run directory) continues a run.
 
-    Process-wide torch settings the run changes (threads, deterministic mode) are restored after it.
+    ``init_weights`` (a weights file of the same model) starts from trained weights instead of the
+    random init (fine-tuning, e.g. ``dacnn prune``); ``on_optimizer(model, optimizer)`` is called once
+    the optimizer exists, also on resume (e.g. to register a step hook); ``meta`` is added to every
+    saved weights file's sidecar. Process-wide torch settings the run changes (threads,
+    deterministic mode) are restored after it.
     """
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    start = _Start(init_weights, on_optimizer, dict(meta or {}))
     run = None
     try:
-        run = _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose)
+        run = _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose, start)
         return run.run()
     finally:
         if run is not None and run.lock is not None:
@@ -126,9 +136,22 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
         torch.use_deterministic_algorithms(deterministic)
 
 
+OptimizerHook = Callable[[nn.Module, torch.optim.Optimizer], Any]
+
+
+@dataclass
+class _Start:
+    """What :func:`train` starts from besides the config (see its docstring)."""
+
+    init_weights: str | Path | None = None
+    on_optimizer: OptimizerHook | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, device: torch.device, ctx: DistContext,
-                 resume: str | Path | None, verbose: bool) -> None:
+                 resume: str | Path | None, verbose: bool, given: _Start | None = None) -> None:
+        self.given = given or _Start()
         self.start = time.perf_counter()
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.say = print if verbose and ctx.is_main else (lambda *a, **k: None)
@@ -146,6 +169,9 @@ class _Run:
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
         self.model = build_model(cfg.model, self.kwargs).to(device)
+        if self.given.init_weights is not None:  # replaces the random init: draw as if none was made
+            ckpt.load_weights(self.model, self.given.init_weights, device)
+            seed_everything(cfg.seed)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data = build_data(cfg, device, model_input_hw(cfg.model))
@@ -153,10 +179,11 @@ class _Run:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
         self.ema = None
         if cfg.ema is not None:
-            from dacnn.train.ema import ModelEMA
 
             self.ema = ModelEMA(self.model, decay=cfg.ema)
         self.optimizer = build_optimizer(self.model, cfg)
+        if self.given.on_optimizer is not None:
+            self.given.on_optimizer(self.model, self.optimizer)
         side = self.data.pad_to or info.image_size[0]
         self.input_size = (info.image_size[2], side, side)
         train_model = wrap_ddp(self.model, self.ctx, device, self.input_size)
@@ -171,7 +198,7 @@ class _Run:
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
         self.log = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard)
         self.meta = {"model": cfg.model, "model_kwargs": self.kwargs, "dataset": cfg.dataset,
-                     "normalize": cfg.normalize, "pad_to": self.data.pad_to}
+                     "normalize": cfg.normalize, "pad_to": self.data.pad_to, **self.given.meta}
 
     def restore(self, state: dict[str, Any]) -> tuple[int, int, int]:
         """Load a training state; returns (start epoch, batches to skip, global step)."""

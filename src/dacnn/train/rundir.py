@@ -19,8 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dacnn import checkpoint as ckpt
 from dacnn.errors import CheckpointError, ConfigError, DacnnError, RunFinished, RunInUse
-from dacnn.train import checkpoint as ckpt
 from dacnn.train.distributed import DistContext, broadcast_object
 
 try:

@@ -1,0 +1,139 @@
+"""Released weights by name: the :class:`PretrainedCfg` table entry, the weights directory, checks.
+
+A pretrained entry (registered by its model family, see :func:`dacnn.registry.register_pretrained`)
+names a file relative to the weights directory, its sha256, where it comes from, its licence, the
+dataset and the published accuracy, the command that reproduces that figure, and the ``create_model``
+keyword arguments the weights need. The directory is searched in this order:
+
+1. ``weights_dir`` passed by the caller (``--weights-dir`` on the command line);
+2. ``$DACNN_WEIGHTS``;
+3. ``~/.cache/dacnn/weights`` (:data:`DEFAULT_WEIGHTS_DIR`);
+4. ``../shared/reference/weights`` beside the working directory or the repository, when present.
+
+A file found but with another sha256 is an error (never silently used); a missing file lists every
+directory looked in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from dacnn.errors import CheckpointError
+from dacnn.fileio import sha256_file, torch_load_reason
+
+__all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "weights_dirs", "find_weights",
+           "read_checkpoint", "read_state_file", "load_pretrained"]
+
+DEFAULT_WEIGHTS_DIR = Path("~/.cache/dacnn/weights").expanduser()
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # src/dacnn/hub.py -> repository root
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """One set of released (or self-trained) weights, ``<model>.<tag>``.
+
+    ``filter_fn(state, model)`` turns the file's state_dict into the model's (key renames of the
+    authors' release code); ``normalize``/``pad_to`` say how test images are fed (the reference's
+    evaluation); ``accuracy`` is the published top-1 (%) on ``dataset``'s test split and ``command``
+    the ``dacnn`` command line that reproduces it.
+    """
+
+    tag: str
+    file: str
+    sha256: str
+    source: str
+    licence: str
+    dataset: str
+    accuracy: float
+    command: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    normalize: bool = True
+    pad_to: int | None = None
+    filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
+    notes: str = ""
+
+
+def weights_dirs(weights_dir: str | Path | None = None) -> list[Path]:
+    """The directories searched for pretrained files, in order (see the module docstring)."""
+    dirs: list[Path] = []
+    if weights_dir is not None:
+        dirs.append(Path(weights_dir).expanduser())
+    if os.environ.get("DACNN_WEIGHTS"):
+        dirs.append(Path(os.environ["DACNN_WEIGHTS"]).expanduser())
+    dirs.append(DEFAULT_WEIGHTS_DIR)
+    for shared in (Path.cwd().parent / "shared" / "reference" / "weights",
+                   _REPO_ROOT.parent / "shared" / "reference" / "weights"):
+        if shared.is_dir() and shared.resolve() not in [d.resolve() for d in dirs]:
+            dirs.append(shared)
+    return dirs
+
+
+def find_weights(cfg: PretrainedCfg, weights_dir: str | Path | None = None, *, verify: bool = True) -> Path:
+    """The first ``<dir>/<cfg.file>`` found; with ``verify`` its sha256 must be ``cfg.sha256``."""
+    looked = weights_dirs(weights_dir)
+    for root in looked:
+        path = root / cfg.file
+        if path.is_file():
+            if verify:
+                digest = sha256_file(path)
+                if digest != cfg.sha256:
+                    raise CheckpointError(
+                        f"{path}: sha256 is {digest}, expected {cfg.sha256} for pretrained tag "
+                        f"{cfg.tag!r} (altered or another file; delete it or point --weights-dir elsewhere)"
+                    )
+            return path
+    where = ", ".join(str(d) for d in looked)
+    raise CheckpointError(
+        f"pretrained weights {cfg.file} (tag {cfg.tag!r}, sha256 {cfg.sha256[:12]}...) not found; looked "
+        f"in {where}. Put the file there (source: {cfg.source}) or pass --weights-dir / set $DACNN_WEIGHTS"
+    )
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, extras)`` from ``.safetensors`` or a PyTorch pickle (``torch.load(weights_only=True)``).
+
+    A release checkpoint ``{'net': state, 'acc': ..., 'epoch': ...}`` (LruNet's format) is unwrapped,
+    its ``acc``/``epoch`` returned as extras, and DataParallel's ``module.`` prefixes dropped.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path)), {}
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a pickle, objects weights_only refuses
+        reason = torch_load_reason(exc)
+        raise CheckpointError(f"{path} is not a trusted PyTorch checkpoint: {reason}") from None
+    extras: dict[str, Any] = {}
+    if isinstance(raw, dict) and "net" in raw:
+        extras = {k: raw[k] for k in ("acc", "epoch") if k in raw}
+        raw = raw["net"]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path}: expected a dict with a 'net' state_dict (LruNet release format)")
+    extras = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in extras.items()}
+    return {k.removeprefix("module."): v for k, v in raw.items()}, extras
+
+
+def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict of :func:`read_checkpoint`."""
+    return read_checkpoint(path)[0]
+
+
+def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights_dir: str | Path | None = None) -> nn.Module:
+    """Find, verify and load ``cfg``'s weights into ``model`` (strict), returning it in eval mode."""
+    path = find_weights(cfg, weights_dir)
+    state = read_state_file(path)
+    if cfg.filter_fn is not None:
+        state = cfg.filter_fn(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__} ({exc})") from None
+    return model.eval()
