@@ -11,6 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from dacnn.errors import DacnnError
+from dacnn.runtime import tune_malloc
+
+# Subcommands that train or evaluate: glibc keeps their freed activations (dacnn.runtime).
+COMPUTE_COMMANDS = ("train", "eval", "reproduce")
 
 # Modules (in dacnn.cli) that add subcommands; a module not written yet is skipped.
 SUBCOMMAND_MODULES = ("models", "data", "train", "weights", "export", "reproduce")
@@ -45,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in COMPUTE_COMMANDS:
+        tune_malloc()
     try:
         return int(args.func(args) or 0)
     except DacnnError as exc:

@@ -47,6 +47,9 @@ RECORD_FIELDS = (
 # Training settings that say where or how fast a run happens, not what it computes: left out of the hash.
 MACHINE_KEYS = ("data_dir", "out_dir", "run_name", "device", "threads", "tensorboard", "ckpt_every_steps",
                 "nan_check_every", "eval_batch_size")
+# Speed settings whose unset value ("auto": dacnn.train.speed picks per device) hashes as the fixed
+# default they had before, so the records made then keep their hashes.
+FORMER_DEFAULTS = {"channels_last": (None, False), "compile": (None, False), "amp": ("auto", "none")}
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -67,6 +70,8 @@ def config_hash(train: dict[str, Any], runner: dict[str, Any]) -> str:
     Machine settings (:data:`MACHINE_KEYS`) and unset (``None``) values are left out, so a training
     setting added later with a ``None`` default does not orphan the records made before it.
     """
+    train = {k: FORMER_DEFAULTS[k][1] if k in FORMER_DEFAULTS and v == FORMER_DEFAULTS[k][0] else v
+             for k, v in train.items()}
     kept = {k: v for k, v in train.items() if k not in MACHINE_KEYS and v is not None}
     payload = {"train": kept, "runner": {k: v for k, v in runner.items() if v is not None}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -24,6 +24,7 @@ import torch
 
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, DacnnError
+from dacnn.runtime import warn_slow_amp
 from dacnn.train import checkpoint as ckpt
 from dacnn.train.builders import (
     LRSchedule,
@@ -49,6 +50,7 @@ from dacnn.train.distributed import (
 )
 from dacnn.train.engine import StepRunner, evaluate
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
+from dacnn.train.speed import resolve_speed
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "new_run_dir", "find_run_dir"]
 
@@ -164,8 +166,10 @@ class _Run:
         seed_everything(cfg.seed)
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
+        self.speed = resolve_speed(cfg, device)
+        warn_slow_amp(device, self.speed.amp)
         self.model = build_model(cfg.model, self.kwargs).to(device)
-        if cfg.channels_last:
+        if self.speed.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data = build_data(cfg, device, model_input_hw(cfg.model))
         if self.ctx.enabled:
@@ -180,12 +184,12 @@ class _Run:
         self.input_size = (info.image_size[2], side, side)
         train_model = wrap_ddp(self.model, self.ctx, device, self.input_size)
         eval_model = self.ema.module if self.ema is not None else self.model
-        if cfg.compile:
+        if self.speed.compile:
             train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
         self.eval_model = eval_model
-        self.runner = StepRunner(train_model, self.optimizer, device, amp=cfg.amp,
+        self.runner = StepRunner(train_model, self.optimizer, device, amp=self.speed.amp,
                                  label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad,
-                                 channels_last=cfg.channels_last)
+                                 channels_last=self.speed.channels_last)
         self.steps_per_epoch = len(self.data.train)
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
         self.log = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard)
@@ -265,7 +269,8 @@ class _Run:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         self.say(f"run {self.run_dir}: {cfg.model} on {cfg.dataset} ({self.data.train_size} train images, "
                  f"{self.steps_per_epoch} steps/epoch, {count_params(self.model).unique:,} unique params, "
-                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''})")
+                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''}, "
+                 f"{self.speed.describe()})")
 
         for epoch in range(start_epoch, cfg.epochs):
             first = epoch == start_epoch
@@ -280,8 +285,8 @@ class _Run:
                 ckpt.restore_rng(self.resume_state["rng"])  # after skipping, see the module docstring
             step = self.train_epoch(epoch, batches, batch, step, running)
 
-            val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=cfg.amp,
-                           channels_last=cfg.channels_last) if self.data.val is not None else None
+            val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=self.speed.amp,
+                           channels_last=self.speed.channels_last) if self.data.val is not None else None
             if val is not None and not math.isfinite(val.loss):
                 self.diverged(f"validation loss became {val.loss} after epoch {epoch + 1}")
             is_best = val is None or self.best["val_acc"] is None or val.acc > self.best["val_acc"]
@@ -347,10 +352,10 @@ class _Run:
             pointer = ckpt.read_pointer(self.ckpt_dir, "best")
             selected = build_model(cfg.model, self.kwargs).to(self.device)
             ckpt.load_weights(selected, self.ckpt_dir / pointer["eval_weights"], self.device)
-            if cfg.channels_last:
+            if self.speed.channels_last:
                 selected = selected.to(memory_format=torch.channels_last)
-            test = evaluate(selected, self.data.test, self.device, amp=cfg.amp,
-                            channels_last=cfg.channels_last)
+            test = evaluate(selected, self.data.test, self.device, amp=self.speed.amp,
+                            channels_last=self.speed.channels_last)
         self.ctx.barrier()
         result = TrainResult(
             run_dir=str(self.run_dir), model=str(cfg.model), dataset=str(cfg.dataset), epochs=cfg.epochs,
