@@ -84,7 +84,9 @@ class TrainConfig:
                                           "model family as measured, dacnn.train.speed)")
     amp: str = _f("auto", "autocast dtype: auto (bf16 on CUDA, none on CPU), none, bf16, fp16 (GPU only, "
                           "with a GradScaler); a bare --amp means bf16", choices=AMP_MODES)
-    nan_check_every: int = _f(1, "check the loss for nan/inf every N steps")
+    nan_check_every: int | None = _f(None, "check the loss for nan/inf every N steps, before the step "
+                                           "(default: 1 on CPU; on CUDA 0: flags gathered on the device, "
+                                           "read at checkpoints and epoch ends, no host sync per step)")
     threads: int | None = _f(None, "CPU threads of torch (default: torch's choice, one per core)")
     # output
     out_dir: str = _f("runs", "directory holding run directories")
@@ -187,10 +189,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(
                 f"{source}: field {f.name!r} must be one of {', '.join(choices)}, got {value!r}"
             )
-    positive = ("epochs", "batch_size", "eval_batch_size", "nan_check_every")
+    positive = ("epochs", "batch_size", "eval_batch_size")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{source}: field {name!r} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.nan_check_every is not None and cfg.nan_check_every < 0:
+        raise ConfigError(f"{source}: field 'nan_check_every' must be >= 0, got {cfg.nan_check_every}")
     nonneg = ("val_size", "crop_padding", "cutout", "ckpt_every_steps", "weight_decay", "label_smoothing")
     for name in nonneg:
         if getattr(cfg, name) < 0:

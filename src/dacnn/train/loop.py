@@ -45,7 +45,6 @@ from dacnn.train.distributed import (
     all_reduce_sum,
     cleanup,
     init_distributed,
-    shard_batch,
     wrap_ddp,
 )
 from dacnn.train.engine import StepRunner, evaluate
@@ -113,10 +112,12 @@ class _Running:
         saved = saved or {}
         self.loss = torch.tensor(saved.get("loss_sum", 0.0), dtype=torch.float64, device=device)
         self.correct = torch.tensor(saved.get("correct", 0), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check
         self.seen = int(saved.get("seen", 0))
         self.seconds = float(saved.get("train_seconds", 0.0))
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
         self.loss += loss.double() * n
         self.correct += correct
         self.seen += n
@@ -171,7 +172,7 @@ class _Run:
         self.model = build_model(cfg.model, self.kwargs).to(device)
         if self.speed.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.data = build_data(cfg, device, model_input_hw(cfg.model))
+        self.data = build_data(cfg, device, model_input_hw(cfg.model), self.ctx)
         if self.ctx.enabled:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
         self.ema = None
@@ -241,13 +242,16 @@ class _Run:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
 
-    def check_finite(self, loss: torch.Tensor, epoch: int, batch: int, step: int) -> None:
-        bad = 0.0 if bool(torch.isfinite(loss)) else 1.0
+    def check_finite(self, loss: torch.Tensor, running: _Running, epoch: int, batch: int, step: int) -> None:
+        """One host read of the loss (and the device-side flag of the steps since the last check)."""
+        earlier = bool(running.nonfinite)
+        bad = 0.0 if bool(torch.isfinite(loss)) and not earlier else 1.0
         if self.ctx.enabled:
             bad = all_reduce_sum([bad], self.ctx, self.device)[0]
         if bad:
-            self.diverged(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}/"
-                          f"{self.steps_per_epoch} (step {step + 1})")
+            what = "nan/inf after the last check, by" if earlier else f"{loss.item()} at"
+            self.diverged(f"loss became {what} epoch {epoch + 1}, batch {batch + 1}/{self.steps_per_epoch} "
+                          f"(step {step + 1})")
 
     def diverged(self, what: str) -> None:
         last = self.ckpt_dir / "last.json"
@@ -313,13 +317,13 @@ class _Run:
             bar.update(batch)
         tick = time.perf_counter()
         self.model.train()
+        every = cfg.nan_check_every if cfg.nan_check_every is not None else int(self.device.type != "cuda")
         for x, y in batches:
             self.schedule.apply(self.optimizer, epoch, batch)
-            x, y = shard_batch(x, y, self.ctx)
             loss, correct = runner.forward_backward(x, y)
             will_save = cfg.ckpt_every_steps and (step + 1) % cfg.ckpt_every_steps == 0
-            if (step + 1) % cfg.nan_check_every == 0 or will_save or batch + 1 == self.steps_per_epoch:
-                self.check_finite(loss, epoch, batch, step)
+            if (every and (step + 1) % every == 0) or will_save or batch + 1 == self.steps_per_epoch:
+                self.check_finite(loss, running, epoch, batch, step)
             runner.apply()
             if self.ema is not None:
                 self.ema.update(self.model)
