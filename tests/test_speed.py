@@ -202,7 +202,7 @@ def test_device_side_check_and_channels_last_leave_the_training_unchanged(tmp_pa
     accuracy after the steps must agree within 2 points of 1,000 validation images."""
     base = {"model": "dacnn", "depth": 5, "width": 16, "dataset": "fashion_mnist", "data_dir": DATA_DIR,
             "train_subset": 2560, "val_size": 1000, "epochs": 1, "batch_size": 64, "lr": 0.05,
-            "optimizer": "sgd", "momentum": 0.9, "eval_test": False, "out_dir": str(tmp_path)}
+            "optimizer": "sgd", "momentum": 0.9, "eval_test": False, "threads": 1, "out_dir": str(tmp_path)}
     runs = {}
     for name, extra in {"per-step": {"nan_check_every": 1, "channels_last": False},
                         "device": {"nan_check_every": 0, "channels_last": False},

@@ -87,7 +87,8 @@ class TrainConfig:
     nan_check_every: int | None = _f(None, "check the loss for nan/inf every N steps, before the step "
                                            "(default: 1 on CPU; on CUDA 0: flags gathered on the device, "
                                            "read at checkpoints and epoch ends, no host sync per step)")
-    threads: int | None = _f(None, "CPU threads of torch (default: torch's choice, one per core)")
+    threads: int | None = _f(None, "CPU threads of torch (default: the cores not busy with other processes, "
+                                   "dacnn.runtime.idle_cores; with --deterministic torch's one per core)")
     # output
     out_dir: str = _f("runs", "directory holding run directories")
     run_name: str | None = _f(None, "run directory name (default: <date>-<model>-<dataset>)")

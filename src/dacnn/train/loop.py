@@ -24,7 +24,7 @@ import torch
 
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, DacnnError
-from dacnn.runtime import warn_slow_amp
+from dacnn.runtime import idle_cores, warn_slow_amp
 from dacnn.train import checkpoint as ckpt
 from dacnn.train.builders import (
     LRSchedule,
@@ -164,6 +164,8 @@ class _Run:
         set_deterministic(cfg.deterministic)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        elif device.type == "cpu" and not cfg.deterministic:  # a bitwise resume needs a fixed count
+            torch.set_num_threads(idle_cores())
         seed_everything(cfg.seed)
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
