@@ -24,17 +24,13 @@ from dacnn.train.config import TrainConfig
 
 __all__ = ["Speed", "resolve_speed", "CPU_CHANNELS_LAST"]
 
-# benchmarks/memory_format.py on the 2-core development machine (training step, NCHW / NHWC time;
-# > 1 means channels_last is faster). Families not listed stay NCHW.
-CPU_CHANNELS_LAST: dict[str, bool] = {
-    "dacnn": True,
-    "resnet": True,
-    "se_resnet": True,
-    "sharesnet": True,
-    "vgg": True,
-    "convmixer": True,
-    "lrunet": True,
-}
+# benchmarks/memory_format.py on the shared 2-core development machine (training step at batch 64,
+# NCHW time / channels_last time, medians of 4 interleaved steps under heavy load, commit 736cf74):
+# dacnn14 w32 3.51, w128 0.89 (issue 14 measured +28 % / +12 % end to end with channels_last, and
+# PERFORMANCE.md 0.44 -> 0.54 of the matmul rate at w128: on); resnet18 0.95, se_resnet_d_2_shared
+# 0.98, vgg16_1fc 1.01 (no gain: NCHW). LruNet's fast path works in channels_last whatever its input,
+# so its input comes channels_last. Families not listed (measured or not) stay NCHW.
+CPU_CHANNELS_LAST: dict[str, bool] = {"dacnn": True, "lrunet": True}
 
 
 @dataclass(frozen=True)
