@@ -26,6 +26,8 @@ from dacnn.train.engine import StepRunner
 DEFAULT_MODELS = ("dacnn14:width=32,dacnn14:width=128,resnet18,se_resnet_d_2_shared,vgg16_1fc,"
                   "sharesnet164_shared,convmixer_256_16_shared,lrunet_1x:layer_reuse=14")
 
+QUICK_MODELS = "dacnn14:width=32,resnet18,lrunet_1x:layer_reuse=2"
+
 
 def parse_model(text: str) -> tuple[str, dict[str, int]]:
     name, _, rest = text.partition(":")
@@ -49,8 +51,9 @@ def runner_for(name: str, kwargs: dict[str, int], channels_last: bool) -> StepRu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=DEFAULT_MODELS,
-                        help="comma list of NAME[:KEY=INT;KEY=INT] (default: one or two per family)")
+    parser.add_argument("--models", default=None,
+                        help="comma list of NAME[:KEY=INT;KEY=INT] (default: one or two per family; "
+                        "--quick: dacnn14 w32, resnet18, lrunet_1x with 2 reuses)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -58,6 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.steps = 32, 3
+    args.models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = tune_malloc()
