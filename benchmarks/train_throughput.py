@@ -49,10 +49,11 @@ MODES = {
 }
 MODEL_KWARGS = {"dacnn14": {"width": 128}, "resnet18": {}}
 SHARES = {  # profiler op name -> share bucket (self CPU time)
-    "BatchNorm": ("batch_norm",),
+    "BatchNorm": ("batch_norm", "batchnorm"),
+    "conv bwd": ("convolution_backward", "convolutionbackward"),
     "conv fwd": ("mkldnn_convolution", "_convolution", "cudnn_convolution", "conv2d"),
-    "conv bwd": ("convolution_backward",),
-    "optimizer": ("_foreach", "adagrad", "sgd", "adam", "addcmul_", "addcdiv_"),
+    "optimizer": ("_foreach", "optimizer.", "addcmul_", "addcdiv_"),
+    "pool/activation": ("pool", "relu", "clamp", "threshold"),
 }
 
 
