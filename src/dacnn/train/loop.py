@@ -165,7 +165,7 @@ class _Run:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         elif device.type == "cpu" and not cfg.deterministic:  # a bitwise resume needs a fixed count
-            torch.set_num_threads(idle_cores())
+            torch.set_num_threads(max(1, idle_cores() // self.ctx.world))  # ranks share the cores
         seed_everything(cfg.seed)
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
