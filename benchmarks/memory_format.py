@@ -8,7 +8,7 @@ figures chose; glibc's allocator is tuned first as in ``dacnn train`` (``dacnn.r
 
     python benchmarks/memory_format.py                  # every family, batch 64, 5 steps each
     python benchmarks/memory_format.py --models dacnn14:width=128,resnet18 --steps 8
-    python benchmarks/memory_format.py --quick          # batch 32, 3 steps (< 2 minutes)
+    python benchmarks/memory_format.py --quick          # 3 models, batch 32, 3 steps (< 2 minutes)
 """
 
 from __future__ import annotations
