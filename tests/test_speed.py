@@ -71,6 +71,23 @@ def test_dacnn14_folds_every_batchnorm():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
+def test_a_preactivation_block_outside_the_models_is_left_alone():
+    class PreActBlock(nn.Module):  # bn1 comes before conv1: folding it into conv1 would be wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv1(torch.relu(self.bn1(x)))
+
+    block = PreActBlock().double()
+    _randomise_batchnorm(block)
+    block.eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(fold_batchnorm(block)(x), block(x), rtol=0, atol=1e-12)
+
+
 def test_a_hooked_module_is_not_folded_and_its_hook_fires():
     model = create_model("dacnn14", width=8, num_classes=10).eval()
     calls = []

@@ -6,9 +6,10 @@ followed by per-use BatchNorms gets one folded copy per use, so the copy is for 
 is untied; ``../shared/reference/PITFALLS.md`` item 5): the model itself is never changed.
 
 Pairs folded: a conv (``nn.Conv2d`` or :class:`~dacnn.sharing.AnchoredConv2d`) directly followed
-by a ``BatchNorm2d`` in an ``nn.Sequential``, and the ``convN``/``bnN`` attribute pairs of residual
-blocks (``bnN(convN(x))`` in every block of the registry; a test checks each model's outputs).
-A module with hooks is left as it is, so the hooks still fire.
+by a ``BatchNorm2d`` in an ``nn.Sequential`` (data flow guaranteed), and the ``convN``/``bnN``
+attribute pairs of the blocks defined in :mod:`dacnn.models` (``bnN(convN(x))`` in each of them;
+a test checks the models' outputs). Blocks defined elsewhere keep their attribute pairs (a
+pre-activation block applies ``bn1`` before ``conv1``). A module with hooks is left as it is.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 conv, bn = module._modules[a], module._modules[b]
                 if conv is not None and bn is not None and _foldable(conv, bn):
                     module._modules[a], module._modules[b] = _folded_conv(conv, bn), nn.Identity()
+        if not type(module).__module__.startswith("dacnn.models."):
+            continue
         for a, b in _PAIRS:
             conv, bn = module._modules.get(a), module._modules.get(b)
             if conv is not None and bn is not None and _foldable(conv, bn):
