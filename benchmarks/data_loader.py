@@ -19,6 +19,7 @@ import torch
 
 from dacnn.data import DATASETS, Augment, DeviceLoader, load_dataset
 from dacnn.data.synthetic import random_split
+from dacnn.runtime import tune_malloc
 
 
 def load_train() -> tuple[object, str]:
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--naive-batches", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    tune_malloc()  # as dacnn train does (dacnn.runtime)
     if args.threads:
         torch.set_num_threads(args.threads)
     split, what = load_train()

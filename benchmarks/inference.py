@@ -34,6 +34,7 @@ from torch import nn
 
 import dacnn
 from dacnn.export import export_safetensors
+from dacnn.runtime import tune_malloc
 
 # (label, registered name, kwargs of the shared model, module attributes to set); the twin is
 # `shared=False` or `dacnn.untie`. LruNet's default eval path folds each use's BatchNorm into a
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    tune_malloc()  # as dacnn train does (dacnn.runtime)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:

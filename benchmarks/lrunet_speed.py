@@ -11,18 +11,22 @@ the two interleaved and medians taken, it times
 and prints images per second and the ratio ours / reference. Default: 14-LruNet-1x on 3x32x32.
 
     python benchmarks/lrunet_speed.py [--reuse 14] [--width 1] [--batch 256] [--reps 3]
-                                      [--threads N] [--tune-malloc] [--compile]
+                                      [--threads N] [--no-tune-malloc] [--compile] [--memory]
+    python benchmarks/lrunet_speed.py --quick     # batch 64, 2 reps, with --memory (< 2 minutes)
 
-``--tune-malloc`` keeps freed memory in glibc's heap (no ``mmap`` for large blocks, no trimming)
-for the whole process, i.e. for both networks: PyTorch's CPU allocator has no cache, and a fresh
-33 MB activation costs page faults on every step. ``--compile`` times ``torch.compile`` of ours too.
+glibc's allocator is tuned as in ``dacnn train`` (``dacnn.runtime.tune_malloc``: freed memory stays
+in the heap, no page faults per step) for both networks; ``--no-tune-malloc`` leaves it.
+``--compile`` times ``torch.compile`` of ours too. ``--memory`` states each network's peak resident
+memory over two training steps, each measured in a forked child of the same process.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dacnn.models.lrunet import LruNet
+from dacnn.runtime import tune_malloc
 
 
 # ---- the reference, op for op (okankop/CNN-layer-reuse models/lrunet.py, restated) ----------------
@@ -112,13 +117,29 @@ def reference_from(ours: LruNet) -> ReferenceLruNet:
 
 
 # ---- measurement ----------------------------------------------------------------------------------
-def tune_malloc() -> bool:
-    """glibc only: serve every block from the heap and never trim it (M_MMAP_MAX=0, M_TRIM_THRESHOLD)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))
-    except OSError:
-        return False
+def peak_rss_mb(name: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(peak, before the first step) resident MB of a fresh process training ``name`` for two steps."""
+    cmd = [sys.executable, __file__, "--memory-child", name, "--reuse", str(args.reuse), "--width",
+           str(args.width), "--batch", str(args.batch)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.no_tune_malloc:
+        cmd.append("--no-tune-malloc")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def memory_child(name: str, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    ours = LruNet(args.reuse, args.width)
+    model = reference_from(ours) if name == "reference" else ours
+    x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    step = make_step(model, x, y)
+    with open("/proc/self/statm") as f:  # resident now (the maximum so far includes the imports)
+        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    step()
+    step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before)
 
 
 def check_same_function(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> float:
@@ -171,12 +192,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per network and task")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tune-malloc", action="store_true")
+    parser.add_argument("--no-tune-malloc", action="store_true", help="leave glibc's allocator as it is")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    parser.add_argument("--memory", action="store_true", help="peak training memory of each network")
+    parser.add_argument("--quick", action="store_true", help="batch 64, 2 reps, --memory")
+    parser.add_argument("--memory-child", choices=("reference", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.reps, args.memory = 64, 2, True
     if args.threads:
         torch.set_num_threads(args.threads)
-    tuned = tune_malloc() if args.tune_malloc else False
+    tuned = False if args.no_tune_malloc else tune_malloc()
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
     torch.manual_seed(0)
     ours = LruNet(args.reuse, args.width)
     ref = reference_from(ours)
@@ -207,8 +236,13 @@ def main() -> None:
         medians = {name: statistics.median(t) for name, t in times.items()}
         for name, t in medians.items():
             ratio = medians["reference"] / t
-            print(f"{task:11s} {name:13s} {args.batch / t:8.1f} img/s  (median {t:.3f} s of {args.reps})"
-                  f"  x{ratio:.2f} vs reference")
+            print(f"{task:11s} {name:13s} {args.batch / t:8.1f} img/s  (median {t:.3f} s, "
+                  f"{min(times[name]):.3f}-{max(times[name]):.3f} of {args.reps})  x{ratio:.2f} vs reference")
+    if args.memory:
+        for name in ("reference", "ours"):
+            peak, before = peak_rss_mb(name, args)
+            print(f"peak memory {name:13s} {peak:8.0f} MB resident, {peak - before:.0f} MB above the process "
+                  "before its first step (a fresh process, two training steps)")
 
 
 if __name__ == "__main__":

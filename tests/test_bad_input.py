@@ -54,6 +54,9 @@ def _numeric_options():
                 required.append(str(action.choices[0]) if action.choices else "x")
             elif action.option_strings and action.required:
                 required += [action.option_strings[0], rule.example() if rule else "x"]
+        for group in parser._mutually_exclusive_groups:  # e.g. eval's --checkpoint | --model
+            if group.required:
+                required += [group._group_actions[0].option_strings[0], "x"]
         for action, rule in numeric:
             found.append((prefix, required, action.option_strings[0], rule))
     return found, unruled

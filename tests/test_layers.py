@@ -18,6 +18,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "dacnn.errors": (0, "base"),
     "dacnn.fileio": (0, "base"),
     "dacnn.validation": (0, "base"),
+    "dacnn.runtime": (0, "base"),
     "dacnn.shared_kernel": (1, "core"),
     "dacnn.tying": (1, "core"),
     "dacnn.counting": (1, "core"),

@@ -18,8 +18,8 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from dacnn import AnchoredConv2d, SharedKernel, count_flops, count_params, share_kernels, untie
-from dacnn.ema import ModelEMA
-from dacnn.optim import param_groups
+from dacnn.train.ema import ModelEMA
+from dacnn.train.optim import param_groups
 
 
 class Block(nn.Module):

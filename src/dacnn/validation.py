@@ -94,7 +94,7 @@ RULES: dict[str, Rule] = {
     "lr": _pos(), "momentum": _frac(), "weight_decay": Rule(float, 0.0), "betas": _frac(),
     "eps": _pos(), "lr_milestones": _int(1), "lr_gamma": _pos(), "min_lr": Rule(float, 0.0),
     "warmup_epochs": Rule(float, 0.0), "label_smoothing": _frac(), "clip_grad": _pos(),
-    "ema": _frac(low_open=True), "seed": _int(0, 2**32 - 1), "nan_check_every": _int(1),
+    "ema": _frac(low_open=True), "seed": _int(0, 2**32 - 1), "nan_check_every": _int(0),
     "threads": _int(1), "ckpt_every_steps": _int(0), "keep_checkpoints": _int(1),
     # other commands
     "workers": _int(1), "jobs": _int(1), "timeout": _pos(), "shard_size": _int(1), "limit": _int(1),

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from dacnn import __version__
 from dacnn.cli import data, export, models, reproduce, share, train, weights
 from dacnn.errors import DacnnError
+from dacnn.runtime import tune_malloc
+
+# Subcommands that train or evaluate: glibc keeps their freed activations (dacnn.runtime).
+COMPUTE_COMMANDS = ("train", "eval", "reproduce")
 
 SUBCOMMAND_MODULES = (models, data, train, weights, export, reproduce, share)  # each has register(subparsers)
 
@@ -38,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `dacnn --help | head`
         _silence_stdout()
         return 141
+    if args.command in COMPUTE_COMMANDS:
+        tune_malloc()
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

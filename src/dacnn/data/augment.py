@@ -45,7 +45,8 @@ class Augment:
 
 @dataclass
 class AugmentParams:
-    """Per-image random draws for one batch (CPU tensors of shape (B,), None where unused)."""
+    """Per-image random draws for one batch (tensors of shape (B,) on the generator's device, None
+    where unused)."""
 
     top: torch.Tensor  # crop window row in the stored (padded) image
     left: torch.Tensor
@@ -53,26 +54,37 @@ class AugmentParams:
     angle: torch.Tensor | None  # radians
     cutout_center: tuple[torch.Tensor, torch.Tensor] | None
 
+    def select(self, rows: slice) -> AugmentParams:
+        """The draws of the images ``rows`` (a DDP rank's part ``[rank::world]`` of the batch)."""
+        cut = self.cutout_center
+        return AugmentParams(self.top[rows], self.left[rows],
+                             self.flip[rows] if self.flip is not None else None,
+                             self.angle[rows] if self.angle is not None else None,
+                             (cut[0][rows], cut[1][rows]) if cut is not None else None)
+
 
 def sample_params(augment: Augment, batch: int, ranges: tuple[tuple[int, int], tuple[int, int]],
                   out_hw: tuple[int, int], generator: torch.Generator) -> AugmentParams:
-    """Draw one batch's parameters; the crop window's top/left are uniform in ``ranges`` (inclusive)."""
+    """Draw one batch's parameters; the crop window's top/left are uniform in ``ranges`` (inclusive).
+
+    Drawn on the generator's device: a CUDA generator keeps the draws on the GPU (no host copy, no
+    synchronisation), a CPU generator on the CPU; each is seeded, so either is reproducible.
+    """
     (top_lo, top_hi), (left_lo, left_hi) = ranges
+    dev = {"generator": generator, "device": generator.device}
     if augment.crop_padding:
-        top = torch.randint(top_lo, top_hi + 1, (batch,), generator=generator)
-        left = torch.randint(left_lo, left_hi + 1, (batch,), generator=generator)
+        top = torch.randint(top_lo, top_hi + 1, (batch,), **dev)
+        left = torch.randint(left_lo, left_hi + 1, (batch,), **dev)
     else:
-        top = torch.full((batch,), top_lo, dtype=torch.int64)
-        left = torch.full((batch,), left_lo, dtype=torch.int64)
-    flip = torch.rand(batch, generator=generator) < 0.5 if augment.flip else None
+        top = torch.full((batch,), top_lo, dtype=torch.int64, device=generator.device)
+        left = torch.full((batch,), left_lo, dtype=torch.int64, device=generator.device)
+    flip = torch.rand(batch, **dev) < 0.5 if augment.flip else None
     angle = None
     if augment.rotate_degrees:
-        angle = (torch.rand(batch, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(
-            augment.rotate_degrees)
+        angle = (torch.rand(batch, dtype=torch.float64, **dev) * 2 - 1) * math.radians(augment.rotate_degrees)
     cut = None
     if augment.cutout:
-        cut = (torch.randint(0, out_hw[0], (batch,), generator=generator),
-               torch.randint(0, out_hw[1], (batch,), generator=generator))
+        cut = (torch.randint(0, out_hw[0], (batch,), **dev), torch.randint(0, out_hw[1], (batch,), **dev))
     return AugmentParams(top, left, flip, angle, cut)
 
 

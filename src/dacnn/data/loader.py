@@ -14,7 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dacnn.data.augment import Augment, cutout_mask, gather_pixels, sample_params, spatial_index
+from dacnn.data.augment import (
+    Augment,
+    AugmentParams,
+    cutout_mask,
+    gather_pixels,
+    sample_params,
+    spatial_index,
+)
 from dacnn.data.catalog import DATASETS
 from dacnn.data.split import DatasetSplit
 from dacnn.errors import ConfigError
@@ -22,9 +29,9 @@ from dacnn.errors import ConfigError
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 
 
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+def _generator(seed: int, epoch: int, stream: int, device: torch.device | None = None) -> torch.Generator:
     state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+    return torch.Generator(device=device or "cpu").manual_seed(int(state) & ((1 << 63) - 1))
 
 
 def split_mean_std(split: DatasetSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -46,15 +53,25 @@ class DeviceLoader:
     ``cpu_threads``: torch threads while a CPU batch is built (restored afterwards). These ops are
     memory-bound and small; one thread avoids OpenMP barrier stalls when the cores are shared
     (measured 30x faster under load); ``None`` keeps torch's setting.
+
+    The augmentation draws come from a generator on ``device`` (on a GPU: no host round trip per
+    batch); the order is drawn on the CPU once per epoch, so it is the same on every device.
+    ``rank``/``world`` (DDP): each batch is this rank's part ``[rank::world]`` of the global batch of
+    ``batch_size`` images; the draws are those of the global batch, so the images a rank gets do
+    not depend on the number of ranks, and each rank gathers and augments only its own images.
     """
 
     def __init__(self, split: DatasetSplit, batch_size: int = 256, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, device: str | torch.device = "cpu",
                  augment: Augment | None = None, normalize: bool = True, pad_to: int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 dtype: torch.dtype = torch.float32, cpu_threads: int | None = 1) -> None:
+                 dtype: torch.dtype = torch.float32, cpu_threads: int | None = 1, rank: int = 0,
+                 world: int = 1) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is outside a world of {world} processes")
+        self.rank, self.world = rank, world
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -134,27 +151,33 @@ class DeviceLoader:
         else:
             order = torch.arange(n)
         order = order.to(self.device)
-        augment_gen = _generator(self.seed, self.epoch, _AUGMENT_STREAM)
+        augment_gen = _generator(self.seed, self.epoch, _AUGMENT_STREAM, self.device)
+        mine = slice(self.rank, None, self.world)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start: start + self.batch_size]
-            yield self._batch(index, augment_gen), self.labels.index_select(0, index)
+            params = None
+            if self.augment is not None:  # the global batch's draws, then this rank's part of them
+                params = sample_params(self.augment, index.shape[0], self._ranges, self.out_hw, augment_gen)
+            if self.world > 1:
+                index = index[mine]
+                params = params.select(mine) if params is not None else None
+            yield self._batch(index, params), self.labels.index_select(0, index)
 
-    def _batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _batch(self, index: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
         threads = torch.get_num_threads()
         if self.device.type != "cpu" or not self.cpu_threads or self.cpu_threads == threads:
-            return self._make_batch(index, generator)
+            return self._make_batch(index, params)
         torch.set_num_threads(self.cpu_threads)
         try:
-            return self._make_batch(index, generator)
+            return self._make_batch(index, params)
         finally:
             torch.set_num_threads(threads)
 
-    def _make_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _make_batch(self, index: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
         pixels = self.images.index_select(0, index)
         augment = self.augment
-        params = None
         if augment is not None:
-            params = sample_params(augment, index.shape[0], self._ranges, self.out_hw, generator)
+            assert params is not None
             if augment.crop_padding or augment.flip or augment.rotate_degrees:
                 flat, valid = spatial_index(params, self.out_hw, self.images.shape[3], self.device)
                 pixels = gather_pixels(pixels, flat, valid, self.out_hw)

@@ -67,6 +67,9 @@ MACHINE_KEYS = ("data_dir", "out_dir", "run_name", "device", "threads", "tensorb
                 "nan_check_every", "eval_batch_size")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/dacnn
 REPO_ROOT = PACKAGE_DIR.parents[1]
+# Speed settings whose unset value ("auto": dacnn.train.speed picks per device) hashes as the fixed
+# default they had before, so the records made then keep their hashes.
+FORMER_DEFAULTS = {"channels_last": (None, False), "compile": (None, False), "amp": ("auto", "none")}
 
 
 def round_floats(value: Any, digits: int = 4) -> Any:
@@ -86,6 +89,8 @@ def config_hash(train: dict[str, Any], runner: dict[str, Any]) -> str:
     Machine settings (:data:`MACHINE_KEYS`) and unset (``None``) values are left out, so a training
     setting added later with a ``None`` default does not orphan the records made before it.
     """
+    train = {k: FORMER_DEFAULTS[k][1] if k in FORMER_DEFAULTS and v == FORMER_DEFAULTS[k][0] else v
+             for k, v in train.items()}
     kept = {k: v for k, v in train.items() if k not in MACHINE_KEYS and v is not None}
     payload = {"train": kept, "runner": {k: v for k, v in runner.items() if v is not None}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

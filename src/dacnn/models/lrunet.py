@@ -196,7 +196,10 @@ class LruBlock(nn.Module):
         if not self.fast or _has_hooks(self) or _is_tracing():  # a hooked module must be called
             return self._forward_reference(x)
         frozen = all(bn.running_mean is not None for bn in (*self.dw_bns, *self.pw_bns))
-        if not self.training and frozen:
+        folding = not self.training and frozen
+        if self._skipped_modules_hooked(folding):  # a hook expects its module to be called
+            return self._forward_reference(x)
+        if folding:
             return self._forward_eval(x)
         q2 = 2 * self.planes
         for i in range(self.layer_reuse):
@@ -206,6 +209,14 @@ class LruBlock(nn.Module):
             out = self.pw_bns[i](F.conv2d(h, w_pw, b_pw, 1, 0, 1, PW_GROUPS))
             x = torch.relu_(out.add_(x))
         return x
+
+    def _skipped_modules_hooked(self, folding: bool) -> bool:
+        """Whether a module the fast path does not call has hooks: the kernels (gone after
+        :func:`dacnn.untie`), every conv use and, when BN is folded (eval), every BatchNorm."""
+        skipped = [self._modules.get("dw"), self._modules.get("pw"), *self.dw_uses, *self.pw_uses]
+        if folding:
+            skipped += [*self.dw_bns, *self.pw_bns]
+        return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in skipped)
 
     def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode: each iteration's BNs folded into its kernel copies. With ``q/8 <= 16`` channels

@@ -78,8 +78,11 @@ def dataset_info(name: str | None) -> Any:
     return DATASETS[name]
 
 
-def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None) -> RunData:
+def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None,
+               ctx: DistContext | None = None) -> RunData:
     """Load the dataset, hold out ``val_size``, take ``train_subset``, make the device loaders.
+
+    Under DDP (``ctx``) the training loader yields this rank's part of each global batch.
 
     The validation split and the subset use seed 0 whatever ``cfg.seed`` is, so runs with different
     seeds see the same data; ``cfg.seed`` sets the order and augmentation.
@@ -106,8 +109,9 @@ def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None) -> 
     augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, rotate_degrees=cfg.rotate_degrees,
                       cutout=cfg.cutout)
     common = {"device": device, "normalize": cfg.normalize, "pad_to": pad_to}
+    ctx = ctx or DistContext()
     train_loader = DeviceLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                                augment=augment, **common)
+                                augment=augment, rank=ctx.rank, world=ctx.world, **common)
 
     def eval_loader(split: Any) -> Any:
         return DeviceLoader(split, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, seed=0,

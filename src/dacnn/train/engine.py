@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dacnn.train.distributed import DistContext, all_reduce_sum, shard_batch
+from dacnn.train.inference import fold_batchnorm
 
 __all__ = ["StepRunner", "evaluate", "autocast_context", "EvalResult"]
 
@@ -91,7 +92,6 @@ class EvalResult:
     n: int
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -100,27 +100,34 @@ def evaluate(
     ctx: DistContext | None = None,
     amp: str = "none",
     channels_last: bool = False,
+    fold_bn: bool = True,
 ) -> EvalResult:
     """Cross-entropy and top-1 accuracy (%) over a loader; with DDP each rank takes its slice and
-    the sums are all-reduced, so every rank gets the full-set figures."""
+    the sums are all-reduced, so every rank gets the full-set figures.
+
+    Runs under ``torch.inference_mode`` on a copy with BatchNorm folded into the convs
+    (:func:`~dacnn.train.inference.fold_batchnorm`; ``fold_bn=False`` or a compiled model: as is).
+    """
     ctx = ctx or DistContext()
     was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    net = fold_batchnorm(model) if fold_bn and not hasattr(model, "_orig_mod") else model
+    net.eval()
     n = 0
     try:
-        for x, y in loader:
-            x, y = shard_batch(x, y, ctx)
-            if y.numel() == 0:
-                continue
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
-                logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-            n += y.numel()
+        with torch.inference_mode():
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            for x, y in loader:
+                x, y = shard_batch(x, y, ctx)
+                if y.numel() == 0:
+                    continue
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast_context(device, amp):
+                    logits = net(x).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+                correct += (logits.argmax(1) == y).sum()
+                n += y.numel()
     finally:
         model.train(was_training)
     total_loss, total_correct, total_n = all_reduce_sum([loss_sum.item(), float(correct.item()), float(n)],

@@ -26,6 +26,7 @@ from torch import nn
 from dacnn import checkpoint as ckpt
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, DacnnError
+from dacnn.runtime import idle_cores, warn_slow_amp
 from dacnn.train.builders import (
     LRSchedule,
     build_data,
@@ -45,13 +46,13 @@ from dacnn.train.distributed import (
     all_reduce_sum,
     cleanup,
     init_distributed,
-    shard_batch,
     wrap_ddp,
 )
 from dacnn.train.ema import ModelEMA
 from dacnn.train.engine import StepRunner, evaluate
 from dacnn.train.rundir import find_run_dir, open_run
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
+from dacnn.train.speed import resolve_speed
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "find_run_dir"]
 
@@ -96,10 +97,12 @@ class _Running:
         saved = saved or {}
         self.loss = torch.tensor(saved.get("loss_sum", 0.0), dtype=torch.float64, device=device)
         self.correct = torch.tensor(saved.get("correct", 0), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check
         self.seen = int(saved.get("seen", 0))
         self.seconds = float(saved.get("train_seconds", 0.0))
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
         self.loss += loss.double() * n
         self.correct += correct
         self.seen += n
@@ -165,16 +168,20 @@ class _Run:
         set_deterministic(cfg.deterministic)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        elif device.type == "cpu" and not cfg.deterministic:  # a bitwise resume needs a fixed count
+            torch.set_num_threads(max(1, idle_cores() // self.ctx.world))  # ranks share the cores
         seed_everything(cfg.seed)
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
+        self.speed = resolve_speed(cfg, device)
+        warn_slow_amp(device, self.speed.amp)
         self.model = build_model(cfg.model, self.kwargs).to(device)
         if self.given.init_weights is not None:  # replaces the random init: draw as if none was made
             ckpt.load_weights(self.model, self.given.init_weights, device)
             seed_everything(cfg.seed)
-        if cfg.channels_last:
+        if self.speed.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.data = build_data(cfg, device, model_input_hw(cfg.model))
+        self.data = build_data(cfg, device, model_input_hw(cfg.model), self.ctx)
         if self.ctx.enabled:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
         self.ema = None
@@ -188,12 +195,12 @@ class _Run:
         self.input_size = (info.image_size[2], side, side)
         train_model = wrap_ddp(self.model, self.ctx, device, self.input_size)
         eval_model = self.ema.module if self.ema is not None else self.model
-        if cfg.compile:
+        if self.speed.compile:
             train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
         self.eval_model = eval_model
-        self.runner = StepRunner(train_model, self.optimizer, device, amp=cfg.amp,
+        self.runner = StepRunner(train_model, self.optimizer, device, amp=self.speed.amp,
                                  label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad,
-                                 channels_last=cfg.channels_last)
+                                 channels_last=self.speed.channels_last)
         self.steps_per_epoch = len(self.data.train)
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
         self.log = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard)
@@ -245,13 +252,16 @@ class _Run:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
 
-    def check_finite(self, loss: torch.Tensor, epoch: int, batch: int, step: int) -> None:
-        bad = 0.0 if bool(torch.isfinite(loss)) else 1.0
+    def check_finite(self, loss: torch.Tensor, running: _Running, epoch: int, batch: int, step: int) -> None:
+        """One host read of the loss (and the device-side flag of the steps since the last check)."""
+        earlier = bool(running.nonfinite)
+        bad = 0.0 if bool(torch.isfinite(loss)) and not earlier else 1.0
         if self.ctx.enabled:
             bad = all_reduce_sum([bad], self.ctx, self.device)[0]
         if bad:
-            self.diverged(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}/"
-                          f"{self.steps_per_epoch} (step {step + 1})")
+            what = "nan/inf after the last check, by" if earlier else f"{loss.item()} at"
+            self.diverged(f"loss became {what} epoch {epoch + 1}, batch {batch + 1}/{self.steps_per_epoch} "
+                          f"(step {step + 1})")
 
     def diverged(self, what: str) -> None:
         last = self.ckpt_dir / "last.json"
@@ -274,7 +284,8 @@ class _Run:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         self.say(f"run {self.run_dir}: {cfg.model} on {cfg.dataset} ({self.data.train_size} train images, "
                  f"{self.steps_per_epoch} steps/epoch, {count_params(self.model).unique:,} unique params, "
-                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''})")
+                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''}, "
+                 f"{self.speed.describe()})")
 
         for epoch in range(start_epoch, cfg.epochs):
             first = epoch == start_epoch
@@ -289,8 +300,8 @@ class _Run:
                 ckpt.restore_rng(self.resume_state["rng"])  # after skipping, see the module docstring
             step = self.train_epoch(epoch, batches, batch, step, running)
 
-            val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=cfg.amp,
-                           channels_last=cfg.channels_last) if self.data.val is not None else None
+            val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=self.speed.amp,
+                           channels_last=self.speed.channels_last) if self.data.val is not None else None
             if val is not None and not math.isfinite(val.loss):
                 self.diverged(f"validation loss became {val.loss} after epoch {epoch + 1}")
             is_best = val is None or self.best["val_acc"] is None or val.acc > self.best["val_acc"]
@@ -317,13 +328,13 @@ class _Run:
             bar.update(batch)
         tick = time.perf_counter()
         self.model.train()
+        every = cfg.nan_check_every if cfg.nan_check_every is not None else int(self.device.type != "cuda")
         for x, y in batches:
             self.schedule.apply(self.optimizer, epoch, batch)
-            x, y = shard_batch(x, y, self.ctx)
             loss, correct = runner.forward_backward(x, y)
             will_save = cfg.ckpt_every_steps and (step + 1) % cfg.ckpt_every_steps == 0
-            if (step + 1) % cfg.nan_check_every == 0 or will_save or batch + 1 == self.steps_per_epoch:
-                self.check_finite(loss, epoch, batch, step)
+            if (every and (step + 1) % every == 0) or will_save or batch + 1 == self.steps_per_epoch:
+                self.check_finite(loss, running, epoch, batch, step)
             runner.apply()
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -356,10 +367,10 @@ class _Run:
             pointer = ckpt.read_pointer(self.ckpt_dir, "best")
             selected = build_model(cfg.model, self.kwargs).to(self.device)
             ckpt.load_weights(selected, self.ckpt_dir / pointer["eval_weights"], self.device)
-            if cfg.channels_last:
+            if self.speed.channels_last:
                 selected = selected.to(memory_format=torch.channels_last)
-            test = evaluate(selected, self.data.test, self.device, amp=cfg.amp,
-                            channels_last=cfg.channels_last)
+            test = evaluate(selected, self.data.test, self.device, amp=self.speed.amp,
+                            channels_last=self.speed.channels_last)
         self.ctx.barrier()
         result = TrainResult(
             run_dir=str(self.run_dir), model=str(cfg.model), dataset=str(cfg.dataset), epochs=cfg.epochs,
