@@ -23,7 +23,6 @@ and leaves the pointers on the last good version.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -37,7 +36,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dacnn.errors import CheckpointError, WriteError
-from dacnn.fileio import atomic_write, atomic_write_text, torch_load_reason, write_error
+from dacnn.fileio import atomic_write, atomic_write_text, sha256_file, torch_load_reason, write_error
 from dacnn.registry import create_model
 
 __all__ = [
@@ -243,7 +242,7 @@ def _save_version(ckpt_dir: Path, version: str, model: nn.Module, ema_model: nn.
         eval_weights = save_weights(ema_model, ckpt_dir / f"{version}-ema.safetensors", {**meta, "ema": True})
     state = {**state, "format": STATE_FORMAT, "weights": weights.name,
              "ema_weights": eval_weights.name if ema_model is not None else None,
-             "sha256": {p.name: _sha256(p) for p in {weights, eval_weights}}}
+             "sha256": {p.name: sha256_file(p) for p in {weights, eval_weights}}}
     state_path = ckpt_dir / f"{version}.state.pt"
     buffer = io.BytesIO()  # serialise first: torch.save's own write errors are cryptic
     torch.save(state, buffer)
@@ -262,14 +261,6 @@ def _pointer(version: str, state: dict[str, Any], state_name: str, weights: str,
             "epoch": state["epoch"], "batches_done": state["batches_done"],
             "epoch_done": bool(state.get("epoch_done", False)), "global_step": state["global_step"],
             "best_val_acc": state.get("best", {}).get("val_acc")}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _version_of(path: Path) -> str:
@@ -360,7 +351,7 @@ def check_version(ckpt_dir: str | Path, pointer: dict[str, Any]) -> dict[str, An
         if not path.is_file():
             raise CheckpointError(f"weights file {path} does not exist")
         expected = (state.get("sha256") or {}).get(name)
-        if expected is not None and _sha256(path) != expected:
+        if expected is not None and sha256_file(path) != expected:
             raise CheckpointError(f"{path} is damaged (its sha256 differs from the one saved with it)")
     return state
 

@@ -16,23 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from dacnn.data.catalog import get_cache_dir
-from dacnn.fileio import atomic_write
+from dacnn.fileio import atomic_write, sha256_file
 
 CACHE_FORMAT = 2
 
 
-def content_digest(path: Path) -> str:
-    """sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(tag: list[str], files: list[Path]) -> str:
     """A hex key for the data decoded from ``files``: their locations and contents."""
-    entries = [[str(path.resolve()), content_digest(path)] for path in files]
+    entries = [[str(path.resolve()), sha256_file(path)] for path in files]
     blob = json.dumps([CACHE_FORMAT, tag, entries], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
