@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import typing
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import read_only_command
 from dacnn import checkpoint as ckpt
 from dacnn import create_model
 from dacnn.cli import build_parser, main
@@ -137,23 +137,11 @@ def test_eval_of_a_one_channel_model_on_a_three_channel_dataset(tmp_path, capsys
     assert "1-channel" in err and "3-channel" in err and str(weights) in err
 
 
-def _readonly(path: Path, cmd: list[str]) -> list[str]:
-    """``cmd`` run where ``path`` is read-only (a read-only tmpfs in a mount namespace for root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return cmd
-    unshare = shutil.which("unshare")
-    probe = subprocess.run([unshare, "-m", "true"], capture_output=True) if unshare else None
-    if probe is None or probe.returncode != 0:
-        pytest.skip("running as root without mount namespaces: cannot make a read-only directory")
-    return [unshare, "-m", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(path), *cmd]
-
 
 def _dacnn(args: list[str], readonly: Path | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dacnn", *args]
     if readonly is not None:
-        cmd = _readonly(readonly, cmd)
+        cmd = read_only_command(readonly, cmd)
     return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True,
                           timeout=300)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import read_only_command
 from dacnn import checkpoint as ckpt
 from dacnn.cli import main
 from dacnn.data.synthetic import write_fashion_mnist
@@ -128,23 +129,11 @@ def test_a_failed_atomic_write_names_the_file():
         ckpt.atomic_write_text("/proc/no-such-dir/x", "text")
 
 
-def _readonly(path: Path, cmd: list[str]) -> list[str]:
-    """``cmd`` run where ``path`` is read-only (a read-only tmpfs in a mount namespace for root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return cmd
-    unshare = shutil.which("unshare")
-    probe = subprocess.run([unshare or "unshare", "-m", "true"], capture_output=True) if unshare else None
-    if probe is None or probe.returncode != 0:
-        pytest.skip("running as root without mount namespaces: cannot make a read-only directory")
-    return [unshare, "-m", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(path), *cmd]
-
 
 def test_a_read_only_out_dir_is_reported_before_the_data_is_loaded(tmp_path):
     readonly = tmp_path / "ro"
     cmd = [sys.executable, "-m", "dacnn", *_train_args(tmp_path / "no-data-here", readonly)]
-    result = subprocess.run(_readonly(readonly, cmd), env={**os.environ, "PYTHONPATH": SRC},
+    result = subprocess.run(read_only_command(readonly, cmd), env={**os.environ, "PYTHONPATH": SRC},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--out-dir" in result.stderr and str(readonly) in result.stderr
