@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dacnn import create_model
-from dacnn.train.distributed import DistContext, has_unused_parameters, shard_batch, wrap_ddp
+from dacnn.train.distributed import DistContext, cleanup, has_unused_parameters, shard_batch, wrap_ddp
 from dacnn.train.engine import StepRunner
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -51,12 +51,14 @@ def _gradients(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ctx, clean_exit = DistContext(rank=rank, world=world), False
     try:
         torch.manual_seed(0)
-        grads = _gradients(_WithDeadWeight(), DistContext(rank=rank, world=world))
+        grads = _gradients(_WithDeadWeight(), ctx)
         torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+        clean_exit = True
     finally:
-        dist.destroy_process_group()
+        cleanup(ctx, clean_exit=clean_exit)  # the library's teardown, as train() uses it
 
 
 def test_two_gloo_processes_give_the_single_process_gradients(tmp_path):

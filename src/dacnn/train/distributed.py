@@ -12,6 +12,7 @@ only when needed; ``../shared/reference/PITFALLS.md`` item 6).
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +62,15 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(rank=rank, world=world, local_rank=local_rank)
 
 
-def cleanup(ctx: DistContext) -> None:
+def cleanup(ctx: DistContext, *, clean_exit: bool = True) -> None:
+    """Tear the process group down. On a clean exit every rank first meets at a barrier and drops
+    unreachable DDP reducers (``gc.collect``), so no gloo work is still in flight when the group is
+    destroyed: destroying it under a pending work aborts the process ("terminate called without an
+    active exception", SIGABRT). After an error the barrier is skipped (a dead peer would hang it)."""
     if ctx.enabled and dist.is_initialized():
+        if clean_exit:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

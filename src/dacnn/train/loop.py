@@ -127,14 +127,17 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
     ctx = init_distributed(device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     start = _Start(init_weights, on_optimizer, dict(meta or {}))
-    run = None
+    run, clean_exit = None, False
     try:
         run = _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose, start)
-        return run.run()
+        result = run.run()
+        clean_exit = True
+        return result
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
-        cleanup(ctx)
+        del run
+        cleanup(ctx, clean_exit=clean_exit)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
