@@ -106,7 +106,8 @@ class ReferenceLruNet(nn.Module):
 def reference_from(ours: LruNet) -> ReferenceLruNet:
     """A reference network holding a copy of ``ours``'s weights (key renames only)."""
     ref = ReferenceLruNet(ours.num_classes, ours.width_mult, ours.layer_reuse, ours.stem[0].in_channels)
-    renames = (("stem.", "features."), (".dw_bns.", ".dw_bn_list."), (".pw_bns.", ".pw_bn_list."))
+    renames = (("stem.", "features."), (".dw_bns.", ".dw_bn_list."), (".pw_bns.", ".pw_bn_list."),
+               (".kernels.", "."), ("pre_logits.", "classifier."), ("fc.", "classifier.4."))
     state = {}
     for key, value in ours.state_dict().items():
         for a, b in renames:

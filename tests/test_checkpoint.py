@@ -46,8 +46,8 @@ def test_shared_kernel_stored_once_and_tied_after_load(tmp_path):
     ckpt.save_weights(free, b, {"model": "dacnn14", "model_kwargs": {"width": 16, "num_classes": 10,
                                                                       "shared": False}})
     # the anchor appears under one key; the file holds unique params + buffers, no per-use copies
-    anchor_keys = [k for k in _state_keys(a) if k.startswith("anchor.")]
-    assert anchor_keys == ["anchor.weight"]
+    anchor_keys = [k for k in _state_keys(a) if k.startswith("kernels.anchor.")]
+    assert anchor_keys == ["kernels.anchor.weight"]
     stored = sum(t.numel() * t.element_size() for t in shared.state_dict().values())
     assert a.stat().st_size < stored + 16_384  # header only on top
     free_kernels = 12 * 16 * 16 * 9 * 4  # 12 anchored uses become 12 free kernels
@@ -56,11 +56,11 @@ def test_shared_kernel_stored_once_and_tied_after_load(tmp_path):
     loaded, meta = ckpt.load_model_file(a)
     assert meta["model"] == "dacnn14"
     assert count_params(loaded).unique == count_params(shared).unique
-    torch.testing.assert_close(loaded.anchor.weight, shared.anchor.weight, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.kernels.anchor.weight, shared.kernels.anchor.weight, rtol=0, atol=0)
     with torch.no_grad():  # tied: changing the one tensor changes every use
-        loaded.anchor.weight.zero_()
+        loaded.kernels.anchor.weight.zero_()
     uses = [m for m in loaded.modules() if type(m).__name__ == "AnchoredConv2d"]
-    assert len(uses) == 12 and all(u.kernel.weight is loaded.anchor.weight for u in uses)
+    assert len(uses) == 12 and all(u.kernel.weight is loaded.kernels.anchor.weight for u in uses)
 
 
 class _Aliased(nn.Module):

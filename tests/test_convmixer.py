@@ -70,7 +70,7 @@ def _functional(model: ConvMixer, x: torch.Tensor, dw: list, pw: list) -> torch.
         k = dw_w.shape[-1]
         x = x + bn(layer[0].fn[2], F.gelu(F.conv2d(x, dw_w, dw_b, padding=k // 2, groups=x.shape[1])))
         x = bn(layer[3], F.gelu(F.conv2d(x, pw_w, pw_b)))
-    return model.head(x.mean((2, 3)))
+    return model.fc(x.mean((2, 3)))
 
 
 def test_forward_is_convmixer_and_shared_gradient_is_sum_over_uses() -> None:
@@ -79,24 +79,24 @@ def test_forward_is_convmixer_and_shared_gradient_is_sum_over_uses() -> None:
     free = ConvMixer(8, 3, kernel_size=3, shared=False, num_classes=5).eval()
     free.load_state_dict(shared.state_dict(), strict=False)  # embed, BNs, head
     for layer in free.layers:  # every free conv gets the shared values
-        layer[0].fn[0].weight.data.copy_(shared.depthwise_kernel.weight)
-        layer[0].fn[0].bias.data.copy_(shared.depthwise_kernel.bias)
-        layer[1].weight.data.copy_(shared.pointwise_kernel.weight)
-        layer[1].bias.data.copy_(shared.pointwise_kernel.bias)
+        layer[0].fn[0].weight.data.copy_(shared.kernels.depthwise.weight)
+        layer[0].fn[0].bias.data.copy_(shared.kernels.depthwise.bias)
+        layer[1].weight.data.copy_(shared.kernels.pointwise.weight)
+        layer[1].bias.data.copy_(shared.kernels.pointwise.bias)
     for m in list(shared.modules()) + list(free.modules()):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.fill_(1.5)
     x = torch.randn(2, 3, 8, 8)
-    dw = [(shared.depthwise_kernel.weight, shared.depthwise_kernel.bias)] * 3
-    pw = [(shared.pointwise_kernel.weight, shared.pointwise_kernel.bias)] * 3
+    dw = [(shared.kernels.depthwise.weight, shared.kernels.depthwise.bias)] * 3
+    pw = [(shared.kernels.pointwise.weight, shared.kernels.pointwise.bias)] * 3
     torch.testing.assert_close(shared(x), _functional(shared, x, dw, pw))
     torch.testing.assert_close(free(x), shared(x))
     shared(x).sum().backward()
     free(x).sum().backward()
     summed = sum(layer[0].fn[0].weight.grad for layer in free.layers)
-    torch.testing.assert_close(shared.depthwise_kernel.weight.grad, summed)
+    torch.testing.assert_close(shared.kernels.depthwise.weight.grad, summed)
     summed_bias = sum(layer[1].bias.grad for layer in free.layers)
-    torch.testing.assert_close(shared.pointwise_kernel.bias.grad, summed_bias)
+    torch.testing.assert_close(shared.kernels.pointwise.bias.grad, summed_bias)
     assert all(isinstance(layer[1], AnchoredConv2d) for layer in shared.layers)
 
 

@@ -76,7 +76,7 @@ def test_round_trip_keeps_tying_and_outputs(tmp_path, dtype):
     assert len(list(loaded.parameters())) == len(list(model.parameters()))
     assert dacnn.count_params(loaded).unique == dacnn.count_params(model).unique
     assert len(shared_tensor_ids(loaded)) == 1
-    assert anchored_uses(loaded)[id(loaded.anchor)] == anchored_uses(model)[id(model.anchor)]
+    assert anchored_uses(loaded)[id(loaded.kernels.anchor)] == anchored_uses(model)[id(model.kernels.anchor)]
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_round_trip_keeps_tying_and_outputs(tmp_path, dtype):
         assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.75
     # a change to the loaded shared kernel reaches every use
     with torch.no_grad():
-        loaded.anchor.weight.zero_()
+        loaded.kernels.anchor.weight.zero_()
         assert not torch.allclose(loaded(x), out)
 
 
@@ -130,7 +130,7 @@ def test_int8_quantises_shared_kernel_once(tmp_path):
 def test_int8_scales_stay_float32(tmp_path):
     model = dacnn.create_model("dacnn14", width=8, num_classes=10).eval()
     with torch.no_grad():
-        model.head.fc.weight[3] = 1e-7 * torch.randn(8)  # its scale would be subnormal in float16
+        model.fc.weight[3] = 1e-7 * torch.randn(8)  # its scale would be subnormal in float16
     path = tmp_path / "m.safetensors"
     kwargs = {"width": 8, "num_classes": 10}
     export_safetensors(model, path, "int8", model_name="dacnn14", model_kwargs=kwargs)
@@ -138,7 +138,7 @@ def test_int8_scales_stay_float32(tmp_path):
         assert f.get_tensor("__scales__").dtype == torch.float32
         assert f.get_tensor("__scales__").numel() == 8 + 8 + 10  # stem, shared kernel once, classifier
     loaded, _ = load_exported(path)
-    row, ref = loaded.head.fc.weight[3], model.head.fc.weight[3]
+    row, ref = loaded.fc.weight[3], model.fc.weight[3]
     assert (row - ref).abs().max() <= ref.abs().max() / 254 * 1.001
 
 
@@ -186,7 +186,7 @@ def test_metadata_rebuilds_model_and_keeps_meta(tmp_path):
     loaded, header = load_exported(path)
     assert header.meta == {"dataset": "fashion_mnist", "pad_to": 32}
     assert header.params["unique"] == dacnn.count_params(model).unique
-    assert [s[:2] for s in header.shared] == [("anchor.weight", 16)]
+    assert [s[:2] for s in header.shared] == [("kernels.anchor.weight", 16)]
     assert loaded(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
 
 
@@ -220,13 +220,13 @@ def test_inspect_reports_shared_tensors(tmp_path):
     )
     report = inspect_file(path)
     assert report.model == "dacnn14" and report.kind == "dacnn compact export (int8)"
-    assert [(r.name, r.uses) for r in report.shared] == [("anchor.weight", 12)]
-    anchor = next(r for r in report.rows if r.name == "anchor.weight")
+    assert [(r.name, r.uses) for r in report.shared] == [("kernels.anchor.weight", 12)]
+    anchor = next(r for r in report.rows if r.name == "kernels.anchor.weight")
     assert anchor.dtype == "I8" and anchor.bytes == 16 * 16 * 9
     assert report.unique_params == dacnn.count_params(model).unique
     assert report.data_bytes < report.file_bytes
     text = format_report(report)
-    assert "anchor.weight used 12x" in text and "12 (shared)" in text
+    assert "kernels.anchor.weight used 12x" in text and "12 (shared)" in text
 
 
 def test_inspect_plain_safetensors_with_sidecar(tmp_path):
@@ -239,5 +239,5 @@ def test_inspect_plain_safetensors_with_sidecar(tmp_path):
         json.dumps({"model": "dacnn14", "model_kwargs": {"width": 8, "num_classes": 10}})
     )
     report = inspect_file(path)
-    assert report.kind == "safetensors" and [r.name for r in report.shared] == ["anchor.weight"]
+    assert report.kind == "safetensors" and [r.name for r in report.shared] == ["kernels.anchor.weight"]
     assert len(report.rows) == len(model.state_dict())  # save_model keeps num_batches_tracked

@@ -20,7 +20,7 @@ def test_export_run_int8_with_accuracy(tmp_path, monkeypatch, capsys):
     )
     out = capsys.readouterr().out
     path = run / "export" / "model-int8.safetensors"
-    assert f"wrote {path}" in out and "shared tensors, each stored once: anchor.weight used 12x" in out
+    assert f"wrote {path}" in out and "shared tensors, each stored once: kernels.anchor.weight used 12x" in out
     assert "test accuracy (fashion_mnist, 30 images): source" in out and "points)" in out
     model, header = load_exported(path)
     assert header.meta["dataset"] == "fashion_mnist" and header.meta["pad_to"] == 32
@@ -36,9 +36,9 @@ def test_export_weights_file_fp16_then_inspect(tmp_path, monkeypatch, capsys):
     assert "size ratio" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "dacnn compact export (fp16)" in text and "anchor.weight used 12x" in text
+    assert "dacnn compact export (fp16)" in text and "kernels.anchor.weight used 12x" in text
     assert main(["inspect", str(weights)]) == 0  # the training checkpoint itself, via its sidecar
-    assert "anchor.weight used 12x" in capsys.readouterr().out
+    assert "kernels.anchor.weight used 12x" in capsys.readouterr().out
 
 
 def test_export_onnx_from_run(tmp_path, monkeypatch, capsys):
@@ -48,7 +48,7 @@ def test_export_onnx_from_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "max |onnxruntime - PyTorch|" in out and "BatchNormalization nodes" in out
     report = inspect_file(run / "export" / "model-fp32.onnx")
-    assert [(r.name, r.uses) for r in report.rows if r.name == "anchor.weight"] == [("anchor.weight", 12)]
+    assert [(r.name, r.uses) for r in report.rows if r.name == "kernels.anchor.weight"] == [("kernels.anchor.weight", 12)]
     assert report.rows[0].shape  # initializers listed with shapes
 
 
@@ -94,4 +94,4 @@ def test_eval_pretrained_needs_the_flag_and_a_known_name(capsys):
 def test_inspect_reads_a_run_directory(tmp_path, monkeypatch, capsys):
     run, _ = make_run(tmp_path, monkeypatch)
     assert main(["inspect", str(run)]) == 0
-    assert "anchor.weight used 12x" in capsys.readouterr().out
+    assert "kernels.anchor.weight used 12x" in capsys.readouterr().out

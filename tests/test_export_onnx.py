@@ -75,7 +75,7 @@ def test_constant_folding_would_duplicate_the_kernel(tmp_path):
             model, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, do_constant_folding=True
         )
     report = onnx_sharing_report(path, model)
-    assert report.batchnorm_nodes == 0 and report.shared_copies["anchor.weight"] == 0
+    assert report.batchnorm_nodes == 0 and report.shared_copies["kernels.anchor.weight"] == 0
     assert report.initializer_values > dacnn.count_params(model).per_use * 0.9
 
 

@@ -66,8 +66,8 @@ def reference_forward(model: LruNet, x: torch.Tensor, training: bool) -> torch.T
         q = out.shape[1]
         for i in range(model.layer_reuse):
             res = out
-            out = bn(f"{stage}.dw_bns.{i}", F.conv2d(out, sd[f"{stage}.dw.weight"], padding=1, groups=q))
-            out = bn(f"{stage}.pw_bns.{i}", F.conv2d(out, sd[f"{stage}.pw.weight"], groups=8))
+            out = bn(f"{stage}.dw_bns.{i}", F.conv2d(out, sd[f"{stage}.kernels.dw.weight"], padding=1, groups=q))
+            out = bn(f"{stage}.pw_bns.{i}", F.conv2d(out, sd[f"{stage}.kernels.pw.weight"], groups=8))
             out = F.relu(out + res)
             if i != model.layer_reuse - 1:
                 out = shuffle(out)
@@ -81,8 +81,8 @@ def reference_forward(model: LruNet, x: torch.Tensor, training: bool) -> torch.T
     out = pool(block("stage2", torch.cat([out, out], 1)))
     out = block("stage3", torch.cat([out, out], 1))
     out = pool(block("stage4", torch.cat([out, out], 1)))
-    out = F.relu(bn("classifier.1", F.conv2d(out, sd["classifier.0.weight"], groups=8)))
-    out = F.relu(F.conv2d(out, sd["classifier.4.weight"], sd["classifier.4.bias"]))  # dropout 0 here
+    out = F.relu(bn("pre_logits.1", F.conv2d(out, sd["pre_logits.0.weight"], groups=8)))
+    out = F.relu(F.conv2d(out, sd["fc.weight"], sd["fc.bias"]))  # dropout 0 here
     out = F.avg_pool2d(out, 2, stride=1)
     return out.view(out.size(0), model.num_classes)
 
@@ -109,9 +109,9 @@ def test_only_batchnorm_grows_with_reuse() -> None:
 def test_stage_layout_and_classifier() -> None:
     model = _build(2, 2)
     assert [getattr(model, f"stage{i}").planes for i in range(1, 5)] == [128, 256, 512, 1024]
-    assert model.stage1.dw.weight.shape == (256, 1, 3, 3) and model.stage1.dw.groups == 128
-    assert model.stage1.pw.weight.shape == (128, 32, 1, 1) and model.stage1.pw.groups == 8
-    assert model.classifier[3].p == 0.5 and isinstance(model.classifier[5], torch.nn.ReLU)
+    assert model.stage1.kernels.dw.weight.shape == (256, 1, 3, 3) and model.stage1.kernels.dw.groups == 128
+    assert model.stage1.kernels.pw.weight.shape == (128, 32, 1, 1) and model.stage1.kernels.pw.groups == 8
+    assert model.pre_logits[3].p == 0.5 and model.fc.kernel_size == (1, 1) and model.fc.out_channels == 10
 
 
 @pytest.mark.parametrize("bad", [0, 0.5, 1.5, -1])
@@ -262,11 +262,12 @@ def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
 
 def test_mismatched_keys_and_shapes_are_clear_errors(tmp_path: Path) -> None:
     state = {f"module.{k}".replace("stem.", "features.").replace("dw_bns", "dw_bn_list").replace(
-        "pw_bns", "pw_bn_list"): v for k, v in LruNet(2, 1).state_dict().items()}
+        "pw_bns", "pw_bn_list").replace(".kernels.", ".").replace("pre_logits.", "classifier.").replace(
+        "module.fc.", "module.classifier.4."): v for k, v in LruNet(2, 1).state_dict().items()}
     bad_shape = dict(state)
     bad_shape["module.stage2.pw.weight"] = torch.zeros(128, 16, 1, 1)
     torch.save({"net": bad_shape, "acc": 1.0, "epoch": 1}, tmp_path / "shape.t7")
-    with pytest.raises(CheckpointError, match=r"stage2\.pw\.weight has shape \(128, 16, 1, 1\)"):
+    with pytest.raises(CheckpointError, match=r"stage2\.kernels\.pw\.weight has shape \(128, 16, 1, 1\)"):
         import_lrunet(tmp_path / "shape.t7")
     extra = dict(state)
     extra["module.stage1.extra.weight"] = torch.zeros(3)

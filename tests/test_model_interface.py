@@ -75,6 +75,20 @@ def test_timm_interface(name: str) -> None:
         assert model(x).shape == (2, model.num_features)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_one_name_for_the_classifier_and_for_the_kernels_owner(name: str) -> None:
+    """Every family: the classifier is ``model.fc``; every shared kernel sits in a ``kernels``
+    ModuleDict (the model's, or for LruNet its block's)."""
+    with torch.device("meta"):
+        model = create_model(name)
+    assert model.info.classifier == "fc" and model.get_classifier() is model.fc
+    owners = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, dacnn.SharedKernel)}
+    assert all(o.rpartition(".")[2] == "kernels" for o in owners), owners
+    assert all(isinstance(model.get_submodule(o), torch.nn.ModuleDict) for o in owners)
+    if "_shared" in name or model.info.shared_twin:
+        assert owners  # a shared variant does own kernels
+
+
 def test_create_model_records_resolved_kwargs() -> None:
     model = create_model("dacnn14", width=8, num_classes=None)
     assert model.info.model_kwargs == {"width": 8}

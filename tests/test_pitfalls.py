@@ -64,7 +64,7 @@ def test_state_dict_copy_load_keeps_tying() -> None:
     fresh = ConvMixer(16, 16, kernel_size=3, shared=True)
     fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     assert count_params(fresh).unique == count_params(model).unique
-    torch.testing.assert_close(fresh.depthwise_kernel.weight, model.depthwise_kernel.weight)
+    torch.testing.assert_close(fresh.kernels.depthwise.weight, model.kernels.depthwise.weight)
     _assert_tied(fresh)
 
 
@@ -73,9 +73,9 @@ def test_load_state_dict_assign_keeps_tying() -> None:
     fresh = ConvMixer(16, 16, kernel_size=3, shared=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fresh.load_state_dict(state, assign=True)
-    assert fresh.pointwise_kernel.weight is not model.pointwise_kernel.weight
+    assert fresh.kernels.pointwise.weight is not model.kernels.pointwise.weight
     assert count_params(fresh).unique == count_params(model).unique  # not 16x larger (B.2)
-    new_weight = fresh.pointwise_kernel.weight
+    new_weight = fresh.kernels.pointwise.weight
     assert all(m.kernel.weight is new_weight for m in fresh.layers.modules()
                if isinstance(m, AnchoredConv2d) and m.kernel.kernel_size == (1, 1))
     fresh(torch.randn(2, 3, 8, 8)).sum().backward()
@@ -86,11 +86,11 @@ def test_load_state_dict_assign_keeps_tying() -> None:
 def test_meta_device_then_to_empty_keeps_tying() -> None:
     with torch.device("meta"):
         meta = ConvMixer(16, 16, kernel_size=3, shared=True)
-    assert meta.depthwise_kernel.weight.is_meta
+    assert meta.kernels.depthwise.weight.is_meta
     model = meta.to_empty(device="cpu")
     model.load_state_dict(_small_mixer().state_dict())
     assert count_params(model).unique == count_params(_small_mixer()).unique  # not 1,409,034-style
-    dw = model.depthwise_kernel.weight
+    dw = model.kernels.depthwise.weight
     assert all(m.kernel.weight is dw for m in model.modules()
                if isinstance(m, AnchoredConv2d) and m.kernel.groups == 16)
     _assert_tied(model)
@@ -100,8 +100,8 @@ def test_deepcopy_keeps_tying_to_the_copy() -> None:
     model = _small_mixer()
     clone = copy.deepcopy(model)
     uses = [m for m in clone.modules() if isinstance(m, AnchoredConv2d)]
-    assert all(u.kernel in (clone.depthwise_kernel, clone.pointwise_kernel) for u in uses)
-    assert anchored_uses(clone)[id(clone.depthwise_kernel)] == 16
+    assert all(u.kernel in (clone.kernels.depthwise, clone.kernels.pointwise) for u in uses)
+    assert anchored_uses(clone)[id(clone.kernels.depthwise)] == 16
 
 
 # ---- B.3 safetensors ----------------------------------------------------------------------------------
@@ -129,11 +129,11 @@ def test_safetensors_round_trip_stores_each_shared_tensor_once(tmp_path) -> None
 def test_ema_moves_a_16_way_shared_kernel_once_per_step() -> None:
     model = _small_mixer()
     ema = ModelEMA(model, decay=0.9)
-    start = ema.module.depthwise_kernel.weight.clone()
+    start = ema.module.kernels.depthwise.weight.clone()
     with torch.no_grad():
-        model.depthwise_kernel.weight.add_(1.0)
+        model.kernels.depthwise.weight.add_(1.0)
     ema.update(model)
-    moved = (ema.module.depthwise_kernel.weight - start).mean().item()
+    moved = (ema.module.kernels.depthwise.weight - start).mean().item()
     assert moved == pytest.approx(0.1, abs=1e-6)  # not 1 - 0.9**16 = 0.81
     assert sum(p.numel() for p in ema.module.parameters()) == count_params(model).unique
 
@@ -145,7 +145,7 @@ def test_optimizer_groups_hold_each_tensor_once() -> None:
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     torch.optim.AdamW(groups, lr=1e-3)  # raises on duplicates
     decayed = {id(p) for p in groups[0]["params"]}
-    assert id(model.depthwise_kernel.weight) in decayed and id(model.depthwise_kernel.bias) not in decayed
+    assert id(model.kernels.depthwise.weight) in decayed and id(model.kernels.depthwise.bias) not in decayed
     # even a naive walk over modules meets the kernel once: it has a single owner
     walked = [id(p) for m in model.modules() for p in m.parameters(recurse=False)]
     assert len(walked) == len(set(walked))
@@ -242,10 +242,10 @@ def test_torch_compile_keeps_tying_and_gradients() -> None:
     compiled = torch.compile(model)
     x, w = torch.randn(4, 3, 8, 8), torch.randn(4, 10)
     (compiled(x) * w).sum().backward()
-    compiled_grad = model.depthwise_kernel.weight.grad.clone()
+    compiled_grad = model.kernels.depthwise.weight.grad.clone()
     model.zero_grad()
     (model(x) * w).sum().backward()
-    eager_grad = model.depthwise_kernel.weight.grad
+    eager_grad = model.kernels.depthwise.weight.grad
     scale = eager_grad.abs().max().item()
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-4 * scale)
     assert count_params(model).unique == count_params(_small_mixer()).unique

@@ -18,8 +18,8 @@ from dacnn.export.prune import count_nonzero, keep_masks, magnitude_prune, pruna
 def test_prunable_weights_list_a_shared_kernel_once():
     model = dacnn.create_model("dacnn14", width=8, num_classes=10)
     names = [n for n, _ in prunable_weights(model)]
-    assert names.count("anchor.weight") == 1
-    assert set(names) == {"anchor.weight", "features.0.0.weight", "head.fc.weight"}
+    assert names.count("kernels.anchor.weight") == 1
+    assert set(names) == {"kernels.anchor.weight", "features.0.0.weight", "fc.weight"}
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
@@ -59,13 +59,13 @@ def test_masks_survive_optimizer_steps():
     masks = magnitude_prune(model, 0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     handle = keep_masks(optimizer, model, masks)
-    start = model.anchor.weight.detach().clone()
+    start = model.kernels.anchor.weight.detach().clone()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for _ in range(3):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    assert not torch.equal(model.anchor.weight, start)  # the kept weights did train
+    assert not torch.equal(model.kernels.anchor.weight, start)  # the kept weights did train
     for name, p in prunable_weights(model):
         assert torch.all(p[~masks[name]] == 0)
     handle.remove()

@@ -86,12 +86,12 @@ def test_lr_schedules():
 def test_ema_moves_a_shared_kernel_once_per_step():
     model = create_model("dacnn14", width=8, num_classes=10)
     ema = ModelEMA(model, decay=0.9)
-    before = ema.module.anchor.weight.clone()
+    before = ema.module.kernels.anchor.weight.clone()
     with torch.no_grad():
-        model.anchor.weight.add_(1.0)
+        model.kernels.anchor.weight.add_(1.0)
     ema.update(model)
     # 12 uses of the anchor, yet it moves 1 - 0.9 = 0.1 of the way, not 1 - 0.9**12
-    torch.testing.assert_close(ema.module.anchor.weight, before + 0.1)
+    torch.testing.assert_close(ema.module.kernels.anchor.weight, before + 0.1)
 
 
 def test_param_groups_hold_each_shared_tensor_once():

@@ -71,7 +71,7 @@ def test_two_gloo_processes_give_the_single_process_gradients(tmp_path):
     for rank in (0, 1):
         got = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
         assert got.keys() == expected.keys()  # the dead weight has no gradient anywhere
-        assert "net.anchor.weight" in got
+        assert "net.kernels.anchor.weight" in got
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from dacnn.errors import CheckpointError, WriteError
@@ -81,13 +82,37 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Pa
     return path
 
 
+def current_key(model: nn.Module, key: str) -> str:
+    """Today's name of a state_dict ``key`` saved under an older one: the model's ``legacy_keys``
+    (``(regex, replacement)`` pairs, applied in order; e.g. DACNN's ``anchor.`` -> ``kernels.anchor.``)."""
+    for pattern, repl in getattr(model, "legacy_keys", ()):
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def upgrade_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every key under :func:`current_key` (a no-op for today's names)."""
+    return {current_key(model, k): v for k, v in state.items()}
+
+
+def _has_legacy_keys(model: nn.Module, keys: list[str]) -> bool:
+    return any(current_key(model, k) != k for k in keys)
+
+
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
-    """``safetensors.torch.load_model`` in copy mode (keeps tied tensors tied), strict."""
+    """``safetensors.torch.load_model`` in copy mode (keeps tied tensors tied), strict; a file saved
+    under a family's older names (:func:`current_key`) is renamed on the way in."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
+        with safe_open(str(path), framework="pt") as f:
+            legacy = _has_legacy_keys(model, list(f.keys()))
+        if legacy:
+            result = model.load_state_dict(upgrade_state(model, load_file(str(path), str(device))), strict=False)
+            missing, unexpected = result.missing_keys, result.unexpected_keys
+        else:
+            missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
     except Exception as exc:  # corrupt header, shape mismatch
         raise CheckpointError(f"cannot load weights {path}: {exc}") from None
     if missing or unexpected:
@@ -155,7 +180,7 @@ def _check_shapes(model: nn.Module, path: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            stored = {current_key(model, k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for a bad header
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     wrong = [k for k, shape in stored.items() if expected.get(k) != shape]

@@ -47,7 +47,7 @@ class ModelInfo:
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     first_conv: str = ""
-    classifier: str = "head.fc"
+    classifier: str = "fc"
     mean: tuple[float, ...] | None = None  # None: the training dataset's mean/std (dacnn.data.DATASETS)
     std: tuple[float, ...] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dacnn import checkpoint as ckpt
 from dacnn.counting import count_params
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.export.quantize import dequantize_per_channel, is_quantizable, quantize_per_channel
@@ -336,6 +337,7 @@ def load_state_into(
 
     Missing keys are allowed only for aliases of stored tensors and training counters.
     """
+    state = ckpt.upgrade_state(model, state)  # a file written under a family's older names
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

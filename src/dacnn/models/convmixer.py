@@ -81,27 +81,28 @@ class ConvMixer(ClassifierMixin, nn.Module):
             nn.GELU(),
             nn.BatchNorm2d(width),
         )
-        if shared:
-            self.depthwise_kernel = SharedKernel(width, width, kernel_size, groups=width, bias=True,
-                                                 init="default")
-            self.pointwise_kernel = SharedKernel(width, width, 1, bias=True, init="default")
+        self.kernels = nn.ModuleDict({
+            "depthwise": SharedKernel(width, width, kernel_size, groups=width, bias=True, init="default"),
+            "pointwise": SharedKernel(width, width, 1, bias=True, init="default"),
+        } if shared else {})
 
         def depthwise() -> nn.Module:
             if shared:
-                return AnchoredConv2d(self.depthwise_kernel, padding="same")
+                return AnchoredConv2d(self.kernels["depthwise"], padding="same")
             return nn.Conv2d(width, width, kernel_size, groups=width, padding="same")
 
         def pointwise() -> nn.Module:
             if shared:
-                return AnchoredConv2d(self.pointwise_kernel, padding=0)
+                return AnchoredConv2d(self.kernels["pointwise"], padding=0)
             return nn.Conv2d(width, width, 1)
 
         self.layers = nn.Sequential(*(MixerLayer(depthwise(), pointwise(), width) for _ in range(depth)))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width, num_classes)
         self.num_classes, self.num_features = num_classes, width
 
-    classifier_name = "head"
+    # names before 2026-12 (still loaded): depthwise_kernel, pointwise_kernel, head
+    legacy_keys = ((r"^(depthwise|pointwise)_kernel\.", r"kernels.\1."), (r"^head\.", "fc."))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.patch_embed(x))
@@ -125,5 +126,5 @@ for _name, (_cfg, _twin) in _CFGS.items():
         _name, "convmixer", num_classes=10, paper=PAPER, shared_twin=_twin,
         table_row="SPEC 1.1: ConvMixer-256/16, kernel 9, patch 1",
         notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)", first_conv="patch_embed.0",
-        classifier="head",
+        classifier="fc",
     ))(partial(_create_convmixer, _name))

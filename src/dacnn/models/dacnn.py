@@ -108,25 +108,18 @@ class AnchoredBlock(nn.Module):
         return self.regulator(out) if self.regulator is not None else out
 
 
-class _Classifier(nn.Module):
-    """Global average pooling + one linear layer."""
-
-    def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
 class _DACNNBase(ClassifierMixin, nn.Module):
-    """timm's interface over :class:`_Classifier` (``head.pool``, ``head.fc``)."""
+    """timm's interface: global average pooling (``pool``) and one linear layer (``fc``).
 
-    classifier_name, pool_name = "head.fc", "head.pool"
+    Shared kernels live in ``self.kernels`` (empty for the free twins), the classifier is ``self.fc``,
+    as in every family; weights saved under the names before 2026-12 (``anchor.``, ``head.fc.``)
+    still load (:attr:`legacy_keys`)."""
+
+    legacy_keys = ((r"^anchor\.", "kernels.anchor."), (r"^head\.fc\.", "fc."))
 
     def _set_head(self, channels: int, num_classes: int) -> None:
-        self.head = _Classifier(channels, num_classes)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
         self.num_classes, self.num_features = num_classes, channels
 
 
@@ -151,7 +144,8 @@ class PlainDACNN(_DACNNBase):
         if depth < 3:
             raise ValueError(f"PlainDACNN depth must be >= 3 (stem, one anchored conv, FC), got {depth}")
         bias = not batchnorm  # without BN a conv keeps its bias (Table 1 ablation)
-        self.anchor = SharedKernel(width, width, 3, bias=bias) if shared else None
+        self.kernels = nn.ModuleDict({"anchor": SharedKernel(width, width, 3, bias=bias)} if shared else {})
+        anchor = self.kernels["anchor"] if shared else None
         layers: list[nn.Module] = []
         groups = split_evenly(depth - 1, min(5, depth - 1))
         for g, size in enumerate(groups):
@@ -159,7 +153,7 @@ class PlainDACNN(_DACNNBase):
                 if g == 0 and i == 0:
                     conv = conv3x3(in_chans, width, bias=bias)  # eq. 2, the stem W_1
                 else:
-                    conv = conv_use(self.anchor, width, width, bias=bias)  # eq. 3, W_G
+                    conv = conv_use(anchor, width, width, bias=bias)  # eq. 3, W_G
                 layers.append(ConvBNReLU(conv, width, batchnorm))
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -195,13 +189,15 @@ class ResidualDACNN(_DACNNBase):
         blocks = RESNET_BLOCKS.get(depth) or split_evenly((depth - 2) // 2, 4)
         self.regulator_sections = parse_sections(regulators)
         self.stem = ConvBNReLU(conv3x3(in_chans, width, bias=not batchnorm), width, batchnorm)
-        self.anchor = SharedKernel(width, width, 3, bias=not batchnorm) if shared else None
+        self.kernels = nn.ModuleDict(
+            {"anchor": SharedKernel(width, width, 3, bias=not batchnorm)} if shared else {})
+        anchor = self.kernels["anchor"] if shared else None
         stages: list[nn.Module] = []
         for s, n in enumerate(blocks, start=1):
             stage = [
                 AnchoredBlock(
-                    conv_use(self.anchor, width, width, bias=not batchnorm),
-                    conv_use(self.anchor, width, width, bias=not batchnorm),
+                    conv_use(anchor, width, width, bias=not batchnorm),
+                    conv_use(anchor, width, width, bias=not batchnorm),
                     width,
                     regulator=s in self.regulator_sections,
                     batchnorm=batchnorm,
@@ -347,7 +343,7 @@ def _create_dacnn(variant: str, /, **kwargs: Any) -> nn.Module:
 def _info(name: str, row: str, cfg: dict[str, Any], twin: str | None = None) -> ModelInfo:
     plain = cfg.get("mixed") or cfg.get("depth", 14) <= 17  # a plain stack: no stem module
     return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin,
-                     first_conv="features.0.0" if plain else "stem.0", classifier="head.fc")
+                     first_conv="features.0.0" if plain else "stem.0", classifier="fc")
 
 
 register_model(_info("dacnn", "Table 2 (any depth/width)", {}))(dacnn)

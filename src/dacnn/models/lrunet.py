@@ -185,10 +185,12 @@ class LruBlock(nn.Module):
         if planes % PW_GROUPS:
             raise ConfigError(f"LruBlock: planes={planes} must be divisible by {PW_GROUPS}")
         self.planes, self.layer_reuse, self.fast = planes, layer_reuse, fast
-        self.dw = SharedKernel(planes, 2 * planes, 3, groups=planes)
-        self.pw = SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS)
-        self.dw_uses = nn.ModuleList(AnchoredConv2d(self.dw, padding=1) for _ in range(layer_reuse))
-        self.pw_uses = nn.ModuleList(AnchoredConv2d(self.pw, padding=0) for _ in range(layer_reuse))
+        self.kernels = nn.ModuleDict({
+            "dw": SharedKernel(planes, 2 * planes, 3, groups=planes),
+            "pw": SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS),
+        })
+        self.dw_uses = nn.ModuleList(AnchoredConv2d(self.kernels["dw"], padding=1) for _ in range(layer_reuse))
+        self.pw_uses = nn.ModuleList(AnchoredConv2d(self.kernels["pw"], padding=0) for _ in range(layer_reuse))
         self.dw_bns = nn.ModuleList(nn.BatchNorm2d(2 * planes) for _ in range(layer_reuse))
         self.pw_bns = nn.ModuleList(nn.BatchNorm2d(planes) for _ in range(layer_reuse))
 
@@ -213,7 +215,7 @@ class LruBlock(nn.Module):
     def _skipped_modules_hooked(self, folding: bool) -> bool:
         """Whether a module the fast path does not call has hooks: the kernels (gone after
         :func:`dacnn.untie`), every conv use and, when BN is folded (eval), every BatchNorm."""
-        skipped = [self._modules.get("dw"), self._modules.get("pw"), *self.dw_uses, *self.pw_uses]
+        skipped = [*self.kernels.values(), *self.dw_uses, *self.pw_uses]
         if folding:
             skipped += [*self.dw_bns, *self.pw_bns]
         return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in skipped)
@@ -253,12 +255,15 @@ class LruNet(ClassifierMixin, nn.Module):
     on the command line); the default computes the same function faster (:class:`LruBlock`).
 
     timm's interface: :meth:`forward_features` ends after stage 4 (``(B, 512w, 2, 2)`` at 32x32);
-    :meth:`forward_head` is the grouped 1x1 classifier (``pre_logits=True`` stops before the logits
-    conv, ``classifier.4``, so the features are ``(B, 256w, H, W)``: the reference pools *after* its
-    ReLU on the logits, so there is no pooled pre-logits vector).
+    :meth:`forward_head` is the grouped 1x1 head: ``pre_logits`` (conv, BN, ReLU, dropout), then the
+    logits conv ``fc``, ReLU and 2x2 average pooling; ``pre_logits=True`` stops before ``fc``, so the
+    features are ``(B, 256w, H, W)``: the reference pools *after* its ReLU on the logits, so there is
+    no pooled pre-logits vector. A block's kernels are ``stage<k>.kernels.dw`` / ``.pw``.
     """
 
-    classifier_name = "classifier.4"
+    # names before 2026-12 (still loaded): stage<k>.dw/.pw, classifier.0-3 and classifier.4
+    legacy_keys = ((r"^(stage\d)\.(dw|pw)\.", r"\1.kernels.\2."), (r"^classifier\.4\.", "fc."),
+                   (r"^classifier\.", "pre_logits."))
 
     def __init__(
         self,
@@ -291,15 +296,13 @@ class LruNet(ClassifierMixin, nn.Module):
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         head = 256 * width_mult
         self.num_features = head
-        self.classifier = nn.Sequential(
+        self.pre_logits = nn.Sequential(
             nn.Conv2d(widths[-1], head, 1, groups=PW_GROUPS, bias=False),
             nn.BatchNorm2d(head),
             nn.ReLU(inplace=True),
             nn.Dropout(drop_rate),
-            nn.Conv2d(head, num_classes, 1),
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(2, stride=1),
         )
+        self.fc = nn.Conv2d(head, num_classes, 1)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -326,16 +329,17 @@ class LruNet(ClassifierMixin, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.contiguous()  # dropout masks follow memory order: keep the reference's
+        x = self.pre_logits(x)
         if pre_logits:
-            return self.classifier[:4](x)
-        out = self.classifier(x)
+            return x
+        out = F.avg_pool2d(F.relu(self.fc(x), inplace=True), 2, stride=1)  # ReLU on the logits, as the reference
         return out.reshape(out.shape[0], -1)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new logits conv ``256w -> num_classes`` (``0``: identity, the head then returns the
         ReLU'd, pooled ``256w`` features)."""
         self.num_classes = num_classes
-        self.classifier[4] = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
+        self.fc = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
 
 
 _KEY_RENAMES = ((r"^features\.", "stem."), (r"\.dw_bn_list\.", ".dw_bns."), (r"\.pw_bn_list\.", ".pw_bns."))
@@ -369,11 +373,11 @@ def _few(keys: list[str]) -> str:
 def checkpoint_filter_fn(
     state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
-    """The authors' state_dict (``features.``, ``dw_bn_list``, ``pw_bn_list``) renamed to ours,
+    """The authors' state_dict (``features.``, ``dw_bn_list``, ``pw_bn_list``, ``dw``, ``classifier``) renamed to ours,
     keys and shapes checked against ``model`` (timm's ``checkpoint_filter_fn``)."""
     converted = {}
     for key, value in state.items():
-        for pattern, repl in _KEY_RENAMES:
+        for pattern, repl in (*_KEY_RENAMES, *LruNet.legacy_keys):
             key = re.sub(pattern, repl, key)
         converted[key] = value
     ours = model.state_dict()
@@ -401,7 +405,7 @@ def _info(name: str, width: int) -> ModelInfo:
         name, "lrunet", num_classes=10, paper=PAPER,
         table_row=f"SPEC 2.1: N-LruNet-{width}x (layer_reuse=N, default 8 as the reference code)",
         notes="CIFAR-10 by default; in_chans=1 for Fashion-MNIST (28x28); no input normalisation",
-        extra={"width_mult": width}, first_conv="stem.0", classifier="classifier.4",
+        extra={"width_mult": width}, first_conv="stem.0", classifier="fc",
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
     )
 
