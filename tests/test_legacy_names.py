@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dacnn import checkpoint as ckpt
-from dacnn import create_model, list_models
+from dacnn import create_model
 from dacnn.errors import CheckpointError
 from dacnn.export.compact import load_state_into
 from dacnn.models.convmixer import ConvMixer
@@ -55,7 +55,8 @@ def test_old_weight_files_load_and_give_the_old_outputs(stem):
         got = model.eval()(x)
     torch.testing.assert_close(got, outputs[stem], rtol=1e-5, atol=1e-6)
     kernels = [m for m in model.modules() if isinstance(m, SharedKernel)]
-    assert kernels and all(".kernels." in f".{n}" for n, m in model.named_modules() if isinstance(m, SharedKernel))
+    owners = [n for n, m in model.named_modules() if isinstance(m, SharedKernel)]
+    assert kernels and all(".kernels." in f".{n}" for n in owners)
 
 
 @pytest.mark.parametrize("stem", ["dacnn", "lrunet_1x"])

@@ -66,7 +66,8 @@ def reference_forward(model: LruNet, x: torch.Tensor, training: bool) -> torch.T
         q = out.shape[1]
         for i in range(model.layer_reuse):
             res = out
-            out = bn(f"{stage}.dw_bns.{i}", F.conv2d(out, sd[f"{stage}.kernels.dw.weight"], padding=1, groups=q))
+            w_dw = sd[f"{stage}.kernels.dw.weight"]
+            out = bn(f"{stage}.dw_bns.{i}", F.conv2d(out, w_dw, padding=1, groups=q))
             out = bn(f"{stage}.pw_bns.{i}", F.conv2d(out, sd[f"{stage}.kernels.pw.weight"], groups=8))
             out = F.relu(out + res)
             if i != model.layer_reuse - 1:

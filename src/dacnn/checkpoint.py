@@ -109,7 +109,8 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
         with safe_open(str(path), framework="pt") as f:
             legacy = _has_legacy_keys(model, list(f.keys()))
         if legacy:
-            result = model.load_state_dict(upgrade_state(model, load_file(str(path), str(device))), strict=False)
+            state = upgrade_state(model, load_file(str(path), str(device)))
+            result = model.load_state_dict(state, strict=False)
             missing, unexpected = result.missing_keys, result.unexpected_keys
         else:
             missing, unexpected = load_model(model, str(path), strict=False, device=str(device))

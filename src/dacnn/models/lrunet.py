@@ -185,12 +185,11 @@ class LruBlock(nn.Module):
         if planes % PW_GROUPS:
             raise ConfigError(f"LruBlock: planes={planes} must be divisible by {PW_GROUPS}")
         self.planes, self.layer_reuse, self.fast = planes, layer_reuse, fast
-        self.kernels = nn.ModuleDict({
-            "dw": SharedKernel(planes, 2 * planes, 3, groups=planes),
-            "pw": SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS),
-        })
-        self.dw_uses = nn.ModuleList(AnchoredConv2d(self.kernels["dw"], padding=1) for _ in range(layer_reuse))
-        self.pw_uses = nn.ModuleList(AnchoredConv2d(self.kernels["pw"], padding=0) for _ in range(layer_reuse))
+        dw = SharedKernel(planes, 2 * planes, 3, groups=planes)
+        pw = SharedKernel(2 * planes, planes, 1, groups=PW_GROUPS)
+        self.kernels = nn.ModuleDict({"dw": dw, "pw": pw})
+        self.dw_uses = nn.ModuleList(AnchoredConv2d(dw, padding=1) for _ in range(layer_reuse))
+        self.pw_uses = nn.ModuleList(AnchoredConv2d(pw, padding=0) for _ in range(layer_reuse))
         self.dw_bns = nn.ModuleList(nn.BatchNorm2d(2 * planes) for _ in range(layer_reuse))
         self.pw_bns = nn.ModuleList(nn.BatchNorm2d(planes) for _ in range(layer_reuse))
 
@@ -332,7 +331,7 @@ class LruNet(ClassifierMixin, nn.Module):
         x = self.pre_logits(x)
         if pre_logits:
             return x
-        out = F.avg_pool2d(F.relu(self.fc(x), inplace=True), 2, stride=1)  # ReLU on the logits, as the reference
+        out = F.avg_pool2d(F.relu(self.fc(x), inplace=True), 2, stride=1)  # the reference's ReLU on logits
         return out.reshape(out.shape[0], -1)
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -373,7 +372,8 @@ def _few(keys: list[str]) -> str:
 def checkpoint_filter_fn(
     state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
-    """The authors' state_dict (``features.``, ``dw_bn_list``, ``pw_bn_list``, ``dw``, ``classifier``) renamed to ours,
+    """The authors' state_dict (``features.``, ``dw_bn_list``, ``pw_bn_list``, ``dw``, ``classifier``)
+    renamed to ours,
     keys and shapes checked against ``model`` (timm's ``checkpoint_filter_fn``)."""
     converted = {}
     for key, value in state.items():
