@@ -102,3 +102,15 @@ def test_bad_arguments() -> None:
         SEResNet(2, share_stages=(True, False))
     with pytest.raises(ConfigError, match="blocks"):
         SEResNet(0)
+
+
+def test_width_scales_the_three_stages_and_64_is_the_reference():
+    from dacnn import create_model
+
+    ref, same = create_model("se_resnet_d_2_shared"), create_model("se_resnet_d_2_shared", width=64)
+    shapes = [[(k, v.shape) for k, v in m.state_dict().items()] for m in (ref, same)]
+    assert shapes[0] == shapes[1]
+    small = create_model("se_resnet_d_2_shared", width=16)
+    kernels = [tuple(k.weight.shape) for k in small.kernels.values()]
+    assert kernels == [(16, 16, 3, 3), (32, 32, 3, 3), (64, 64, 3, 3)]
+    assert small.num_features == 64 and small.stem[0].out_channels == 16  # the reference's 16-channel stem

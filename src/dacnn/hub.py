@@ -8,7 +8,9 @@ keyword arguments the weights need. The directory is searched in this order:
 1. ``weights_dir`` passed by the caller (``--weights-dir`` on the command line);
 2. ``$DACNN_WEIGHTS``;
 3. ``~/.cache/dacnn/weights`` (:data:`DEFAULT_WEIGHTS_DIR`);
-4. ``../shared/reference/weights`` beside the working directory or the repository, when present.
+4. ``weights/`` of the repository (weights the project trained itself, committed with their table
+   :data:`TRAINED_TABLE`), when present;
+5. ``../shared/reference/weights`` beside the working directory or the repository, when present.
 
 A file found but with another sha256 is an error (never silently used); a missing file lists every
 directory looked in.
@@ -16,6 +18,7 @@ directory looked in.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,11 +32,14 @@ from torch import nn
 from dacnn.errors import CheckpointError
 from dacnn.fileio import sha256_file, torch_load_reason
 
-__all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "weights_dirs", "find_weights",
-           "read_checkpoint", "read_state_file", "load_pretrained"]
+__all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "TRAINED_TABLE", "weights_dirs", "find_weights",
+           "read_checkpoint", "read_state_file", "load_pretrained", "read_trained_table", "trained_cfg",
+           "eval_command"]
 
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/dacnn/weights").expanduser()
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # src/dacnn/hub.py -> repository root
+REPO_WEIGHTS_DIR = _REPO_ROOT / "weights"
+TRAINED_TABLE = Path(__file__).with_name("trained_weights.json")  # written by `dacnn publish`
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ def weights_dirs(weights_dir: str | Path | None = None) -> list[Path]:
     if os.environ.get("DACNN_WEIGHTS"):
         dirs.append(Path(os.environ["DACNN_WEIGHTS"]).expanduser())
     dirs.append(DEFAULT_WEIGHTS_DIR)
+    if REPO_WEIGHTS_DIR.is_dir():
+        dirs.append(REPO_WEIGHTS_DIR)
     for shared in (Path.cwd().parent / "shared" / "reference" / "weights",
                    _REPO_ROOT.parent / "shared" / "reference" / "weights"):
         if shared.is_dir() and shared.resolve() not in [d.resolve() for d in dirs]:
@@ -137,3 +145,47 @@ def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights_dir: str | Pat
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not fit {type(model).__name__} ({exc})") from None
     return model.eval()
+
+
+# ---------------------------------------------------------------- weights trained by the project
+_TRAINED_FIELDS = ("model", "tag", "file", "sha256", "bytes", "dataset", "accuracy", "model_kwargs",
+                   "normalize", "pad_to", "trained_by")
+
+
+def read_trained_table(path: str | Path = TRAINED_TABLE) -> list[dict[str, Any]]:
+    """The entries of the trained-weights table (a JSON list; absent file: none), each checked for
+    every field :func:`trained_cfg` needs."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON table ({type(exc).__name__}: {exc})") from None
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{path}: expected a JSON list of entries")
+    for i, entry in enumerate(entries):
+        missing = [f for f in _TRAINED_FIELDS if not isinstance(entry, dict) or f not in entry]
+        if missing:
+            raise CheckpointError(f"{path}: entry {i} lacks {', '.join(missing)}")
+    return entries
+
+
+def eval_command(entry: dict[str, Any]) -> str:
+    """The ``dacnn eval`` line that reproduces a table entry's accuracy."""
+    return f"dacnn eval --model {entry['model']}.{entry['tag']} --pretrained --dataset {entry['dataset']}"
+
+
+def trained_cfg(entry: dict[str, Any]) -> PretrainedCfg:
+    """A :class:`PretrainedCfg` for an entry of the trained-weights table: the accuracy is the test
+    accuracy the training run measured with these weights (``trained_by`` says which run)."""
+    run = entry["trained_by"]
+    return PretrainedCfg(
+        tag=entry["tag"], file=entry["file"], sha256=entry["sha256"],
+        source=f"trained by dacnn: {run.get('experiment')}/{run.get('row')} seed {run.get('seed')} at commit "
+               f"{str(run.get('git_commit'))[:12]} ({run.get('command')})",
+        licence="MIT (this project)", dataset=entry["dataset"], accuracy=float(entry["accuracy"]),
+        command=eval_command(entry),
+        model_kwargs=dict(entry["model_kwargs"]), normalize=bool(entry["normalize"]),
+        pad_to=entry["pad_to"], notes=entry.get("notes", ""),
+    )

@@ -11,14 +11,15 @@ import sys
 from collections.abc import Sequence
 
 from dacnn import __version__
-from dacnn.cli import data, export, models, reproduce, share, train, weights
+from dacnn.cli import data, export, models, publish, reproduce, share, train, weights
 from dacnn.errors import DacnnError
 from dacnn.runtime import tune_malloc
 
 # Subcommands that train or evaluate: glibc keeps their freed activations (dacnn.runtime).
-COMPUTE_COMMANDS = ("train", "eval", "reproduce")
+COMPUTE_COMMANDS = ("train", "eval", "reproduce", "publish")
 
-SUBCOMMAND_MODULES = (models, data, train, weights, export, reproduce, share)  # each has register(subparsers)
+# each has register(subparsers)
+SUBCOMMAND_MODULES = (models, data, train, weights, export, reproduce, publish, share)
 
 
 def build_parser() -> argparse.ArgumentParser:

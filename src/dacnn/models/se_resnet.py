@@ -68,6 +68,9 @@ class SEBasicBlock(BasicBlock):
 class SEResNet(ClassifierMixin, nn.Module):
     """CIFAR SE-ResNet with ``blocks`` blocks per stage; ``share_stages[s]`` ties stage ``s``'s 3x3 convs.
 
+    ``width`` is the first stage's channels (the reference's 64: stages 64-128-256; a smaller width
+    scales all three, e.g. 16-32-64 for a CPU-sized run); the 16-channel stem is the reference's.
+
     Shared kernels live in ``self.kernels`` (a ModuleDict keyed by stage index), so each is saved
     and counted once.
     """
@@ -76,6 +79,7 @@ class SEResNet(ClassifierMixin, nn.Module):
         self,
         blocks: int = 2,
         *,
+        width: int = STAGE_WIDTHS[0],
         share_stages: Sequence[bool] | bool = False,
         reduction: int = 16,
         num_classes: int = 10,
@@ -84,6 +88,9 @@ class SEResNet(ClassifierMixin, nn.Module):
         super().__init__()
         if blocks < 1:
             raise ConfigError(f"SEResNet: blocks per stage must be >= 1, got {blocks}")
+        if width < reduction:
+            raise ConfigError(f"SEResNet: width must be >= the SE reduction {reduction}, got {width}")
+        widths = tuple(width * c // STAGE_WIDTHS[0] for c in STAGE_WIDTHS)
         if isinstance(share_stages, bool):
             share_stages = (share_stages,) * len(STAGE_WIDTHS)
         share_stages = tuple(bool(s) for s in share_stages)
@@ -95,11 +102,11 @@ class SEResNet(ClassifierMixin, nn.Module):
         )
         self.kernels = nn.ModuleDict(
             {str(s): SharedKernel(c, c, 3, init="kaiming_normal_fan_in")
-             for s, (c, share) in enumerate(zip(STAGE_WIDTHS, share_stages)) if share}
+             for s, (c, share) in enumerate(zip(widths, share_stages)) if share}
         )
         stages: list[nn.Module] = []
         cin = STEM_WIDTH
-        for s, cout in enumerate(STAGE_WIDTHS):
+        for s, cout in enumerate(widths):
             kernel = self.kernels[str(s)] if share_stages[s] else None
             stage = []
             for b in range(blocks):

@@ -1,0 +1,67 @@
+"""``dacnn publish``: a reproduction row's best weights join the pretrained table.
+
+``dacnn publish table6 resnet18 --seed 0 --tag cifar10_cpu`` checks the recorded best checkpoint
+(sha256, and the test accuracy measured again with today's code), copies it to
+``weights/trained/resnet18.cifar10_cpu.safetensors`` and enters it in ``src/dacnn/trained_weights.json``;
+``dacnn eval --model resnet18.cifar10_cpu --pretrained --dataset cifar10`` then reproduces the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dacnn.experiments.publish import find_record, publish
+from dacnn.experiments.store import ResultsStore
+from dacnn.hub import REPO_WEIGHTS_DIR, TRAINED_TABLE, eval_command
+from dacnn.validation import option_type
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``publish`` subcommand."""
+    p = subparsers.add_parser(
+        "publish",
+        help="add a reproduction row's best weights to the pretrained table",
+        description="Verify a recorded best checkpoint (sha256 and test accuracy with today's code), copy it "
+        "under weights/trained/ and enter it in the pretrained table as <model>.<tag>.",
+    )
+    p.add_argument("experiment", help="spec name, e.g. table6")
+    p.add_argument("row", help="row id, e.g. resnet18")
+    p.add_argument("--seed", type=option_type("seed"), default=0, help="seed of the row (default 0)")
+    p.add_argument("--tag", required=True, help="pretrained tag, e.g. cifar10_cpu")
+    p.add_argument(
+        "--scale", default="cpu", choices=("cpu", "paper"), help="scale of the record (default cpu)"
+    )
+    p.add_argument("--results", default="results", help="results store directory (default: results)")
+    p.add_argument("--data-dir", default=None, help="data root (default: $DACNN_DATA, then the default)")
+    p.add_argument(
+        "--weights-root",
+        type=Path,
+        default=REPO_WEIGHTS_DIR,
+        help="where weights/trained/ goes (default: the repository's weights/)",
+    )
+    p.add_argument(
+        "--table", type=Path, default=TRAINED_TABLE, help="the table to update (default: the package's)"
+    )
+    p.add_argument("--notes", default="", help="a note stored with the entry")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    record = find_record(ResultsStore(args.results), args.experiment, args.row, args.seed, args.scale)
+    entry = publish(
+        record,
+        args.tag,
+        data_dir=args.data_dir,
+        weights_root=args.weights_root,
+        table=args.table,
+        notes=args.notes,
+    )
+    print(
+        f"published {entry['model']}.{entry['tag']}: {entry['accuracy']:.2f} % on {entry['dataset']} "
+        f"({entry['bytes']:,} bytes, sha256 {entry['sha256'][:12]}...) -> {args.weights_root / entry['file']}"
+    )
+    print(f"  reproduce: {eval_command(entry)}")
+    return 0

@@ -1,0 +1,132 @@
+"""``dacnn publish``: a converged reproduction's best weights join the pretrained table.
+
+The best checkpoint a ``dacnn reproduce`` row recorded (``extra.best_weights`` with its sha256) is
+checked against the record, re-evaluated on the test split with today's code (it must give the
+record's test accuracy), written under ``weights/trained/<model>.<tag>.safetensors`` with a sidecar,
+and entered in :data:`dacnn.hub.TRAINED_TABLE` with its size, sha256, accuracy and the run that made it.
+``create_model("<model>.<tag>", pretrained=True)`` and ``dacnn eval --model <model>.<tag> --pretrained``
+then find it like any released weights (issue 12, item 4).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from dacnn import checkpoint as ckpt
+from dacnn.errors import CheckpointError, ConfigError
+from dacnn.experiments.store import ResultsStore
+from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.fileio import atomic_write_text, sha256_file
+from dacnn.hub import REPO_WEIGHTS_DIR, TRAINED_TABLE, read_trained_table
+
+__all__ = ["find_record", "publish"]
+
+TAG = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+ACCURACY_TOLERANCE = 0.02  # percentage points: two test images of 10,000 (BN folding may flip a tie)
+
+
+def find_record(
+    store: ResultsStore, experiment: str, row: str, seed: int, scale: str = "cpu"
+) -> dict[str, Any]:
+    """The latest record of ``experiment``/``row``/``seed`` at ``scale``; a clear error if there is none."""
+    found = [r for r in store.records(experiment, scale) if r.get("row") == row and r.get("seed") == seed]
+    if not found:
+        rows = sorted({f"{r.get('row')}#{r.get('seed')}" for r in store.records(experiment, scale)})
+        raise ConfigError(
+            f"no {scale} record of {experiment}/{row} seed {seed} in {store.root}; "
+            f"recorded: {', '.join(rows) or 'none'}"
+        )
+    return found[-1]
+
+
+def publish(
+    record: dict[str, Any],
+    tag: str,
+    *,
+    data_dir: str | None = None,
+    weights_root: str | Path = REPO_WEIGHTS_DIR,
+    table: str | Path = TRAINED_TABLE,
+    notes: str = "",
+) -> dict[str, Any]:
+    """Publish ``record``'s best weights as ``<model>.<tag>``; returns the table entry written."""
+    if not TAG.match(tag):
+        raise ConfigError(f"--tag {tag!r}: use lower-case letters, digits and '_' (e.g. cifar10_cpu)")
+    if record.get("dirty"):
+        raise ConfigError(
+            f"{record['experiment']}/{record['row']}: recorded from a dirty tree; not published"
+        )
+    extra = record.get("extra") or {}
+    source = Path(str(extra.get("best_weights", "")))
+    if not source.is_file():
+        raise CheckpointError(
+            f"{record['experiment']}/{record['row']}: best weights {source} not found "
+            "(the run directory is not on this machine)"
+        )
+    digest = sha256_file(source)
+    if digest != extra.get("best_weights_sha256"):
+        raise CheckpointError(
+            f"{source}: sha256 {digest} is not the record's {extra.get('best_weights_sha256')}"
+        )
+    model, meta = load_source(source)
+    acc = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")))
+    if abs(acc - float(record["test_acc"])) > ACCURACY_TOLERANCE:
+        raise CheckpointError(
+            f"{source}: today's code measures {acc:.2f} % on the test split, the record "
+            f"says {record['test_acc']:.2f} %; not published"
+        )
+    name = f"{record['model']}.{tag}"
+    rel = f"trained/{name}.safetensors"
+    out = Path(weights_root) / rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(meta.get("model_kwargs", {}))
+    trained_by = {
+        k: record.get(k)
+        for k in (
+            "experiment",
+            "row",
+            "seed",
+            "scale",
+            "config_hash",
+            "source_hash",
+            "git_commit",
+            "command",
+            "finished",
+        )
+    }
+    trained_by["machine"] = (record.get("machine") or {}).get("cpu")
+    ckpt.save_weights(
+        model,
+        out,
+        {
+            "model": record["model"],
+            "model_kwargs": kwargs,
+            "dataset": record["dataset"],
+            "normalize": meta.get("normalize", True),
+            "pad_to": meta.get("pad_to"),
+            "pretrained": name,
+            "trained_by": trained_by,
+        },
+    )
+    entry = {
+        "model": record["model"],
+        "tag": tag,
+        "file": rel,
+        "sha256": sha256_file(out),
+        "bytes": out.stat().st_size,
+        "dataset": record["dataset"],
+        "accuracy": round(float(record["test_acc"]), 2),
+        "model_kwargs": kwargs,
+        "normalize": meta.get("normalize", True),
+        "pad_to": meta.get("pad_to"),
+        "trained_by": trained_by,
+        "unique_params": record.get("unique_params"),
+        "notes": notes,
+    }
+    entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]
+    entries.append(entry)
+    entries.sort(key=lambda e: (e["model"], e["tag"]))
+    atomic_write_text(table, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    return entry
