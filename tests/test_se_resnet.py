@@ -105,8 +105,6 @@ def test_bad_arguments() -> None:
 
 
 def test_width_scales_the_three_stages_and_64_is_the_reference():
-    from dacnn import create_model
-
     ref, same = create_model("se_resnet_d_2_shared"), create_model("se_resnet_d_2_shared", width=64)
     shapes = [[(k, v.shape) for k, v in m.state_dict().items()] for m in (ref, same)]
     assert shapes[0] == shapes[1]
