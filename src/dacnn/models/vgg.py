@@ -7,6 +7,9 @@ adaptation used as the DACNN baseline).
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -45,9 +48,23 @@ class VGG(ClassifierMixin, nn.Module):
         return self.features(x)
 
 
-@register_model(
-    ModelInfo("vgg16_1fc", "vgg", paper="arXiv 1409.1556 (baseline of arXiv 1904.09764)",
-              table_row="Table 6: VGG (1-fc)", first_conv="features.0", classifier="fc")
-)
-def vgg16_1fc(**kw: object) -> nn.Module:
-    return VGG(CFG_D, **kw)
+# name -> (layer list, ModelInfo fields): the family's configs, built by :func:`_create_vgg`.
+_CFGS: dict[str, tuple[tuple, dict[str, Any]]] = {
+    "vgg16_1fc": (CFG_D, {"paper": "arXiv 1409.1556 (baseline of arXiv 1904.09764)",
+                          "table_row": "Table 6: VGG (1-fc)"}),
+}
+
+
+def _create_vgg(variant: str, /, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, input channels)."""
+    return VGG(_CFGS[variant][0], **kwargs)
+
+
+def vgg16_1fc(**kwargs: Any) -> nn.Module:
+    """VGG-16 (configuration D) with one linear classifier."""
+    return _create_vgg("vgg16_1fc", **kwargs)
+
+
+for _name, (_layers, _fields) in _CFGS.items():
+    register_model(ModelInfo(_name, "vgg", first_conv="features.0", classifier="fc", **_fields))(
+        partial(_create_vgg, _name))
