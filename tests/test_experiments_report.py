@@ -109,10 +109,11 @@ def test_report_refuses_a_store_without_records(store, tmp_path, capsys):
     assert out.read_text() == "kept\n"
 
 
-def _seeded_store(store: Path, root: Path, errors: dict[str, list[float]], dirty: str | None = None) -> Path:
-    """A copy of the smoke table2 records, one per seed, with the given test errors."""
-    originals = ResultsStore(store).latest("table2", "smoke")
-    path = root / "smoke" / "table2.jsonl"
+def _seeded_store(store: Path, root: Path, errors: dict[str, list[float]], dirty: str | None = None,
+                  experiment: str = "table2") -> Path:
+    """A copy of the smoke records of ``experiment``, one per seed, with the given test errors."""
+    originals = ResultsStore(store).latest(experiment, "smoke")
+    path = root / "smoke" / f"{experiment}.jsonl"
     path.parent.mkdir(parents=True)
     lines = []
     for row, errs in errors.items():
@@ -122,6 +123,15 @@ def _seeded_store(store: Path, root: Path, errors: dict[str, list[float]], dirty
             lines.append(json.dumps(rec))
     path.write_text("\n".join(lines) + "\n")
     return root
+
+
+def test_the_accuracy_column_is_the_mean_over_seeds_too(store, tmp_path):
+    results = _seeded_store(store, tmp_path / "a", {"n1": [20.0, 30.0]}, experiment="lrunet_sweep")
+    out = tmp_path / "a.md"
+    assert main(["report", "--results", str(results), "--output", str(out), "--scales", "smoke"]) == 0
+    row = next(x for x in out.read_text().splitlines() if x.startswith("| 1-LruNet-1x"))
+    # errors 20 and 30: accuracy 75 with sample sd sqrt(50) = 7.07, beside the error's 25 ± 7.07
+    assert "| 25.00 ± 7.07 (n=2) |" in row and "| 75.00 ± 7.07 (n=2) |" in row
 
 
 def test_seeds_give_mean_sd_and_a_resolved_verdict(store, tmp_path):

@@ -100,11 +100,13 @@ def _binomial_se(record: dict[str, Any], error: float) -> float:
     return 100.0 * math.sqrt(error / 100 * (1 - error / 100) / n) if n else math.nan
 
 
-def _error_cell(recs: Sequence[dict[str, Any]]) -> str:
-    mean, sd = mean_sd(_errors(recs))
+def _error_cell(recs: Sequence[dict[str, Any]], accuracy: bool = False) -> str:
+    """Mean test error (or accuracy, ``100 - error``) over the seeds, ± sd when there are several."""
+    errors = _errors(recs)
+    mean, sd = mean_sd([100.0 - e for e in errors] if accuracy else errors)
     if mean is None:
         return "—"
-    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f} (n={len(_errors(recs))})"
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f} (n={len(errors)})"
 
 
 def _paper_params(row: Any) -> str:
@@ -139,10 +141,10 @@ def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]
         rec = records.get(row.id)
         label = row.label + (" (quoted)" if row.kind == "quoted" else "") + (" †" if row.id in stale else "")
         label += " ‡" if row.id in dirty else ""
-        acc = rec.get("test_acc") if rec else None
         drop, ratio, extra = _relative(row, records)
         cells = [label, _num(row.paper.get("error")), _error_cell(runs.get(row.id, []))]
-        cells += [_num(row.paper.get("accuracy")), _num(acc)] if has_acc else []
+        cells += [_num(row.paper.get("accuracy")), _error_cell(runs.get(row.id, []), accuracy=True)] \
+            if has_acc else []
         cells += [_paper_params(row), _count(rec.get("unique_params")) if rec else "—"]
         cells += [str(row.paper.get("extra_params", "—")), _count(extra)] if has_extra else []
         if has_drop:
