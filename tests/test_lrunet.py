@@ -280,17 +280,22 @@ def test_mismatched_keys_and_shapes_are_clear_errors(tmp_path: Path) -> None:
         import_lrunet(tmp_path / "junk.t7")
 
 
-PRETRAINED_ON_SHARED_DATA = [  # (name, accuracy the manifest gives on ../shared/data)
-    pytest.param("lrunet_1x.fashion_mnist_n1", marks=()),
-    pytest.param("lrunet_1x.fashion_mnist_n10", marks=pytest.mark.slow),
-    pytest.param("lrunet_1x.cifar10_n14", marks=pytest.mark.slow),
+# What each name must give on ../shared/data. Fashion-MNIST there is lossless: the published figure
+# (MANIFEST "evaluation": reproduced exactly). CIFAR-10 there is JPEG re-encoded, so the published
+# figure (original PNG test set) is out of reach: the reference code's own figure on this data
+# ("test_accuracy_on_shared_data") is the ground truth; cifar10_n1 has none, so it is not pinned here,
+# and CIFAR-100 is not in ../shared/data. n10 and n14 take ~26 s and ~37 s (BN-folded eval, 1 thread).
+PRETRAINED_ON_SHARED_DATA = [
+    pytest.param("lrunet_1x.fashion_mnist_n1", "reported_test_accuracy"),
+    pytest.param("lrunet_1x.fashion_mnist_n10", "reported_test_accuracy"),
+    pytest.param("lrunet_1x.cifar10_n14", "test_accuracy_on_shared_data", marks=pytest.mark.slow),
 ]
 
 
 @needs_weights
 @needs_data
-@pytest.mark.parametrize("name", PRETRAINED_ON_SHARED_DATA)
-def test_pretrained_names_reproduce_the_manifest(name: str) -> None:
+@pytest.mark.parametrize(("name", "figure"), PRETRAINED_ON_SHARED_DATA)
+def test_pretrained_names_reproduce_the_manifest(name: str, figure: str) -> None:
     """`create_model(name, pretrained=True)` through `dacnn eval`'s path gives the release's figure."""
     from dacnn.analysis.evaluate import evaluate_checkpoint
     from dacnn.registry import pretrained_cfg
@@ -299,4 +304,6 @@ def test_pretrained_names_reproduce_the_manifest(name: str) -> None:
     entry = json.loads((WEIGHTS / "MANIFEST.json").read_text())["files"][cfg.file.removeprefix("lrunet/")]
     result, meta = evaluate_checkpoint(name, data_dir=str(DATA), device="cpu")
     assert meta["dataset"] == cfg.dataset and result.n == 10_000
-    assert round(result.acc, 2) == entry["test_accuracy_on_shared_data"]
+    assert round(result.acc, 2) == entry[figure]
+    if figure == "reported_test_accuracy":
+        assert meta["published_accuracy"] == cfg.accuracy == entry[figure]

@@ -15,7 +15,10 @@ import torch
 import dacnn
 from dacnn import AnchoredConv2d, create_model, list_models, model_info
 from dacnn.analysis.activation_max import activation_maximisation, visualised_layers
+from dacnn.data import DATASETS
+from dacnn.data.synthetic import random_split
 from dacnn.errors import CheckpointError
+from dacnn.export import resolve
 from dacnn.hub import find_weights, weights_dirs
 
 # family -> (builder kwargs that keep the model small, input side): named variants fix their depth and
@@ -179,6 +182,29 @@ def test_table_agrees_with_the_release_manifest() -> None:
 def test_tag_sets_config_without_loading() -> None:
     model = create_model("lrunet_2x.cifar100_n14")
     assert (model.layer_reuse, model.num_classes, model.info.pretrained_tag) == (14, 100, "cifar100_n14")
+
+
+@pytest.mark.parametrize("name", dacnn.list_pretrained())
+def test_pretrained_info_says_how_the_weights_are_fed(name: str, monkeypatch) -> None:
+    """``model.info`` of a tag: the dataset's channels, its image side (or the side the weights pad
+    to), mean/std per channel (0/1: pixels / 255 as the release feeds them); the test loader of
+    ``dacnn eval`` feeds exactly that size, and the model takes it."""
+    cfg = dacnn.registry.pretrained_cfg(name)
+    data = DATASETS[cfg.dataset]
+    info = create_model(name).info
+    side = cfg.pad_to or data.image_size[0]
+    assert info.input_size == (data.channels, side, side) and info.num_classes == data.num_classes
+    if cfg.normalize:
+        assert info.mean in (None, data.mean) and info.std in (None, data.std)
+    else:
+        assert (info.mean, info.std) == ((0.0,) * data.channels, (1.0,) * data.channels)
+    fake = random_split(cfg.dataset, "test", n=4, shape=data.image_size, num_classes=data.num_classes)
+    monkeypatch.setattr(resolve, "load_dataset", lambda *a, **k: fake)
+    x, _ = next(iter(resolve.test_loader(resolve.pretrained_meta(name))))
+    assert tuple(x.shape[1:]) == info.input_size
+    model = create_model(name).eval()
+    with torch.no_grad():
+        assert model(x).shape == (4, data.num_classes)
 
 
 def test_unknown_tag_and_model_without_weights_are_clear() -> None:

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,11 +28,6 @@ from dacnn.train import loop as loop_module
 from dacnn.train.engine import StepRunner, evaluate
 from dacnn.train.inference import fold_batchnorm
 from dacnn.train.speed import resolve_speed
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATA_DIR = os.environ.get("DACNN_DATA") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
-needs_data = pytest.mark.skipif(DATA_DIR is None or not (Path(DATA_DIR) / "fashion_mnist").is_dir(),
-                                reason="Fashion-MNIST shards not found")
 
 FOLD_MODELS = [("dacnn14", {"width": 8}), ("dacnn18_mix_reg", {}), ("resnet18", {"width": 4}),
                ("se_resnet_d_2_shared", {}), ("vgg16_1fc", {}), ("lrunet_1x", {"layer_reuse": 2})]
@@ -183,8 +177,7 @@ def test_each_rank_gathers_its_part_of_the_global_batch():
             assert torch.equal(xs, xf[rank::3])
 
 
-@needs_data
-def test_the_device_side_nan_check_stops_at_the_epoch_end(tmp_path, monkeypatch):
+def test_the_device_side_nan_check_stops_at_the_epoch_end(fashion_mnist_root, tmp_path, monkeypatch):
     """nan_check_every=0 is the CUDA default (no host sync per step), run here on the CPU: an inf
     loss at step 3 is flagged on the device and read at the epoch's end; nothing is saved."""
     original = loop_module.build_model
@@ -204,7 +197,7 @@ def test_the_device_side_nan_check_stops_at_the_epoch_end(tmp_path, monkeypatch)
 
     monkeypatch.setattr(loop_module, "build_model", poisoned)
     cfg = resolve_config({"model": "dacnn", "depth": 5, "width": 8, "dataset": "fashion_mnist",
-                          "data_dir": DATA_DIR, "train_subset": 640, "val_size": 100, "epochs": 1,
+                          "data_dir": fashion_mnist_root, "train_subset": 640, "val_size": 100, "epochs": 1,
                           "batch_size": 64, "eval_test": False, "nan_check_every": 0,
                           "out_dir": str(tmp_path), "run_name": "nan"})
     with pytest.raises(TrainingDiverged, match=r"nan/inf after the last check, by epoch 1, batch 10/10"):
@@ -212,13 +205,13 @@ def test_the_device_side_nan_check_stops_at_the_epoch_end(tmp_path, monkeypatch)
     assert not (tmp_path / "nan" / "checkpoints" / "last.json").exists()
 
 
-@needs_data
-def test_device_side_check_and_channels_last_leave_the_training_unchanged(tmp_path):
+def test_device_side_check_and_channels_last_leave_the_training_unchanged(fashion_mnist_root, tmp_path):
     """Same seed, 40 steps: the per-step check against the device-side one must be bitwise equal
     (the check reads, never changes); NCHW against channels_last differs only by rounding, so the
     accuracy after the steps must agree within 2 points of 1,000 validation images."""
-    base = {"model": "dacnn", "depth": 5, "width": 16, "dataset": "fashion_mnist", "data_dir": DATA_DIR,
-            "train_subset": 2560, "val_size": 1000, "epochs": 1, "batch_size": 64, "lr": 0.05,
+    base = {"model": "dacnn", "depth": 5, "width": 16, "dataset": "fashion_mnist",
+            "data_dir": fashion_mnist_root, "train_subset": 2560, "val_size": 1000, "epochs": 1,
+            "batch_size": 64, "lr": 0.05,
             "optimizer": "sgd", "momentum": 0.9, "eval_test": False, "threads": 1, "out_dir": str(tmp_path)}
     runs = {}
     for name, extra in {"per-step": {"nan_check_every": 1, "channels_last": False},

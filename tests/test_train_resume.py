@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,14 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from dacnn import checkpoint as ckpt
-from dacnn.data.synthetic import write_fashion_mnist
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATA_DIR = os.environ.get("DACNN_DATA") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
-if DATA_DIR is None or not (Path(DATA_DIR) / "fashion_mnist").is_dir():  # elsewhere: synthetic images
-    DATA_DIR = tempfile.mkdtemp(prefix="dacnn-synthetic-")
-    for _split, _n in (("train", 640), ("test", 64)):
-        write_fashion_mnist(Path(DATA_DIR) / "fashion_mnist", _split, _n)
 
 STEPS_PER_EPOCH = 8  # 512 images / batch 64
 KILL_AT = STEPS_PER_EPOCH + 3  # mid-epoch 2
@@ -54,15 +45,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _env() -> dict[str, str]:
+def _env(data: str) -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     path = src + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "DACNN_DATA": DATA_DIR, "PYTHONPATH": path}
+    return {**os.environ, "DACNN_DATA": data, "PYTHONPATH": path}
 
 
-def _run(args: list[str], out: Path, name: str) -> subprocess.CompletedProcess:
+def _run(args: list[str], out: Path, name: str, data: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dacnn", *args, "--out-dir", str(out), "--run-name", name],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=_env(data), capture_output=True, text=True, timeout=300)
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -73,13 +64,14 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return {**weights, **{f"ema.{k}": v for k, v in ema.items()}}
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
-    reference = _run(ARGS, tmp_path, "uninterrupted")
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fashion_mnist_root, tmp_path):
+    reference = _run(ARGS, tmp_path, "uninterrupted", fashion_mnist_root)
     assert reference.returncode == 0, reference.stderr
 
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(kill_at=KILL_AT), *ARGS, "--out-dir",
                               str(tmp_path), "--run-name", "killed"],
-                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=_env(fashion_mnist_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     deadline = time.monotonic() + 240
     try:
         for line in child.stdout:
@@ -95,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert (pointer["epoch"], pointer["batches_done"], pointer["global_step"]) == (1, 3, KILL_AT)
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 only
 
-    resumed = _run(["train", "--resume", str(killed)], tmp_path, "unused")
+    resumed = _run(["train", "--resume", str(killed)], tmp_path, "unused", fashion_mnist_root)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
 
@@ -115,7 +107,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
-    result = _run(["train", "--resume", str(tmp_path / "no-such-run")], tmp_path, "x")
+def test_resume_of_a_missing_run_is_a_clear_error(fashion_mnist_root, tmp_path):
+    result = _run(["train", "--resume", str(tmp_path / "no-such-run")], tmp_path, "x", fashion_mnist_root)
     assert result.returncode == 2
     assert "no run directory" in result.stderr and "Traceback" not in result.stderr

@@ -48,8 +48,9 @@ class PretrainedCfg:
 
     ``filter_fn(state, model)`` turns the file's state_dict into the model's (key renames of the
     authors' release code); ``normalize``/``pad_to`` say how test images are fed (the reference's
-    evaluation); ``accuracy`` is the published top-1 (%) on ``dataset``'s test split and ``command``
-    the ``dacnn`` command line that reproduces it.
+    evaluation) and ``input_size`` the ``(C, H, W)`` they reach the model at (timm's pretrained
+    ``input_size``; ``None``: the model's registered size); ``accuracy`` is the published top-1 (%)
+    on ``dataset``'s test split and ``command`` the ``dacnn`` command line that reproduces it.
     """
 
     tag: str
@@ -63,6 +64,7 @@ class PretrainedCfg:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     normalize: bool = True
     pad_to: int | None = None
+    input_size: tuple[int, int, int] | None = None
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
     notes: str = ""
 

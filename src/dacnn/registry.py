@@ -127,7 +127,8 @@ def create_model(
     ``name`` may carry a pretrained tag (``"lrunet_1x.fashion_mnist_n10"``): its config (e.g.
     ``layer_reuse``, ``in_chans``, ``num_classes``) becomes the default kwargs, and with
     ``pretrained=True`` the weights are loaded from the weights directory (:func:`dacnn.hub.find_weights`).
-    The returned module carries ``model.info``, a :class:`ModelInfo` resolved to the kwargs used.
+    The returned module carries ``model.info``, a :class:`ModelInfo` resolved to the kwargs used and,
+    for a tag, to how its weights are fed (input size, mean/std: :class:`PretrainedCfg`).
     """
     arch, tag = split_tag(name)
     fn, info = _lookup(arch)
@@ -138,13 +139,25 @@ def create_model(
     model = fn(**kwargs)
     num_classes = kwargs.get("num_classes", info.num_classes)
     in_chans = kwargs.get("in_chans", info.input_size[0])
+    height_width = (cfg.input_size if cfg is not None and cfg.input_size else info.input_size)[1:]
+    mean, std = _per_channel(info.mean, in_chans), _per_channel(info.std, in_chans)
+    if cfg is not None:  # the weights' feeding: pixels / 255 as they are, or the dataset's statistics
+        mean, std = ((0.0,) * in_chans, (1.0,) * in_chans) if not cfg.normalize else (None, None)
     model.info = replace(
-        info, num_classes=num_classes, input_size=(in_chans, *info.input_size[1:]), model_kwargs=dict(kwargs),
-        pretrained_tag=cfg.tag if cfg else None,
+        info, num_classes=num_classes, input_size=(in_chans, *height_width), mean=mean, std=std,
+        model_kwargs=dict(kwargs), pretrained_tag=cfg.tag if cfg else None,
     )
     if pretrained:
         hub.load_pretrained(model, cfg, weights_dir)
     return model
+
+
+def _per_channel(values: tuple[float, ...] | None, chans: int) -> tuple[float, ...] | None:
+    """Registered per-channel ``values`` for ``chans`` channels: one value for all is repeated; values
+    that differ per channel fit no other channel count (``None``: the training dataset's statistics)."""
+    if values is None or len(values) == chans:
+        return values
+    return (values[0],) * chans if len(set(values)) == 1 else None
 
 
 def model_info(name: str) -> ModelInfo:

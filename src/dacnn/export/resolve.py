@@ -33,10 +33,11 @@ from dacnn.data import DATASETS, DeviceLoader, load_dataset
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.export.compact import is_compact_export, load_exported
 from dacnn.export.import_weights import import_lrunet
-from dacnn.registry import create_model, list_pretrained, model_info, pretrained_cfg
+from dacnn.registry import create_model, list_pretrained, model_info, pretrained_cfg, split_tag
 from dacnn.train.engine import evaluate
 
-__all__ = ["is_pretrained_name", "resolve_weights", "load_source", "test_loader", "test_accuracy"]
+__all__ = ["is_pretrained_name", "pretrained_meta", "resolve_weights", "load_source", "test_loader",
+           "test_accuracy"]
 
 Source = str | os.PathLike[str]
 
@@ -81,13 +82,16 @@ def resolve_weights(source: Source, which: str = "best", out_dir: str | Path = "
     return path
 
 
-def _pretrained(name: str, weights_dir: str | Path | None) -> tuple[nn.Module, dict[str, Any]]:
+def pretrained_meta(name: str) -> dict[str, Any]:
+    """The ``meta`` of pretrained weights ``name`` (as :func:`load_source` gives it), without the file."""
     cfg = pretrained_cfg(name)
-    model = create_model(name, pretrained=True, weights_dir=weights_dir)
-    meta = {"model": model.info.name, "model_kwargs": dict(model.info.model_kwargs), "dataset": cfg.dataset,
+    return {"model": split_tag(name)[0], "model_kwargs": dict(cfg.model_kwargs), "dataset": cfg.dataset,
             "normalize": cfg.normalize, "pad_to": cfg.pad_to, "pretrained": name,
             "published_accuracy": cfg.accuracy, "source": name}
-    return model, meta
+
+
+def _pretrained(name: str, weights_dir: str | Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    return create_model(name, pretrained=True, weights_dir=weights_dir), pretrained_meta(name)
 
 
 def load_source(

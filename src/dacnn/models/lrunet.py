@@ -451,12 +451,14 @@ _RELEASED = (
 )
 for _model, _dataset, _reuse, _file, _sha, _acc in _RELEASED:
     _tag = f"{_dataset}_n{_reuse}"
+    # The release's evaluation (MANIFEST.json): pixels / 255; Fashion-MNIST grey at 28x28, CIFAR at 32x32.
+    _chans, _side = (1, 28) if _dataset == "fashion_mnist" else (3, 32)
     register_pretrained(_model, PretrainedCfg(
         tag=_tag, file=f"lrunet/{_file}", sha256=_sha, source=_RELEASE,
         licence="MIT (Copyright (c) 2017 Okan Kopuklu)", dataset=_dataset, accuracy=_acc,
         command=f"dacnn eval --model {_model}.{_tag} --pretrained --dataset {_dataset}",
-        model_kwargs={"layer_reuse": _reuse, "in_chans": 1 if _dataset == "fashion_mnist" else 3,
+        model_kwargs={"layer_reuse": _reuse, "in_chans": _chans,
                       "num_classes": 100 if _dataset == "cifar100" else 10},
-        normalize=False, pad_to=None, filter_fn=checkpoint_filter_fn,
+        normalize=False, pad_to=None, input_size=(_chans, _side, _side), filter_fn=checkpoint_filter_fn,
         notes="" if _dataset == "fashion_mnist" else _CIFAR_NOTE,
     ))
