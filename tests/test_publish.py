@@ -49,6 +49,7 @@ def test_published_weights_load_by_name_and_give_the_records_accuracy(smoke_run,
     path = tmp_path / "w" / entry["file"]
     assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
     assert entry["trained_by"]["git_commit"] == record["git_commit"]
+    assert entry["input_size"] == [3, 32, 32]  # synthetic CIFAR-10, not padded
     assert read_trained_table(tmp_path / "table.json") == [entry]
     registry.register_pretrained(entry["model"], trained_cfg(entry))
     try:

@@ -190,4 +190,5 @@ def trained_cfg(entry: dict[str, Any]) -> PretrainedCfg:
         command=eval_command(entry),
         model_kwargs=dict(entry["model_kwargs"]), normalize=bool(entry["normalize"]),
         pad_to=entry["pad_to"], notes=entry.get("notes", ""),
+        input_size=tuple(entry["input_size"]) if entry.get("input_size") else None,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dacnn import checkpoint as ckpt
+from dacnn.data import DATASETS
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.experiments.store import ResultsStore
 from dacnn.export.resolve import load_source, test_accuracy, test_loader
@@ -40,6 +41,12 @@ def find_record(
             f"recorded: {', '.join(rows) or 'none'}"
         )
     return found[-1]
+
+
+def _input_size(dataset: str, pad_to: int | None) -> list[int]:
+    """``(C, H, W)`` the weights are fed at: the dataset's images, padded to ``pad_to`` if set."""
+    height, width, chans = DATASETS[dataset].image_size
+    return [chans, pad_to or height, pad_to or width]
 
 
 def publish(
@@ -121,6 +128,7 @@ def publish(
         "model_kwargs": kwargs,
         "normalize": meta.get("normalize", True),
         "pad_to": meta.get("pad_to"),
+        "input_size": _input_size(record["dataset"], meta.get("pad_to")),
         "trained_by": trained_by,
         "unique_params": record.get("unique_params"),
         "notes": notes,
