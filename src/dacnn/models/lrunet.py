@@ -123,12 +123,12 @@ def _merge_dw_pw(
 
 
 def _shuffle_rows(x: torch.Tensor) -> torch.Tensor:
-    """:func:`channel_shuffle` as one copy of a channels-last tensor (no duplicate needed)."""
+    """:func:`channel_shuffle` of a channels-last tensor in two vectorised copies (no duplicate
+    needed): swap the halves (``index_select`` of 2 blocks per pixel), then ``torch.channel_shuffle``."""
     xh = _nhwc(x)
     b, h, w, c = xh.shape
-    rows = xh.reshape(b * h * w, c)
-    out = torch.stack((rows[:, c // 2:], rows[:, : c // 2]), dim=-1)
-    return _nchw(out.view(b, h, w, c))
+    rows = xh.reshape(-1, 2, c // 2).index_select(1, torch.tensor([1, 0], device=x.device))
+    return torch.channel_shuffle(_nchw(rows.view(b, h, w, c)), 2)
 
 
 class LruBlock(nn.Module):
