@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["LruIteration", "shuffle_duplicate", "shuffle_duplicate_backward"]
 
@@ -97,7 +98,8 @@ class LruIteration(torch.autograd.Function):
 
     ``apply(x, shuffle, w_dw, b_dw, w_pw, b_pw, bn1, bn2)`` where ``bn1``/``bn2`` are
     ``(weight, bias, running_mean, running_var, momentum, eps)``; ``w_pw`` has ``groups`` =
-    ``2C / w_pw.shape[1]``.
+    ``2C / w_pw.shape[1]``. First-order gradients only (a double backward raises; ``fast=False``
+    supports it).
     """
 
     @staticmethod
@@ -134,6 +136,7 @@ class LruIteration(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         d, a, c, y, w_dw, w_pw, w_eff, g2, mu1, r1, s1, t1, mu2, r2 = ctx.saved_tensors
         groups, q2 = ctx.groups, d.shape[1]
