@@ -21,7 +21,8 @@ from dacnn import count_params, create_model, untie
 from dacnn.cli import main as cli_main
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.export.import_weights import import_lrunet
-from dacnn.models.lrunet import LruNet, channel_shuffle
+from dacnn.models.lrunet import LruBlock, LruNet, channel_shuffle
+from dacnn.models.lrunet_ops import LruIteration, shuffle_duplicate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "reference" / "weights" / "lrunet"
@@ -162,6 +163,105 @@ def test_training_step_equals_reference(fast: bool) -> None:
         torch.testing.assert_close(p.grad, g, atol=1e-4 * scale, rtol=1e-3, msg=name)
     moved = [k for k, v in model.named_buffers() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert len(moved) == 2 * (1 + 2 * 2 * 4 + 1)  # every BN's mean and var, once
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_duplicate_is_the_reference_shuffle_repeated(shuffle: bool) -> None:
+    x = torch.randn(2, 16, 3, 3)
+    s, d = shuffle_duplicate(x, shuffle)
+    expected = channel_shuffle(x) if shuffle else x
+    assert torch.equal(s, expected)
+    assert torch.equal(d, expected.repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_iteration_gradcheck(shuffle: bool, bias: bool) -> None:
+    """float64 finite differences against LruIteration's hand-written backward (every input)."""
+    gen = torch.Generator().manual_seed(0)
+    q = 16
+
+    def t(*shape: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+        v = torch.rand(*shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+        return v.requires_grad_()
+
+    x = t(3, q, 4, 4).contiguous(memory_format=torch.channels_last).detach().requires_grad_()
+    w_dw, w_pw = t(2 * q, 1, 3, 3), t(q, 2 * q // 8, 1, 1)
+    b_dw, b_pw = (t(2 * q), t(q)) if bias else (None, None)
+    g1, be1, g2, be2 = t(2 * q, lo=0.5, hi=1.5), t(2 * q), t(q, lo=0.5, hi=1.5), t(q)
+    stats = lambda c: (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64))  # noqa: E731
+    bn1, bn2 = (*stats(2 * q), 0.1, 1e-5), (*stats(q), 0.1, 1e-5)
+    inputs = [x, w_dw, w_pw, g1, be1, g2, be2] + ([b_dw, b_pw] if bias else [])
+
+    def fn(x, w_dw, w_pw, g1, be1, g2, be2, b_dw=None, b_pw=None):  # noqa: ANN001, ANN202
+        return LruIteration.apply(x, shuffle, w_dw, b_dw, w_pw, b_pw, g1, be1, g2, be2, bn1, bn2)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _block_pair(planes: int, reuse: int, dtype: torch.dtype) -> tuple[LruBlock, LruBlock]:
+    torch.manual_seed(0)
+    fused = LruBlock(planes, reuse).to(dtype)
+    _randomise_bn(fused)
+    fused.dw_bns[1].momentum = None  # the cumulative average, driven by num_batches_tracked
+    plain = LruBlock(planes, reuse, fast=False).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    plain.dw_bns[1].momentum = None
+    return fused, plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_block_step_equals_the_reference_op_sequence(dtype: torch.dtype) -> None:
+    """Two train steps of the fused block against ``fast=False`` (nn.BatchNorm2d, module calls):
+    outputs, every gradient, running statistics and step counters, relative 1e-5 in float32."""
+    fused, plain = _block_pair(16, 3, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for step in range(2):
+        x = torch.randn(5, 16, 6, 6, dtype=dtype)
+        weights = torch.randn(5, 16, 6, 6, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = fused(xa), plain(xb)
+        assert type(out_a.grad_fn).__name__ == "LruIterationBackward"  # the fused path ran
+        (out_a * weights).sum().backward()
+        (out_b * weights).sum().backward()
+        scale = out_b.abs().max().item()
+        torch.testing.assert_close(out_a.detach(), out_b.detach(), rtol=0, atol=tol * scale)
+        pairs = [("x", xa.grad, xb.grad)] + [
+            (n, p.grad, q.grad) for (n, p), q in zip(fused.named_parameters(), plain.parameters())]
+        for name, ga, gb in pairs:
+            if "dw_bns" in name and name.endswith("bias"):  # exactly 0 (BN2 removes the shift): rounding
+                assert ga.abs().max() <= 1e-4 * xb.grad.abs().max(), name
+                continue
+            torch.testing.assert_close(ga, gb, rtol=0, atol=tol * gb.abs().max().item(), msg=name)
+        for (name, a), b in zip(fused.named_buffers(), plain.buffers()):
+            torch.testing.assert_close(a, b, rtol=tol, atol=0, msg=name)
+        assert int(fused.dw_bns[1].num_batches_tracked) == step + 1
+
+
+def test_fused_block_steps_aside_for_batchnorm_it_cannot_fuse() -> None:
+    """A BatchNorm in eval mode inside a training block (frozen statistics) is called as a module."""
+    fused, plain = _block_pair(16, 2, torch.float32)
+    for block in (fused, plain):
+        block.pw_bns[0].eval()
+    x = torch.randn(4, 16, 5, 5)
+    out = fused(x)
+    assert "LruIteration" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+    assert int(fused.pw_bns[0].num_batches_tracked) == 0 and int(fused.pw_bns[1].num_batches_tracked) == 1
+
+
+def test_fused_block_is_deterministic() -> None:
+    fused, _ = _block_pair(16, 3, torch.float32)
+    x = torch.randn(4, 16, 5, 5)
+    results = []
+    for _ in range(2):
+        block = LruBlock(16, 3)
+        block.load_state_dict(fused.state_dict())
+        block.dw_bns[1].momentum = None
+        out = block(x.clone().requires_grad_())
+        out.sum().backward()
+        results.append([out.detach()] + [p.grad for p in block.parameters()] + list(block.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_untie_keeps_the_function_and_frees_each_use() -> None:

@@ -15,7 +15,9 @@ its own two BatchNorms; no activation between ``dw`` and ``pw``.
 The arithmetic is the reference's; the execution is reorganised for speed (``LruBlock.fast``, on by
 default; ``False`` runs the reference's op sequence): channels-last tensors; the multiplier-2
 depthwise conv as a multiplier-1 depthwise conv on a channel-duplicated input, duplicated together
-with the shuffle in one copy (:class:`_ShuffleDuplicate`); in eval mode each iteration's
+with the shuffle (:func:`~dacnn.models.lrunet_ops.shuffle_duplicate`); in train mode each iteration
+one autograd node with BN1 folded into the pw conv (:class:`~dacnn.models.lrunet_ops.LruIteration`);
+in eval mode each iteration's
 BatchNorms folded into per-iteration kernel copies and, in the narrow stages, dw, pw and the
 residual merged into one grouped 3x3 conv. ``benchmarks/lrunet_speed.py`` measures the gain.
 """
@@ -33,6 +35,7 @@ from torch.nn.modules import module as torch_module
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.hub import PretrainedCfg
 from dacnn.models.base import ClassifierMixin
+from dacnn.models.lrunet_ops import LruIteration, _nchw, _nhwc, shuffle_duplicate
 from dacnn.registry import ModelInfo, register_model, register_pretrained
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
@@ -56,61 +59,6 @@ def channel_shuffle(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
 
 
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` channels-last tensor -> its contiguous ``(B, H, W, C)`` view."""
-    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-
-
-def _nchw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-class _ShuffleDuplicate(torch.autograd.Function):
-    """``y -> (s, d)``: ``s`` = :func:`channel_shuffle` of ``y`` (or ``y`` itself when ``shuffle`` is
-    False) and ``d`` = ``s`` with every channel repeated twice (``d[2c] = d[2c+1] = s[c]``).
-
-    A depthwise conv with channel multiplier 2 on ``s`` equals a plain depthwise conv (multiplier
-    1, groups ``2q``) on ``d`` with the same ``(2q, 1, 3, 3)`` weight; oneDNN runs the latter 5-25x
-    faster. One copy per output forward; backward sums the pairs and undoes the shuffle in two passes
-    (autograd's backward of ``expand`` is a slow reduction).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.shuffle = shuffle
-        yh = _nhwc(y)
-        b, h, w, c = yh.shape
-        rows = yh.reshape(b * h * w, c)  # 2-D copies vectorise better than 5-D ones
-        if shuffle:
-            rows = torch.stack((rows[:, c // 2:], rows[:, : c // 2]), dim=-1).view(b * h * w, c)
-        dup = rows.unsqueeze(-1).expand(b * h * w, c, 2).reshape(b, h, w, 2 * c)
-        s = _nchw(rows.view(b, h, w, c))
-        if not shuffle:
-            s = s.view_as(s)  # an output must not be the input itself
-        return s, _nchw(dup)
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_s: torch.Tensor | None, grad_d: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, None]:
-        gh = None
-        if grad_d is not None:
-            gd = _nhwc(grad_d)
-            b, h, w, c2 = gd.shape
-            pairs = gd.view(b, h, w, c2 // 2, 2)
-            gh = pairs[..., 0] + pairs[..., 1]
-        if grad_s is not None:
-            gs = grad_s.permute(0, 2, 3, 1)
-            gh = gs.clone(memory_format=torch.contiguous_format) if gh is None else gh.add_(gs)
-        if gh is None:
-            return None, None
-        if ctx.shuffle:  # inverse shuffle: y[j] = s[2j + 1], y[C/2 + j] = s[2j]
-            b, h, w, c = gh.shape
-            pairs = gh.view(b, h, w, c // 2, 2)
-            gh = torch.cat((pairs[..., 1], pairs[..., 0]), dim=-1)
-        return _nchw(gh), None
-
-
 def _is_tracing() -> bool:
     return bool(
         torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
@@ -124,6 +72,18 @@ def _has_hooks(module: nn.Module) -> bool:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
+def _bn_state(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(running_mean, running_var, momentum, eps)`` for one train-mode step of ``bn``, advancing
+    its ``num_batches_tracked`` exactly as ``nn.BatchNorm2d.forward`` does (the cumulative average
+    ``1 / num_batches_tracked`` when ``momentum`` is None)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return bn.running_mean, bn.running_var, factor, bn.eps
 
 
 def _kernel_of(use: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,12 +123,12 @@ def _merge_dw_pw(
 
 
 def _shuffle_rows(x: torch.Tensor) -> torch.Tensor:
-    """:func:`channel_shuffle` as one copy of a channels-last tensor (no duplicate needed)."""
+    """:func:`channel_shuffle` of a channels-last tensor in two vectorised copies (no duplicate
+    needed): swap the halves (``index_select`` of 2 blocks per pixel), then ``torch.channel_shuffle``."""
     xh = _nhwc(x)
     b, h, w, c = xh.shape
-    rows = xh.reshape(b * h * w, c)
-    out = torch.stack((rows[:, c // 2:], rows[:, : c // 2]), dim=-1)
-    return _nchw(out.view(b, h, w, c))
+    rows = xh.reshape(-1, 2, c // 2).index_select(1, torch.tensor([1, 0], device=x.device))
+    return torch.channel_shuffle(_nchw(rows.view(b, h, w, c)), 2)
 
 
 class LruBlock(nn.Module):
@@ -177,7 +137,8 @@ class LruBlock(nn.Module):
 
     ``forward`` follows the reference op for op when ``fast`` is False (and while being traced or
     exported); otherwise it computes the same function in fewer, cheaper passes (channels-last,
-    :class:`_ShuffleDuplicate`, in eval mode BatchNorm folded into per-iteration kernel copies).
+    :func:`~dacnn.models.lrunet_ops.shuffle_duplicate`, in train mode one fused autograd node per
+    iteration, in eval mode BatchNorm folded into per-iteration kernel copies).
     """
 
     def __init__(self, planes: int, layer_reuse: int, fast: bool = True) -> None:
@@ -198,24 +159,47 @@ class LruBlock(nn.Module):
             return self._forward_reference(x)
         frozen = all(bn.running_mean is not None for bn in (*self.dw_bns, *self.pw_bns))
         folding = not self.training and frozen
-        if self._skipped_modules_hooked(folding):  # a hook expects its module to be called
+        fused = not folding and self._fusable()
+        if self._skipped_modules_hooked(folding or fused):  # a hook expects its module to be called
             return self._forward_reference(x)
         if folding:
             return self._forward_eval(x)
+        if fused:
+            return self._forward_fused(x)
         q2 = 2 * self.planes
         for i in range(self.layer_reuse):
-            x, x2 = _ShuffleDuplicate.apply(x, i > 0)
+            x, x2 = shuffle_duplicate(x, i > 0)
             (w_dw, b_dw), (w_pw, b_pw) = _kernel_of(self.dw_uses[i]), _kernel_of(self.pw_uses[i])
             h = self.dw_bns[i](F.conv2d(x2, w_dw, b_dw, 1, 1, 1, q2))
             out = self.pw_bns[i](F.conv2d(h, w_pw, b_pw, 1, 0, 1, PW_GROUPS))
             x = torch.relu_(out.add_(x))
         return x
 
-    def _skipped_modules_hooked(self, folding: bool) -> bool:
+    def _fusable(self) -> bool:
+        """Whether :class:`~dacnn.models.lrunet_ops.LruIteration` computes what the BatchNorms would:
+        every one a plain ``nn.BatchNorm2d`` in train mode with affine weights and running
+        statistics, and no autocast (it would change the dtypes inside)."""
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            return False
+        return all(type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+                   and bn.running_mean is not None for bn in (*self.dw_bns, *self.pw_bns))
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Train mode, one :class:`~dacnn.models.lrunet_ops.LruIteration` per reuse: the same
+        batch statistics, running-statistics update and step counter as ``nn.BatchNorm2d``."""
+        for i in range(self.layer_reuse):
+            (w_dw, b_dw), (w_pw, b_pw) = _kernel_of(self.dw_uses[i]), _kernel_of(self.pw_uses[i])
+            bn1, bn2 = self.dw_bns[i], self.pw_bns[i]
+            x = LruIteration.apply(x, i > 0, w_dw, b_dw, w_pw, b_pw, bn1.weight, bn1.bias, bn2.weight,
+                                   bn2.bias, _bn_state(bn1), _bn_state(bn2))
+        return x
+
+    def _skipped_modules_hooked(self, bn_skipped: bool) -> bool:
         """Whether a module the fast path does not call has hooks: the kernels (gone after
-        :func:`dacnn.untie`), every conv use and, when BN is folded (eval), every BatchNorm."""
+        :func:`dacnn.untie`), every conv use and, when BN is folded (eval) or fused (train), every
+        BatchNorm."""
         skipped = [*self.kernels.values(), *self.dw_uses, *self.pw_uses]
-        if folding:
+        if bn_skipped:
             skipped += [*self.dw_bns, *self.pw_bns]
         return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in skipped)
 
@@ -233,7 +217,7 @@ class LruBlock(nn.Module):
                 x = _shuffle_rows(x) if i > 0 else x.contiguous(memory_format=torch.channels_last)
                 x = torch.relu_(F.conv2d(x, *_merge_dw_pw(w_dw, b_dw, w_pw, b_pw), 1, 1, 1, PW_GROUPS))
             else:
-                x, x2 = _ShuffleDuplicate.apply(x, i > 0)
+                x, x2 = shuffle_duplicate(x, i > 0)
                 out = F.conv2d(F.conv2d(x2, w_dw, b_dw, 1, 1, 1, q2), w_pw, b_pw, 1, 0, 1, PW_GROUPS)
                 x = torch.relu_(out.add_(x))
         return x
