@@ -56,6 +56,9 @@ def command(script: Path, quick: bool, threads: int | None) -> list[str]:
 def run(argv: list[str], timeout: float) -> tuple[int, str, float]:
     tick = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
+    shared = ROOT.parent / "shared" / "data"  # what `make bench` passes, for a run without make
+    if "DACNN_DATA" not in env and shared.is_dir():
+        env["DACNN_DATA"] = str(shared)
     try:
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         rc, out = proc.returncode, proc.stdout + (f"\n[stderr]\n{proc.stderr}" if proc.returncode else "")
