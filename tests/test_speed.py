@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import poison_training_forward
 from dacnn import count_params, create_model, runtime
 from dacnn.data import Augment, DeviceLoader
 from dacnn.data.synthetic import random_split
 from dacnn.experiments.store import config_hash
 from dacnn.models.lrunet import LruNet
 from dacnn.train import TrainingDiverged, resolve_config, train
-from dacnn.train import loop as loop_module
 from dacnn.train.engine import StepRunner, evaluate
 from dacnn.train.inference import fold_batchnorm
 from dacnn.train.speed import resolve_speed
@@ -180,22 +180,7 @@ def test_each_rank_gathers_its_part_of_the_global_batch():
 def test_the_device_side_nan_check_stops_at_the_epoch_end(fashion_mnist_root, tmp_path, monkeypatch):
     """nan_check_every=0 is the CUDA default (no host sync per step), run here on the CPU: an inf
     loss at step 3 is flagged on the device and read at the epoch's end; nothing is saved."""
-    original = loop_module.build_model
-
-    def poisoned(name, kwargs):
-        model, calls = original(name, kwargs), {"n": 0}
-
-        def hook(module, args, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == 3:
-                    return output * float("inf")
-            return output
-
-        model.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(loop_module, "build_model", poisoned)
+    poison_training_forward(monkeypatch, at=3)
     cfg = resolve_config({"model": "dacnn", "depth": 5, "width": 8, "dataset": "fashion_mnist",
                           "data_dir": fashion_mnist_root, "train_subset": 640, "val_size": 100, "epochs": 1,
                           "batch_size": 64, "eval_test": False, "nan_check_every": 0,

@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
+from _helpers import poison_training_forward
 from dacnn.analysis.evaluate import evaluate_checkpoint
 from dacnn.cli import main
 from dacnn.errors import ConfigError
 from dacnn.train import TrainingDiverged, resolve_config, train
-from dacnn.train import loop as loop_module
 
 # A plain DACNN of 5 layers (4 convs, 3 of them one shared kernel), 16 channels: ~3k parameters.
 TINY = {"model": "dacnn", "depth": 5, "width": 16, "dataset": "fashion_mnist",
@@ -78,23 +78,7 @@ def test_eval_reproduces_the_runs_test_accuracy(learned_run, fashion_mnist_root,
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    original = loop_module.build_model
-    calls = {"n": 0}
-
-    def poisoned(name, kwargs):  # the 5th training forward returns inf
-        model = original(name, kwargs)
-
-        def hook(module, args, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == 5:
-                    return output * float("inf")
-            return output
-
-        model.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(loop_module, "build_model", poisoned)
+    poison_training_forward(monkeypatch, at=5)  # the 5th training forward returns inf
     cfg = resolve_config({**tiny, "train_subset": 640, "val_size": 200, "epochs": 1, "ckpt_every_steps": 2,
                           "eval_test": False, "out_dir": str(tmp_path), "run_name": "nan"})
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1, batch 5/10 \(step 5\)"):

@@ -54,6 +54,11 @@ class DatasetInfo:
     def channels(self) -> int:
         return self.image_size[2]
 
+    def input_size(self, pad_to: int | None = None) -> tuple[int, int, int]:
+        """``(C, H, W)`` the images reach a model at: their own size, or padded to ``pad_to``."""
+        height, width, chans = self.image_size
+        return (chans, pad_to or height, pad_to or width)
+
 
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

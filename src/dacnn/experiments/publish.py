@@ -43,12 +43,6 @@ def find_record(
     return found[-1]
 
 
-def _input_size(dataset: str, pad_to: int | None) -> list[int]:
-    """``(C, H, W)`` the weights are fed at: the dataset's images, padded to ``pad_to`` if set."""
-    height, width, chans = DATASETS[dataset].image_size
-    return [chans, pad_to or height, pad_to or width]
-
-
 def publish(
     record: dict[str, Any],
     tag: str,
@@ -128,7 +122,7 @@ def publish(
         "model_kwargs": kwargs,
         "normalize": meta.get("normalize", True),
         "pad_to": meta.get("pad_to"),
-        "input_size": _input_size(record["dataset"], meta.get("pad_to")),
+        "input_size": list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))),
         "trained_by": trained_by,
         "unique_params": record.get("unique_params"),
         "notes": notes,

@@ -194,8 +194,7 @@ class _Run:
         self.optimizer = build_optimizer(self.model, cfg)
         if self.given.on_optimizer is not None:
             self.given.on_optimizer(self.model, self.optimizer)
-        side = self.data.pad_to or info.image_size[0]
-        self.input_size = (info.image_size[2], side, side)
+        self.input_size = info.input_size(self.data.pad_to)
         train_model = wrap_ddp(self.model, self.ctx, device, self.input_size)
         eval_model = self.ema.module if self.ema is not None else self.model
         if self.speed.compile:
