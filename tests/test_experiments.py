@@ -37,6 +37,7 @@ CHEAP_ROWS = {
     "lrunet_sweep": "n1,n2",
     "kernel_sharing": "seresnet-c10-shared",
     "paper_recipe": "dacnn14-plain",
+    "pretrained": "svhn-dacnn14",
 }
 
 
