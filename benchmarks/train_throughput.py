@@ -18,7 +18,7 @@ it over-counts grouped-convolution backward passes, ``../shared/reference/PERFOR
 Reference (PERFORMANCE.md, hand-written DACNN-14 width 128 step): 0.44 eager, 0.54 channels_last,
 0.63 channels_last + torch.compile; goal 0.75.
 
-    python benchmarks/train_throughput.py                     # dacnn14 (w128) and resnet18, 3 modes
+    python benchmarks/train_throughput.py                     # dacnn14 w128, resnet18 w64 and w16, 3 modes
     python benchmarks/train_throughput.py --models dacnn14 --modes eager,cl --steps 4 --profile
     python benchmarks/train_throughput.py --quick             # dacnn14 w32, cl, 4 steps (< 2 min)
     python benchmarks/train_throughput.py --device cuda       # bf16 + channels_last + compile
@@ -47,7 +47,16 @@ MODES = {
     "cl+bf16": {"channels_last": True, "compile": False, "bf16": True},
     "cl+compile+bf16": {"channels_last": True, "compile": True, "bf16": True},
 }
-MODEL_KWARGS = {"dacnn14": {"width": 128}, "resnet18": {}}
+MODEL_KWARGS = {"dacnn14": {"width": 128}, "resnet18": {}}  # a name@W in --models sets the width W
+
+
+def model_kwargs(name: str) -> tuple[str, dict[str, int]]:
+    """``resnet18@16`` -> (``resnet18``, its kwargs at width 16: the cpu protocol's width)."""
+    model, _, width = name.partition("@")
+    kwargs = dict(MODEL_KWARGS.get(model, {}))
+    if width:
+        kwargs["width"] = int(width)
+    return model, kwargs
 SHARES = {  # profiler op name -> share bucket (self CPU time)
     "BatchNorm": ("batch_norm", "batchnorm"),
     "conv bwd": ("convolution_backward", "convolutionbackward"),
@@ -103,7 +112,8 @@ def bench(name: str, mode: str, batch: int, steps: int, warmup: int, device: tor
           profile: bool) -> dict[str, float]:
     opts = MODES[mode]
     torch.manual_seed(0)
-    model = create_model(name, num_classes=100, **MODEL_KWARGS.get(name, {}))
+    model_name, kwargs = model_kwargs(name)
+    model = create_model(model_name, num_classes=100, **kwargs)
     fwd_flops = count_flops(model, (3, 32, 32), batch_size=batch)
     model = model.to(device)
     if opts["channels_last"]:
@@ -165,8 +175,8 @@ def end_to_end_img_s(name: str) -> float:
     sys.path.insert(0, str(Path(__file__).parent))
     from end_to_end import run_once  # a sibling script
 
-    kwargs = MODEL_KWARGS.get(name, {})
-    args = ["--model", name, "--dataset", "cifar10", "--epochs", "1", "--train-subset", "5000",
+    model_name, kwargs = model_kwargs(name)
+    args = ["--model", model_name, "--dataset", "cifar10", "--epochs", "1", "--train-subset", "5000",
             "--val-size", "500", "--no-eval-test", "--optimizer", "adagrad", "--lr", "0.01"]
     if "width" in kwargs:
         args += ["--width", str(kwargs["width"])]
@@ -176,7 +186,8 @@ def end_to_end_img_s(name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="dacnn14,resnet18")
+    parser.add_argument("--models", default="dacnn14,resnet18,resnet18@16",
+                        help="comma list; name@W trains at width W (resnet18@16: the cpu protocol's width)")
     parser.add_argument("--modes", default=None, help=f"comma list of {', '.join(MODES)} "
                         "(default: eager,cl,cl+compile; on CUDA cl+compile+bf16)")
     parser.add_argument("--batch-size", type=int, default=128)
