@@ -29,6 +29,7 @@ output). ``tests/test_lrunet.py`` checks it against the reference op sequence (f
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -50,41 +51,47 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_orders(c: int, shuffle: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dup, unshuffle)`` index vectors for ``c`` channels: ``d = x[:, dup]`` is the shuffled input
+    with every channel repeated (``dup[2k] = dup[2k + 1]`` = the input channel of ``s[k]``), and
+    ``gx = gs[:, unshuffle]`` takes a gradient in ``s``'s order back to ``x``'s (the inverse
+    permutation). Without the shuffle ``s`` is ``x``."""
+    j = torch.arange(c // 2)
+    source = torch.stack([c // 2 + j, j], 1).flatten() if shuffle else torch.arange(c)  # s[k] = x[source[k]]
+    return source.repeat_interleave(2).to(device), torch.argsort(source).to(device)
+
+
 def shuffle_duplicate(x: torch.Tensor, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, d)``: ``s`` = the reference channel shuffle of ``x`` (swap the halves, then the
     2-group shuffle: ``s[2j] = x[C/2 + j]``, ``s[2j + 1] = x[j]``), or ``x`` when ``shuffle`` is
     False, and ``d`` = ``s`` with every channel repeated (``d[2c] = d[2c + 1] = s[c]``), channels-last.
 
-    ``d`` is ``torch.channel_shuffle`` of the rows ``[x_hi, x_hi, x_lo, x_lo]`` (4 groups; without
-    shuffle ``[x, x]``, 2 groups) and ``s`` is its view ``d[:, ::2]``. Differentiable (plain ops)."""
+    ``d`` is one ``index_select`` of the channels of ``x``'s pixel rows (a single pass over memory)
+    and ``s`` is its view ``d[:, ::2]``. Differentiable (plain ops)."""
     xh = _nhwc(x)
     b, h, w, c = xh.shape
-    rows = xh.reshape(b * h * w, c)
-    if shuffle:
-        order = torch.tensor([1, 1, 0, 0], device=x.device)
-        wide, groups = rows.view(-1, 2, c // 2).index_select(1, order), 4
-    else:
-        wide, groups = rows.view(-1, 1, c).expand(-1, 2, c).contiguous(), 2
-    d = torch.channel_shuffle(_nchw(wide.view(b, h, w, 2 * c)), groups)
+    dup, _ = _channel_orders(c, shuffle, x.device)
+    d = _nchw(xh.reshape(b * h * w, c).index_select(1, dup).view(b, h, w, 2 * c))
     return d[:, ::2], d
 
 
-def shuffle_duplicate_backward(grad_d: torch.Tensor, shuffle: bool) -> torch.Tensor:
-    """Gradient with respect to ``x`` of :func:`shuffle_duplicate`'s ``d`` (``s`` is a view of it):
-    undo ``channel_shuffle`` (a transpose again), then add the copies."""
-    c = grad_d.shape[1] // 2
-    gh = _nhwc(torch.channel_shuffle(grad_d.contiguous(memory_format=torch.channels_last),
-                                     c // 2 if shuffle else c))
-    b, h, w, _ = gh.shape
-    if shuffle:  # rows [x_hi, x_hi, x_lo, x_lo]
-        parts = gh.reshape(b * h * w, 4, c // 2)
-        out = torch.empty(b * h * w, 2, c // 2, dtype=gh.dtype, device=gh.device)
-        torch.add(parts[:, 2], parts[:, 3], out=out[:, 0])
-        torch.add(parts[:, 0], parts[:, 1], out=out[:, 1])
-    else:  # rows [x, x]
-        parts = gh.reshape(b * h * w, 2, c)
-        out = parts[:, 0] + parts[:, 1]
-    return _nchw(out.view(b, h, w, c))
+def shuffle_duplicate_backward(
+    grad_d: torch.Tensor, shuffle: bool, grad_s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradient with respect to ``x`` of :func:`shuffle_duplicate` given the gradient at ``d`` (and,
+    optionally, a gradient ``grad_s`` at ``s`` too, e.g. a residual's): sum each channel's two
+    copies (plus ``grad_s``) in ``s``'s order, then undo the shuffle with one ``index_select``."""
+    gh = _nhwc(grad_d)
+    b, h, w, c2 = gh.shape
+    c = c2 // 2
+    pairs = gh.reshape(b * h * w, c, 2)
+    gs = torch.add(pairs[..., 0], pairs[..., 1])
+    if grad_s is not None:
+        gs.add_(_nhwc(grad_s).reshape(b * h * w, c))
+    if shuffle:
+        gs = gs.index_select(1, _channel_orders(c, shuffle, grad_d.device)[1])
+    return _nchw(gs.view(b, h, w, c))
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,7 @@ class LruIteration(torch.autograd.Function):
         r2 = torch.rsqrt(var2 + eps2)
         s2 = g2 * r2
         y = torch.addcmul(_per_channel(be2 - mu2 * s2), c, _per_channel(s2))
-        y = torch.relu_(y.add_(s))
+        y = torch.ops.aten._add_relu_(y, s)  # relu(y + s), one pass
         ctx.save_for_backward(d, a, c, y, w_dw, w_pw, w_eff, g2, mu1, r1, s1, t1, mu2, r2)
         ctx.shuffle, ctx.eps2, ctx.groups = shuffle, eps2, groups
         ctx.dw_bias, ctx.pw_bias = b_dw is not None, b_pw is not None
@@ -163,8 +170,6 @@ class LruIteration(torch.autograd.Function):
                             [True, False, False])[0]
         _, g_wdw, g_bdw = _conv_backward(ga, d, w_dw, [q2] if ctx.dw_bias else None, [1, 1], [1, 1],
                                          [1, 1], False, [0, 0], q2, [False, True, ctx.dw_bias])
-        gd = gd.contiguous(memory_format=torch.channels_last)
-        gd[:, ::2].add_(ge)  # the residual: s is d[:, ::2]
-        gx = shuffle_duplicate_backward(gd, ctx.shuffle)
+        gx = shuffle_duplicate_backward(gd, ctx.shuffle, ge)  # ge: the residual's gradient at s
         return (gx, None, g_wdw, g_bdw if ctx.dw_bias else None, g_wpw, sum_gc if ctx.pw_bias else None,
                 gg1, sum_gb, gg2, gbe2, None, None)
