@@ -13,14 +13,18 @@ through ``torch.batch_norm_update_stats``, the kernel ``nn.BatchNorm2d`` itself 
 over memory, with its backward written out:
 
 * ``dw`` with multiplier 2 on ``s`` is a plain depthwise conv (multiplier 1) on ``d``, ``s`` with every
-  channel repeated twice, which oneDNN runs 3-10x faster; ``d`` is built in two vectorised copies (a
-  block copy, then ``torch.channel_shuffle``, a transpose per pixel) and ``s`` is the view ``d[:, ::2]``.
+  channel repeated twice, which oneDNN runs 3-10x faster; ``d`` is one ``index_select`` of ``x``'s
+  channels (shuffle and repeat in one pass) and ``s`` is the view ``d[:, ::2]``. Backward: each
+  channel's two copies and the residual's gradient summed in one pass each, then one ``index_select``
+  undoes the shuffle.
 * BN1 is folded into the pw conv: ``pw(a * s1 + t1) = conv(a, W * s1) + W t1`` with ``s1 = g1 / sigma1``
   and ``t1 = b1 - mu1 s1`` from the batch statistics; BN1's output is never written. Its backward
   follows from the pw conv's weight gradient ``sum_n gc a^T`` (``sum_n gb (a - mu1)`` is
   ``W^T`` of it), so BN1 costs one statistics pass forward and one fused elementwise pass backward.
-* BN2, the residual add and the ReLU are one ``addcmul`` and two in-place passes; the backward uses
-  ATen's BatchNorm backward.
+* BN2, the residual add and the ReLU are one ``addcmul`` and one in-place ``_add_relu_``; the backward
+  uses ATen's BatchNorm backward.
+* Where a pw group reads at most 16 channels (stage 1 of LruNet-1x) the pw conv's forward and input
+  gradient run as a conv with half the groups and block-diagonal weights (:func:`_paired_groups`).
 
 Saved for backward per iteration: ``d``, ``a``, ``c``, ``y`` (the op-by-op graph also keeps BN1's
 output). ``tests/test_lrunet.py`` checks it against the reference op sequence (float64
