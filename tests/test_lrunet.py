@@ -22,7 +22,7 @@ from dacnn.cli import main as cli_main
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.export.import_weights import import_lrunet
 from dacnn.models.lrunet import LruBlock, LruNet, channel_shuffle
-from dacnn.models.lrunet_ops import LruIteration, shuffle_duplicate
+from dacnn.models.lrunet_ops import LruIteration, shuffle_duplicate, shuffle_duplicate_backward
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "reference" / "weights" / "lrunet"
@@ -172,6 +172,20 @@ def test_shuffle_duplicate_is_the_reference_shuffle_repeated(shuffle: bool) -> N
     expected = channel_shuffle(x) if shuffle else x
     assert torch.equal(s, expected)
     assert torch.equal(d, expected.repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_duplicate_backward_is_the_gradient_of_the_reference_ops(shuffle: bool) -> None:
+    """The hand-written gradient (copies summed, a residual's gradient at ``s`` added, shuffle
+    undone) against autograd through the reference shuffle and ``repeat_interleave``."""
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_d = torch.randn(2, 32, 3, 3, dtype=torch.float64)
+    grad_s = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+    s = channel_shuffle(x) if shuffle else x
+    ((s.repeat_interleave(2, dim=1) * grad_d).sum() + (s * grad_s).sum()).backward()
+    got = shuffle_duplicate_backward(grad_d.contiguous(memory_format=torch.channels_last), shuffle,
+                                     grad_s.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, x.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

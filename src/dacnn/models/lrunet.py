@@ -122,6 +122,14 @@ def _merge_dw_pw(
     return weight + identity, bias
 
 
+def _add_relu_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``relu(out + x)`` in place: one pass (ATen's ``_add_relu_``) when no gradient is recorded
+    (it has no autograd formula), else ``add_`` then ``relu_``."""
+    if torch.is_grad_enabled() and (out.requires_grad or x.requires_grad):
+        return torch.relu_(out.add_(x))
+    return torch.ops.aten._add_relu_(out, x)
+
+
 def _shuffle_rows(x: torch.Tensor) -> torch.Tensor:
     """:func:`channel_shuffle` of a channels-last tensor in two vectorised copies (no duplicate
     needed): swap the halves (``index_select`` of 2 blocks per pixel), then ``torch.channel_shuffle``."""
@@ -219,7 +227,7 @@ class LruBlock(nn.Module):
             else:
                 x, x2 = shuffle_duplicate(x, i > 0)
                 out = F.conv2d(F.conv2d(x2, w_dw, b_dw, 1, 1, 1, q2), w_pw, b_pw, 1, 0, 1, PW_GROUPS)
-                x = torch.relu_(out.add_(x))
+                x = _add_relu_(out, x)
         return x
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:

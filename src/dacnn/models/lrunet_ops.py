@@ -13,14 +13,19 @@ through ``torch.batch_norm_update_stats``, the kernel ``nn.BatchNorm2d`` itself 
 over memory, with its backward written out:
 
 * ``dw`` with multiplier 2 on ``s`` is a plain depthwise conv (multiplier 1) on ``d``, ``s`` with every
-  channel repeated twice, which oneDNN runs 3-10x faster; ``d`` is built in two vectorised copies (a
-  block copy, then ``torch.channel_shuffle``, a transpose per pixel) and ``s`` is the view ``d[:, ::2]``.
+  channel repeated twice, which oneDNN runs 3-10x faster; ``d`` is one ``index_select`` of ``x``'s
+  channels (shuffle and repeat in one pass) and ``s`` is the view ``d[:, ::2]``. Backward: each
+  channel's two copies and the residual's gradient summed in one pass each, then one ``index_select``
+  undoes the shuffle.
 * BN1 is folded into the pw conv: ``pw(a * s1 + t1) = conv(a, W * s1) + W t1`` with ``s1 = g1 / sigma1``
   and ``t1 = b1 - mu1 s1`` from the batch statistics; BN1's output is never written. Its backward
   follows from the pw conv's weight gradient ``sum_n gc a^T`` (``sum_n gb (a - mu1)`` is
   ``W^T`` of it), so BN1 costs one statistics pass forward and one fused elementwise pass backward.
-* BN2, the residual add and the ReLU are one ``addcmul`` and two in-place passes; the backward uses
-  ATen's BatchNorm backward.
+* BN2, the residual add and the ReLU are one ``addcmul`` and one in-place ``_add_relu_``; the backward
+  uses ATen's BatchNorm backward.
+* Where a pw group reads at most 16 channels (stage 1 of LruNet-1x) the pw conv's forward and input
+  gradient run as a conv with half the groups and block-diagonal weights (:func:`_paired_groups`);
+  where it reads at most 32 (stages 1-2) its weight gradient is one ``bmm`` over the pixel rows.
 
 Saved for backward per iteration: ``d``, ``a``, ``c``, ``y`` (the op-by-op graph also keeps BN1's
 output). ``tests/test_lrunet.py`` checks it against the reference op sequence (float64
@@ -29,6 +34,7 @@ output). ``tests/test_lrunet.py`` checks it against the reference op sequence (f
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -50,41 +56,62 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_orders(c: int, shuffle: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dup, unshuffle)`` index vectors for ``c`` channels: ``d = x[:, dup]`` is the shuffled input
+    with every channel repeated (``dup[2k] = dup[2k + 1]`` = the input channel of ``s[k]``), and
+    ``gx = gs[:, unshuffle]`` takes a gradient in ``s``'s order back to ``x``'s (the inverse
+    permutation). Without the shuffle ``s`` is ``x``."""
+    j = torch.arange(c // 2)
+    source = torch.stack([c // 2 + j, j], 1).flatten() if shuffle else torch.arange(c)  # s[k] = x[source[k]]
+    return source.repeat_interleave(2).to(device), torch.argsort(source).to(device)
+
+
 def shuffle_duplicate(x: torch.Tensor, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, d)``: ``s`` = the reference channel shuffle of ``x`` (swap the halves, then the
     2-group shuffle: ``s[2j] = x[C/2 + j]``, ``s[2j + 1] = x[j]``), or ``x`` when ``shuffle`` is
     False, and ``d`` = ``s`` with every channel repeated (``d[2c] = d[2c + 1] = s[c]``), channels-last.
 
-    ``d`` is ``torch.channel_shuffle`` of the rows ``[x_hi, x_hi, x_lo, x_lo]`` (4 groups; without
-    shuffle ``[x, x]``, 2 groups) and ``s`` is its view ``d[:, ::2]``. Differentiable (plain ops)."""
+    ``d`` is one ``index_select`` of the channels of ``x``'s pixel rows (a single pass over memory)
+    and ``s`` is its view ``d[:, ::2]``. Differentiable (plain ops)."""
     xh = _nhwc(x)
     b, h, w, c = xh.shape
-    rows = xh.reshape(b * h * w, c)
-    if shuffle:
-        order = torch.tensor([1, 1, 0, 0], device=x.device)
-        wide, groups = rows.view(-1, 2, c // 2).index_select(1, order), 4
-    else:
-        wide, groups = rows.view(-1, 1, c).expand(-1, 2, c).contiguous(), 2
-    d = torch.channel_shuffle(_nchw(wide.view(b, h, w, 2 * c)), groups)
+    dup, _ = _channel_orders(c, shuffle, x.device)
+    d = _nchw(xh.reshape(b * h * w, c).index_select(1, dup).view(b, h, w, 2 * c))
     return d[:, ::2], d
 
 
-def shuffle_duplicate_backward(grad_d: torch.Tensor, shuffle: bool) -> torch.Tensor:
-    """Gradient with respect to ``x`` of :func:`shuffle_duplicate`'s ``d`` (``s`` is a view of it):
-    undo ``channel_shuffle`` (a transpose again), then add the copies."""
-    c = grad_d.shape[1] // 2
-    gh = _nhwc(torch.channel_shuffle(grad_d.contiguous(memory_format=torch.channels_last),
-                                     c // 2 if shuffle else c))
-    b, h, w, _ = gh.shape
-    if shuffle:  # rows [x_hi, x_hi, x_lo, x_lo]
-        parts = gh.reshape(b * h * w, 4, c // 2)
-        out = torch.empty(b * h * w, 2, c // 2, dtype=gh.dtype, device=gh.device)
-        torch.add(parts[:, 2], parts[:, 3], out=out[:, 0])
-        torch.add(parts[:, 0], parts[:, 1], out=out[:, 1])
-    else:  # rows [x, x]
-        parts = gh.reshape(b * h * w, 2, c)
-        out = parts[:, 0] + parts[:, 1]
-    return _nchw(out.view(b, h, w, c))
+def shuffle_duplicate_backward(
+    grad_d: torch.Tensor, shuffle: bool, grad_s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradient with respect to ``x`` of :func:`shuffle_duplicate` given the gradient at ``d`` (and,
+    optionally, a gradient ``grad_s`` at ``s`` too, e.g. a residual's): sum each channel's two
+    copies (plus ``grad_s``) in ``s``'s order, then undo the shuffle with one ``index_select``."""
+    gh = _nhwc(grad_d)
+    b, h, w, c2 = gh.shape
+    c = c2 // 2
+    pairs = gh.reshape(b * h * w, c, 2)
+    gs = torch.add(pairs[..., 0], pairs[..., 1])
+    if grad_s is not None:
+        gs.add_(_nhwc(grad_s).reshape(b * h * w, c))
+    if shuffle:
+        gs = gs.index_select(1, _channel_orders(c, shuffle, grad_d.device)[1])
+    return _nchw(gs.view(b, h, w, c))
+
+
+def _paired_groups(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """A grouped 1x1 conv's weight as the same conv with half as many groups, each pair of groups
+    one block-diagonal group (zeros off the diagonal), when each group reads at most 16 channels:
+    there oneDNN runs the wider groups faster for the forward pass and the input gradient (the
+    added terms are exact zeros). Otherwise ``(weight, groups)`` unchanged."""
+    q, k = weight.shape[0], weight.shape[1]
+    if k > 16 or groups % 2:
+        return weight, groups
+    blocks = weight.new_zeros(groups // 2, 2, q // groups, 2, k)
+    wg = weight.view(groups // 2, 2, q // groups, k)
+    blocks[:, 0, :, 0] = wg[:, 0]
+    blocks[:, 1, :, 1] = wg[:, 1]
+    return blocks.view(q, 2 * k, 1, 1), groups // 2
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
@@ -123,32 +150,38 @@ class LruIteration(torch.autograd.Function):
         bias = torch.bmm(wp, t1.view(groups, k, 1)).view(q)
         if b_pw is not None:
             bias = bias + b_pw
-        c = F.conv2d(a, w_eff, bias, 1, 0, 1, groups)
+        w_wide, wide_groups = _paired_groups(w_eff, groups)
+        c = F.conv2d(a, w_wide, bias, 1, 0, 1, wide_groups)
         rm2, rv2, mom2, eps2 = bn2
         mu2, var2 = torch.batch_norm_update_stats(c, rm2, rv2, mom2)
         r2 = torch.rsqrt(var2 + eps2)
         s2 = g2 * r2
         y = torch.addcmul(_per_channel(be2 - mu2 * s2), c, _per_channel(s2))
-        y = torch.relu_(y.add_(s))
-        ctx.save_for_backward(d, a, c, y, w_dw, w_pw, w_eff, g2, mu1, r1, s1, t1, mu2, r2)
-        ctx.shuffle, ctx.eps2, ctx.groups = shuffle, eps2, groups
+        y = torch.ops.aten._add_relu_(y, s)  # relu(y + s), one pass
+        ctx.save_for_backward(d, a, c, y, w_dw, w_pw, w_eff, w_wide, g2, mu1, r1, s1, t1, mu2, r2)
+        ctx.shuffle, ctx.eps2, ctx.groups, ctx.wide_groups = shuffle, eps2, groups, wide_groups
         ctx.dw_bias, ctx.pw_bias = b_dw is not None, b_pw is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        d, a, c, y, w_dw, w_pw, w_eff, g2, mu1, r1, s1, t1, mu2, r2 = ctx.saved_tensors
+        d, a, c, y, w_dw, w_pw, w_eff, w_wide, g2, mu1, r1, s1, t1, mu2, r2 = ctx.saved_tensors
         groups, q2 = ctx.groups, d.shape[1]
         q, k = w_pw.shape[0], w_pw.shape[1]
         n = a.numel() // q2
         ge = torch.ops.aten.threshold_backward(gy.contiguous(memory_format=torch.channels_last), y, 0)
         gc, gg2, gbe2 = _bn_backward(ge, c, g2, None, None, mu2, r2, True, ctx.eps2, [True, True, True])
         # pw conv (weight W * s1, input a): ga_pw = s1 * gb, where gb is the gradient at BN1's output
-        ga = _conv_backward(gc, a, w_eff, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups,
+        ga = _conv_backward(gc, a, w_wide, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.wide_groups,
                             [True, False, False])[0]
-        _, gw_eff, sum_gc = _conv_backward(gc, a, w_eff, [q], [1, 1], [0, 0], [1, 1], False, [0, 0],
-                                           groups, [False, True, True])
+        if k <= 32:  # narrow groups: the weight gradient as one bmm over the pixel rows is faster
+            gcr, ar = _nhwc(gc).reshape(n, groups, q // groups), _nhwc(a).reshape(n, groups, k)
+            gw_eff = torch.bmm(gcr.permute(1, 2, 0), ar.transpose(0, 1))
+            sum_gc = gcr.sum(0).view(q)
+        else:
+            _, gw_eff, sum_gc = _conv_backward(gc, a, w_eff, [q], [1, 1], [0, 0], [1, 1], False,
+                                               [0, 0], groups, [False, True, True])
         wp = w_pw.view(groups, q // groups, k)
         gwe = gw_eff.view(groups, q // groups, k)
         sgc = sum_gc.view(groups, q // groups, 1)
@@ -159,12 +192,8 @@ class LruIteration(torch.autograd.Function):
         beta = -s1 * r1 * gg1 / n
         alpha = -s1 * sum_gb / n - beta * mu1
         ga.addcmul_(a, _per_channel(beta)).add_(_per_channel(alpha))
-        gd = _conv_backward(ga, d, w_dw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], q2,
-                            [True, False, False])[0]
-        _, g_wdw, g_bdw = _conv_backward(ga, d, w_dw, [q2] if ctx.dw_bias else None, [1, 1], [1, 1],
-                                         [1, 1], False, [0, 0], q2, [False, True, ctx.dw_bias])
-        gd = gd.contiguous(memory_format=torch.channels_last)
-        gd[:, ::2].add_(ge)  # the residual: s is d[:, ::2]
-        gx = shuffle_duplicate_backward(gd, ctx.shuffle)
+        gd, g_wdw, g_bdw = _conv_backward(ga, d, w_dw, [q2] if ctx.dw_bias else None, [1, 1], [1, 1],
+                                          [1, 1], False, [0, 0], q2, [True, True, ctx.dw_bias])
+        gx = shuffle_duplicate_backward(gd, ctx.shuffle, ge)  # ge: the residual's gradient at s
         return (gx, None, g_wdw, g_bdw if ctx.dw_bias else None, g_wpw, sum_gc if ctx.pw_bias else None,
                 gg1, sum_gb, gg2, gbe2, None, None)
