@@ -2,7 +2,7 @@
 
 Two stand-in benchmarks (one prints a table, one fails) check the page's structure: every section
 carries the date, commit, machine and command; a failure is shown and sets the exit status; the
-hand-written reading blocks survive regeneration.
+hand-written reading blocks survive regeneration; ``--only`` keeps the other sections of the page.
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ def test_run_all_writes_each_output_with_its_provenance(tmp_path):
     out.write_text(edited)
     assert run_all("--benchmarks", str(bench), "--output", str(out), "--only", "speed").returncode == 0
     again = out.read_text()
-    assert "Fast enough." in again and "Always fails" not in again
+    assert "Fast enough." in again
+    assert again.count(" UTC · commit `") == 2  # --only speed: broken's section is kept as it was
+    assert again.index("## Always fails (") < again.index("## Speed of nothing (")  # in script order
+    assert "boom" in again
+    fresh = tmp_path / "fresh.md"
+    assert run_all("--benchmarks", str(bench), "--output", str(fresh), "--only", "speed").returncode == 0
+    assert "Always fails" not in fresh.read_text()  # nothing to keep in a new page
 
 
 def test_run_all_names_an_unknown_benchmark():
