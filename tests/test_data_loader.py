@@ -284,3 +284,43 @@ def test_flip_without_crop_pads_small_images_centred():
     assert torch.all(x1[..., :2, :] == 0) and torch.all(x1[..., :, :2] == 0)
     for a, b in zip(x0, x1):  # each image is either itself or its mirror, never shifted
         assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+
+
+def test_translate_crops_reflect_padded_images():
+    """Every translated image is a window of the reflect-padded image (airbench's batch_crop)."""
+    split = id_split(n=16)
+    loader = DeviceLoader(split, batch_size=16, shuffle=False, augment=Augment(translate=2), normalize=False)
+    x = torch.round(next(iter(loader))[0] * 255)
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).float()
+    padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
+    shifts = set()
+    for i in range(16):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if torch.equal(padded[i, :, dy:dy + 32, dx:dx + 32], x[i])]
+        assert hits, f"image {i} is not a window of its reflect-padded copy"
+        shifts.add(hits[0])
+    assert len(shifts) > 1
+
+
+def test_alternate_flip_flips_each_image_in_every_other_epoch():
+    split = id_split(n=64, shape=(8, 8, 3))
+    loader = DeviceLoader(split, batch_size=64, shuffle=False, normalize=False,
+                          augment=Augment(flip=True, alternate_flip=True))
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).float()
+    flipped = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        x = torch.round(next(iter(loader))[0] * 255)
+        flips = torch.tensor([torch.equal(x[i], images[i].flip(-1)) for i in range(64)])
+        assert all(torch.equal(x[i], images[i]) or flips[i] for i in range(64))
+        flipped.append(flips)
+    assert torch.equal(flipped[0], ~flipped[1]) and torch.equal(flipped[0], flipped[2])
+    assert 16 < int(flipped[0].sum()) < 48
+
+
+def test_plain_images_are_the_centred_unaugmented_images():
+    split = id_split(n=8)
+    plain = DeviceLoader(split, batch_size=8, shuffle=False, normalize=False)
+    augmented = DeviceLoader(split, batch_size=8, shuffle=True, normalize=False,
+                             augment=Augment(translate=2, flip=True))
+    assert torch.equal(augmented.plain_images(8), next(iter(plain))[0])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import dacnn
 from _helpers import poison_training_forward
 from dacnn.analysis.evaluate import evaluate_checkpoint
 from dacnn.cli import main
@@ -129,3 +130,74 @@ def test_recipes_run_scaled_down(recipe, fashion_mnist_root, tmp_path):
                           "threads": 1, "out_dir": str(tmp_path)})
     result = train(cfg, verbose=False)
     assert result.history[0]["step"] == 4 and math.isfinite(result.history[0]["train_loss"])
+
+
+FAST = {"recipe": "fast-cifar10", "dataset": "fashion_mnist", "model": "airbench94", "width": 4,
+        "train_subset": 512, "val_size": 128, "batch_size": 64, "epochs": 3, "eval_batch_size": 256,
+        "threads": 1, "deterministic": True, "seed": 1}
+
+
+def test_fast_recipe_trains_and_resumes_bitwise(fashion_mnist_root, tmp_path, monkeypatch):
+    """The fast recipe's pieces together (whitening, lookahead from epoch 0 of 3, translate, alternating
+    flip, 64x shift lr, decoupled decay, TTA); a run stopped after epoch 2 and resumed ends with bitwise
+    the weights of the uninterrupted run (the lookahead average is rebuilt from the epoch's weights)."""
+    from dacnn.train import loop as loop_module
+
+    base = {**FAST, "data_dir": fashion_mnist_root, "out_dir": str(tmp_path)}
+    whole = train(resolve_config({**base, "run_name": "whole"}), verbose=False)
+    assert whole.tta == 2 and whole.test_acc is not None and whole.test_acc_no_tta is not None
+    assert whole.cpu_time and whole.cpu_time > 0
+
+    original = loop_module._Run.save
+
+    def stop_after_epoch_2(self, epoch, *args, **kwargs):
+        original(self, epoch, *args, **kwargs)
+        if epoch == 1 and kwargs.get("epoch_done"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module._Run, "save", stop_after_epoch_2)
+    cfg = resolve_config({**base, "run_name": "split"})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, verbose=False)
+    monkeypatch.setattr(loop_module._Run, "save", original)
+    resumed = train(cfg, resume=tmp_path / "split", verbose=False)
+    assert resumed.test_acc == whole.test_acc
+
+    def weights(run: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        from dacnn import checkpoint as ckpt
+        pointer = ckpt.read_pointer(tmp_path / run / "checkpoints", "last")
+        return load_file(tmp_path / run / "checkpoints" / pointer["weights"])
+
+    a, b = weights("whole"), weights("split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["whiten.weight"], torch.zeros_like(a["whiten.weight"]))
+
+
+def test_whitening_of_a_generic_stem_and_of_a_model_without_one():
+    from dacnn.models.airbench import patch_whitening_weights
+    from dacnn.train.whitening import init_patch_whitening
+
+    images = torch.randn(16, 3, 16, 16)
+    model = dacnn.create_model("resnet18", width=8, num_classes=10)  # stem.0: 3 -> 8, 3x3
+    conv = init_patch_whitening(model, images)
+    filters = patch_whitening_weights(images, 3)
+    assert conv is model.stem[0] and not conv.weight.requires_grad
+    assert torch.allclose(conv.weight[:4], filters[:4]) and torch.allclose(conv.weight[4:], filters[27:31])
+    with pytest.raises(ConfigError, match="whiten"):
+        init_patch_whitening(torch.nn.Sequential(torch.nn.Linear(3, 3)), images)
+
+
+def test_tta_logits_average_the_views():
+    from dacnn.train.engine import tta_logits
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(tta_logits(net, x, 0), net(x))
+    mirror = 0.5 * net(x) + 0.5 * net(x.flip(-1))
+    assert torch.allclose(tta_logits(net, x, 1), mirror)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [padded[..., :8, :8], padded[..., 2:, 2:]]
+    shifted = sum(0.5 * net(v) + 0.5 * net(v.flip(-1)) for v in views) / 2
+    assert torch.allclose(tta_logits(net, x, 2), 0.5 * mirror + 0.5 * shifted, atol=1e-6)

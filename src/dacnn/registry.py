@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from dacnn import hub
+from dacnn import hub, tying
 from dacnn.hub import PretrainedCfg
 
 __all__ = [
@@ -129,6 +129,10 @@ def create_model(
     ``pretrained=True`` the weights are loaded from the weights directory (:func:`dacnn.hub.find_weights`).
     The returned module carries ``model.info``, a :class:`ModelInfo` resolved to the kwargs used and,
     for a tag, to how its weights are fed (input size, mean/std: :class:`PretrainedCfg`).
+
+    ``share_budget="ratio=0.5"`` (or ``"max_params=N"``) ties the model's isomorphic convs with
+    :func:`dacnn.share_kernels` (scope ``"global"``) after building it, largest saving first, until the
+    budget is met; it is kept in ``model.info.model_kwargs``, so a saved model is rebuilt tied.
     """
     arch, tag = split_tag(name)
     fn, info = _lookup(arch)
@@ -136,7 +140,10 @@ def create_model(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if cfg is not None:
         kwargs = {**cfg.model_kwargs, **kwargs}
-    model = fn(**kwargs)
+    build = {k: v for k, v in kwargs.items() if k != "share_budget"}
+    model = fn(**build)
+    if "share_budget" in kwargs:  # the plug-in sharing, part of the architecture (rebuilt on load)
+        tying.share_kernels(model, "global", budget=kwargs["share_budget"])
     num_classes = kwargs.get("num_classes", info.num_classes)
     in_chans = kwargs.get("in_chans", info.input_size[0])
     height_width = (cfg.input_size if cfg is not None and cfg.input_size else info.input_size)[1:]

@@ -4,7 +4,9 @@ Random crop with zero padding, horizontal flip and nearest-neighbour rotation ar
 output pixel to source pixel, so their composition is one index tensor: the batch is gathered
 once, in uint8, straight from the padded images (airbench-style: pad once, shift per image, no
 per-image Python). Order as in LruNet's recipe (SPEC 2.2): RandomCrop(size, padding) ->
-RandomRotation(+-degrees, nearest, fill 0) -> RandomHorizontalFlip; cutout (DeVries & Taylor
+RandomRotation(+-degrees, nearest, fill 0) -> RandomHorizontalFlip. airbench's translation is the
+same crop from reflect-padded images, and its alternating flip flips a seeded half of the images in
+even epochs and the other half in odd ones (:meth:`DeviceLoader`). Cutout (DeVries & Taylor
 2017, square of zeros centred anywhere, clipped at the border) comes after normalisation, as in
 airbench, so it fills with the dataset mean.
 """
@@ -28,10 +30,24 @@ class Augment:
     flip: bool = False
     rotate_degrees: float = 0.0
     cutout: int = 0
+    translate: int = 0  # a random crop as crop_padding, from reflect-padded images (airbench)
+    alternate_flip: bool = False  # with flip: each image flips every other epoch (airbench)
 
     def __post_init__(self) -> None:
-        if self.crop_padding < 0 or self.cutout < 0 or self.rotate_degrees < 0:
+        if self.crop_padding < 0 or self.cutout < 0 or self.rotate_degrees < 0 or self.translate < 0:
             raise ConfigError(f"Augment values must be >= 0, got {self}")
+        if self.translate and self.crop_padding:
+            raise ConfigError(f"Augment: translate and crop_padding are two random crops; set one: {self}")
+
+    @property
+    def padding(self) -> int:
+        """Pixels of room the random crop needs on each side (zero or reflect padded)."""
+        return self.crop_padding or self.translate
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the augmentation moves pixels (one gather per batch)."""
+        return bool(self.padding or self.flip or self.rotate_degrees)
 
     @classmethod
     def lrunet(cls) -> Augment:
@@ -40,7 +56,7 @@ class Augment:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.crop_padding or self.flip or self.rotate_degrees or self.cutout)
+        return not (self.spatial or self.cutout)
 
 
 @dataclass
@@ -72,7 +88,7 @@ def sample_params(augment: Augment, batch: int, ranges: tuple[tuple[int, int], t
     """
     (top_lo, top_hi), (left_lo, left_hi) = ranges
     dev = {"generator": generator, "device": generator.device}
-    if augment.crop_padding:
+    if augment.padding:
         top = torch.randint(top_lo, top_hi + 1, (batch,), **dev)
         left = torch.randint(left_lo, left_hi + 1, (batch,), **dev)
     else:

@@ -26,7 +26,22 @@ from dacnn.data.catalog import DATASETS
 from dacnn.data.split import DatasetSplit
 from dacnn.errors import ConfigError
 
-_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+_ORDER_STREAM, _AUGMENT_STREAM, _FLIP_STREAM = 0, 1, 2
+
+
+def reflect_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """``F.pad(images, (pad,) * 4, "reflect")`` for any dtype (uint8 included), by one index per axis."""
+    if pad == 0:
+        return images
+    h, w = images.shape[-2:]
+    if pad >= min(h, w):
+        raise ConfigError(f"translate={pad} needs images larger than {pad} pixels, got {h}x{w}")
+
+    def index(n: int) -> torch.Tensor:
+        i = torch.arange(-pad, n + pad, device=images.device).abs()
+        return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+    return images.index_select(-2, index(h)).index_select(-1, index(w))
 
 
 def _generator(seed: int, epoch: int, stream: int, device: torch.device | None = None) -> torch.Generator:
@@ -96,19 +111,26 @@ class DeviceLoader:
             images = F.pad(images, (lo_w, extra_w - lo_w, lo_h, extra_h - lo_h))
             self._ranges = ((0, 0), (0, 0))
         else:
-            pad = self.augment.crop_padding
+            pad = self.augment.padding
             if pad and (height + 2 * pad < out_h or width + 2 * pad < out_w):
                 raise ConfigError(f"crop_padding={pad} cannot fill a {out_h}x{out_w} crop of "
                                   f"{height}x{width} images")
-            # Pad once by q: room for every crop window [-p, H+p-S] and for the centred window.
+            # Pad once by q: room for every crop window [-p, H+p-S] and for the centred window
+            # (translate: the first p pixels are reflected, the rest zeros).
             q_h, q_w = max(pad, extra_h - extra_h // 2), max(pad, extra_w - extra_w // 2)
-            images = F.pad(images, (q_w, q_w, q_h, q_h))
+            reflected = self.augment.translate
+            images = F.pad(reflect_pad(images, reflected),
+                           (q_w - reflected, q_w - reflected, q_h - reflected, q_h - reflected))
             if pad:
                 self._ranges = ((q_h - pad, q_h + height + pad - out_h),
                                 (q_w - pad, q_w + width + pad - out_w))
             else:
                 self._ranges = ((q_h - extra_h // 2,) * 2, (q_w - extra_w // 2,) * 2)
         self.images = images.contiguous()  # uint8 (N, C, Hs, Ws), padded once
+        self._flip_base = None  # alternating flip: which images flip in even epochs
+        if self.augment is not None and self.augment.flip and self.augment.alternate_flip:
+            gen = _generator(seed, 0, _FLIP_STREAM, self.device)
+            self._flip_base = torch.rand(len(split), generator=gen, device=self.device) < 0.5
         self.labels = torch.from_numpy(split.labels).to(self.device)
         if normalize:
             m, s = (mean, std) if mean is not None and std is not None else split_mean_std(split)
@@ -158,10 +180,19 @@ class DeviceLoader:
             params = None
             if self.augment is not None:  # the global batch's draws, then this rank's part of them
                 params = sample_params(self.augment, index.shape[0], self._ranges, self.out_hw, augment_gen)
+                if self._flip_base is not None:
+                    params.flip = self._flip_base.index_select(0, index) ^ bool(self.epoch % 2)
             if self.world > 1:
                 index = index[mine]
                 params = params.select(mine) if params is not None else None
             yield self._batch(index, params), self.labels.index_select(0, index)
+
+    def plain_images(self, count: int) -> torch.Tensor:
+        """The first ``count`` images of the split as the model sees them, without augmentation."""
+        (top_lo, top_hi), (left_lo, left_hi) = self._ranges  # the centred window: the middle of the range
+        top, left = (top_lo + top_hi) // 2, (left_lo + left_hi) // 2
+        pixels = self.images[:count, :, top: top + self.out_hw[0], left: left + self.out_hw[1]]
+        return pixels.to(self.dtype).mul_(self._scale).add_(self._shift)
 
     def _batch(self, index: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
         threads = torch.get_num_threads()
@@ -178,7 +209,7 @@ class DeviceLoader:
         augment = self.augment
         if augment is not None:
             assert params is not None
-            if augment.crop_padding or augment.flip or augment.rotate_degrees:
+            if augment.spatial:
                 flat, valid = spatial_index(params, self.out_hw, self.images.shape[3], self.device)
                 pixels = gather_pixels(pixels, flat, valid, self.out_hw)
             else:

@@ -156,7 +156,7 @@ def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
 def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> float:
 
     model, meta = load_source(run_dir)
-    return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n))
+    return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n), int(meta.get("tta", 0)))
 
 
 def _curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,6 +219,10 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
     if diverged:
         record["extra"]["diverged"] = diverged
     record["extra"].update(_best_checkpoint(Path(result["run_dir"])))
+    if result.get("cpu_time") is not None:  # CPU seconds of the training process (all threads)
+        record["extra"]["cpu_time"] = result["cpu_time"]
+    if result.get("tta"):
+        record["extra"].update(tta=result["tta"], test_acc_no_tta=result.get("test_acc_no_tta"))
     if p.row.kind == "filters":
         record["extra"].update(_run_filters(p, figures, opts, store))
     record["extra"]["reproduce_seconds"] = time.perf_counter() - start

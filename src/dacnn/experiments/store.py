@@ -70,6 +70,11 @@ REPO_ROOT = PACKAGE_DIR.parents[1]
 # Speed settings whose unset value ("auto": dacnn.train.speed picks per device) hashes as the fixed
 # default they had before, so the records made then keep their hashes.
 FORMER_DEFAULTS = {"channels_last": (None, False), "compile": (None, False), "amp": ("auto", "none")}
+# Settings added after records were made: at their default they are left out of the hash, so the
+# records made before them keep their hashes.
+ADDED_SETTINGS = {"translate": 0, "alternate_flip": False, "lr_triangle": [0.2, 0.23, 0.07],
+                  "decoupled_weight_decay": False, "norm_bias_lr_scale": 1.0, "freeze_norm_scale": False,
+                  "lookahead": False, "whiten": False, "whiten_bias_epochs": 3, "tta": 0}
 
 
 def round_floats(value: Any, digits: int = 4) -> Any:
@@ -91,7 +96,8 @@ def config_hash(train: dict[str, Any], runner: dict[str, Any]) -> str:
     """
     train = {k: FORMER_DEFAULTS[k][1] if k in FORMER_DEFAULTS and v == FORMER_DEFAULTS[k][0] else v
              for k, v in train.items()}
-    kept = {k: v for k, v in train.items() if k not in MACHINE_KEYS and v is not None}
+    kept = {k: v for k, v in train.items() if k not in MACHINE_KEYS and v is not None
+            and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
     payload = {"train": kept, "runner": {k: v for k, v in runner.items() if v is not None}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -155,6 +155,8 @@ def _finetune_config(source: str | os.PathLike[str], meta: dict[str, Any], **ove
         "warmup_epochs": 0.0,
         "min_lr": 0.0,
         "ema": None,
+        "lookahead": False,
+        "whiten": False,  # the first conv keeps its trained (whitening) weights
         "compile": False,
         "eval_test": False,
         "recipe": None,
@@ -203,9 +205,10 @@ def prune_run(
         out_dir=str(out.parent), run_name=out.name,
     )
     loader = test_loader(meta, data_dir=data_dir, limit=limit)
-    before = test_accuracy(model, loader)
+    tta = int(meta.get("tta", 0))  # evaluated as the source run was
+    before = test_accuracy(model, loader, tta)
     masks = magnitude_prune(model, ratio, scope)
-    pruned = test_accuracy(model, loader)
+    pruned = test_accuracy(model, loader, tta)
     kept, prunable = count_nonzero(model, prunable_only=True)
     pruned_meta = {"pruned": {"ratio": ratio, "scope": scope, "prunable_kept": kept}}
     history: list[dict[str, Any]] = []
@@ -218,7 +221,7 @@ def prune_run(
         _select_last(out / "checkpoints")
         history = [{"epoch": r["epoch"], "val_acc": r["val_acc"]} for r in trained.history]
         model, _ = load_source(out)
-        after = test_accuracy(model, loader)
+        after = test_accuracy(model, loader, tta)
     else:
         after = pruned
         out.mkdir(parents=True, exist_ok=True)

@@ -167,8 +167,9 @@ def test_loader(
                         augment=None, normalize=bool(meta.get("normalize", True)), pad_to=pad_to)
 
 
-def test_accuracy(model: nn.Module, loader: DeviceLoader) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader`` (the training engine's evaluation)."""
+def test_accuracy(model: nn.Module, loader: DeviceLoader, tta: int = 0) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader`` (the training engine's evaluation), with test-time
+    augmentation level ``tta`` (the run's ``TrainConfig.tta``, recorded as ``meta["tta"]``)."""
     device = next(iter(model.parameters())).device
     with torch.inference_mode():
-        return evaluate(model, loader, device).acc
+        return evaluate(model, loader, device, tta=tta).acc

@@ -107,7 +107,7 @@ def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None,
     height = info.image_size[0]
     pad_to = cfg.pad_to if cfg.pad_to is not None else (model_hw if model_hw and model_hw > height else None)
     augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, rotate_degrees=cfg.rotate_degrees,
-                      cutout=cfg.cutout)
+                      cutout=cfg.cutout, translate=cfg.translate, alternate_flip=cfg.alternate_flip)
     common = {"device": device, "normalize": cfg.normalize, "pad_to": pad_to}
     ctx = ctx or DistContext()
     train_loader = DeviceLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
@@ -163,7 +163,9 @@ def model_input_hw(name: str | None) -> int | None:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD / Adagrad / Adam / AdamW over deduplicated parameters (each shared tensor once)."""
 
-    groups = param_groups(model, cfg.weight_decay, decay_1d=cfg.decay_norm_and_bias)
+    groups = param_groups(model, cfg.weight_decay, decay_1d=cfg.decay_norm_and_bias,
+                          norm_bias_lr_scale=cfg.norm_bias_lr_scale,
+                          decoupled_lr=cfg.lr if cfg.decoupled_weight_decay else None)
     eps = {} if cfg.eps is None else {"eps": cfg.eps}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -180,8 +182,11 @@ class LRSchedule:
 
     ``multistep`` changes per epoch (lr x gamma from each milestone epoch on, 0-based: milestone 45
     means epochs 0-44 at lr, 45 on at lr x gamma, the DACNN paper's "0.01 from epoch 45");
-    ``cosine`` decays per iteration to ``min_lr`` (ConvMixer, SPEC.md 1.2); an optional linear
-    warm-up per iteration precedes either.
+    ``cosine`` decays per iteration to ``min_lr`` (ConvMixer, SPEC.md 1.2); ``triangle`` rises
+    linearly per iteration from ``lr_triangle[0]`` x lr to lr at the fraction ``lr_triangle[1]`` of
+    training and falls to ``lr_triangle[2]`` x lr at its end (airbench's one-cycle); an optional
+    linear warm-up per iteration precedes any of them. Each optimizer group gets ``lr`` x its
+    ``lr_scale``.
     """
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
@@ -191,6 +196,7 @@ class LRSchedule:
         self.steps_per_epoch = steps_per_epoch
         self.total = cfg.epochs * steps_per_epoch
         self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        self.triangle = tuple(cfg.lr_triangle)
 
     def __call__(self, epoch: int, batch: int) -> float:
         it = epoch * self.steps_per_epoch + batch
@@ -201,12 +207,20 @@ class LRSchedule:
         if self.kind == "cosine":
             progress = (it - self.warmup) / max(1, self.total - self.warmup)
             return self.min_lr + (self.base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "triangle":
+            start, peak_at, end = self.triangle
+            steps = self.total - self.warmup
+            peak = max(1, int(peak_at * steps))
+            x = it - self.warmup
+            factor = (start + (1.0 - start) * x / peak if x < peak
+                      else 1.0 + (end - 1.0) * (x - peak) / max(1, steps - peak))
+            return self.base * factor
         return self.base
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int, batch: int) -> float:
         lr = self(epoch, batch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
 

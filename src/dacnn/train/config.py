@@ -25,7 +25,7 @@ from dacnn.validation import RULES, check_value
 __all__ = ["TrainConfig", "resolve_config", "load_yaml", "config_from_dict", "dump_yaml"]
 
 OPTIMIZERS = ("sgd", "adagrad", "adamw", "adam")
-SCHEDULES = ("constant", "multistep", "cosine")
+SCHEDULES = ("constant", "multistep", "cosine", "triangle")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
@@ -54,6 +54,10 @@ class TrainConfig:
     flip: bool = _f(False, "random horizontal flip")
     rotate_degrees: float = _f(0.0, "random rotation range in degrees (LruNet: 10)")
     cutout: int = _f(0, "cutout square size (0: off)")
+    translate: int = _f(0, "random translation by up to N pixels with reflect padding (airbench; "
+                           "crop_padding is the zero-padded crop)")
+    alternate_flip: bool = _f(False, "with flip: every image is flipped in every other epoch, starting "
+                                     "from a seeded random half (airbench's derandomised flip)")
     normalize: bool = _f(True, "per-channel mean/std normalisation")
     pad_to: int | None = _f(None, "zero-pad images to this size (default: the model's input size)")
     # optimisation
@@ -66,9 +70,18 @@ class TrainConfig:
     nesterov: bool = _f(False, "Nesterov momentum (SGD)")
     weight_decay: float = _f(0.0, "weight decay")
     decay_norm_and_bias: bool = _f(True, "also decay 1-d tensors (biases, norm affine)")
+    decoupled_weight_decay: bool = _f(False, "weight_decay is the fraction of every weight removed per "
+                                             "step at schedule factor 1, whatever the lr of its group "
+                                             "(airbench; PyTorch's decay is lr x weight_decay)")
+    norm_bias_lr_scale: float = _f(1.0, "lr multiplier of normalisation-layer biases (airbench: 64)")
+    freeze_norm_scale: bool = _f(False, "keep every normalisation layer's scale at 1 (not trained)")
+    bn_momentum: float | None = _f(None, "running-statistics momentum of every BatchNorm (PyTorch's sense; "
+                                         "default: the model's; airbench: 0.4)")
     betas: list[float] = _f([0.9, 0.999], "Adam/AdamW betas")
     eps: float | None = _f(None, "optimizer epsilon (default: the optimizer's)")
     lr_schedule: str = _f("constant", f"one of {', '.join(SCHEDULES)}", choices=SCHEDULES)
+    lr_triangle: list[float] = _f([0.2, 0.23, 0.07], "triangle schedule (per iteration): lr factor at "
+                                  "the start, where it peaks at 1 (fraction of training), factor at the end")
     lr_milestones: list[int] = _f([], "epochs at which multistep multiplies lr by lr_gamma")
     lr_gamma: float = _f(0.1, "multistep factor")
     min_lr: float = _f(0.0, "cosine floor")
@@ -76,6 +89,13 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     clip_grad: float | None = _f(None, "clip the global gradient norm to this value")
     ema: float | None = _f(None, "EMA decay of the weights (e.g. 0.999); evaluation uses the EMA")
+    lookahead: bool = _f(False, "airbench's lookahead averaging: from 30 %% of the epochs on, every 5 steps "
+                                "the weights move to an average of decay 0.95^5 (t/T)^3 and continue from it")
+    whiten: bool = _f(False, "initialise the model's first conv as a frozen patch-whitening filter bank "
+                             "from 5,000 training images (airbench; models with a free first conv)")
+    whiten_bias_epochs: int = _f(3, "with whiten: epochs during which the whitening conv's bias trains")
+    tta: int = _f(0, "test-time augmentation of the test evaluation (validation: none): 0 none, 1 mirror, "
+                     "2 mirror and 1-pixel translations (airbench's level 2: six views)")
     # runtime
     seed: int = _f(0, "seed of weights, data order and augmentation")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
@@ -202,6 +222,20 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: field {name!r} {problem}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"{source}: field 'betas' needs two numbers, got {cfg.betas}")
+    start, peak, end = (cfg.lr_triangle + [None] * 3)[:3] if len(cfg.lr_triangle) == 3 else (None,) * 3
+    if start is None or not 0.0 < peak < 1.0:
+        raise ConfigError(f"{source}: field 'lr_triangle' needs three numbers (start factor, peak position "
+                          f"in (0, 1), end factor), got {cfg.lr_triangle}")
+    if cfg.translate and cfg.crop_padding:
+        raise ConfigError(f"{source}: fields 'translate' and 'crop_padding' are two kinds of random crop; "
+                          "set one of them")
+    if cfg.alternate_flip and not cfg.flip:
+        raise ConfigError(f"{source}: field 'alternate_flip' changes how 'flip' flips; set flip too")
+    if cfg.lookahead and cfg.ema is not None:
+        raise ConfigError(f"{source}: fields 'lookahead' and 'ema' both average the weights; set one")
+    if cfg.lookahead and cfg.ckpt_every_steps:
+        raise ConfigError(f"{source}: field 'lookahead' checkpoints at epoch ends only (the average is "
+                          "the model there); set ckpt_every_steps to 0")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["ModelEMA"]
+__all__ = ["ModelEMA", "Lookahead"]
 
 
 class ModelEMA:
@@ -57,3 +57,38 @@ class ModelEMA:
         """Copy ``model``'s tensors into the average (restart it)."""
         for e, t in zip(*self._pairs(model)):
             e.copy_(t)
+
+
+class Lookahead:
+    """airbench's lookahead averaging (arXiv 2404.00498, ``LookaheadState``): every :attr:`EVERY` steps
+    ``avg = rho * avg + (1 - rho) * weights`` and the weights are set to ``avg``, with ``rho`` =
+    :meth:`decay` growing from 0 to 0.95^5 over training; at each epoch end the model takes the average
+    (:meth:`copy_back`). Float parameters and buffers are averaged, each distinct tensor once.
+
+    The average starts as a copy of the model at an epoch boundary (airbench: at the first update of
+    epoch 3), so a run resumed from an epoch's checkpoint rebuilds it from the weights alone.
+    """
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slow = [t.detach().clone() for t in self._live(model)]
+
+    @staticmethod
+    def _live(model: nn.Module) -> list[torch.Tensor]:
+        return [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+
+    @staticmethod
+    def decay(step: int, total_steps: int) -> float:
+        """``0.95**5 * (step / total_steps)**3``."""
+        return 0.95**5 * (step / max(1, total_steps)) ** 3
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        live = [t.detach() for t in self._live(model)]
+        torch._foreach_lerp_(self.slow, live, 1.0 - decay)
+        torch._foreach_copy_(live, self.slow)
+
+    @torch.no_grad()
+    def copy_back(self, model: nn.Module) -> None:
+        torch._foreach_copy_([t.detach() for t in self._live(model)], self.slow)

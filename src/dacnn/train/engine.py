@@ -17,7 +17,7 @@ from torch import nn
 from dacnn.train.distributed import DistContext, all_reduce_sum, shard_batch
 from dacnn.train.inference import fold_batchnorm
 
-__all__ = ["StepRunner", "evaluate", "autocast_context", "EvalResult"]
+__all__ = ["StepRunner", "evaluate", "autocast_context", "EvalResult", "tta_logits"]
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -85,6 +85,21 @@ class StepRunner:
         return loss, correct
 
 
+def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+    """Logits averaged over test-time views (airbench's ``infer``): 0 the image, 1 its mirror too,
+    2 also both of them shifted by one pixel up-left and down-right (reflect padding): six views,
+    the untranslated pair weighted 1/2, each shifted pair 1/4."""
+    if level == 0:
+        return net(x)
+    mirrored = 0.5 * net(x) + 0.5 * net(x.flip(-1))
+    if level == 1:
+        return mirrored
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
+    return 0.5 * mirrored + 0.25 * sum(0.5 * net(v) + 0.5 * net(v.flip(-1)) for v in shifted)
+
+
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
@@ -101,12 +116,14 @@ def evaluate(
     amp: str = "none",
     channels_last: bool = False,
     fold_bn: bool = True,
+    tta: int = 0,
 ) -> EvalResult:
     """Cross-entropy and top-1 accuracy (%) over a loader; with DDP each rank takes its slice and
     the sums are all-reduced, so every rank gets the full-set figures.
 
     Runs under ``torch.inference_mode`` on a copy with BatchNorm folded into the convs
-    (:func:`~dacnn.train.inference.fold_batchnorm`; ``fold_bn=False`` or a compiled model: as is).
+    (:func:`~dacnn.train.inference.fold_batchnorm`; ``fold_bn=False`` or a compiled model: as is);
+    ``tta`` averages the logits of test-time views (:func:`tta_logits`).
     """
     ctx = ctx or DistContext()
     was_training = model.training
@@ -124,7 +141,7 @@ def evaluate(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast_context(device, amp):
-                    logits = net(x).float()
+                    logits = tta_logits(net, x, tta).float()
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
                 correct += (logits.argmax(1) == y).sum()
                 n += y.numel()

@@ -48,11 +48,13 @@ from dacnn.train.distributed import (
     init_distributed,
     wrap_ddp,
 )
-from dacnn.train.ema import ModelEMA
+from dacnn.train.ema import Lookahead, ModelEMA
 from dacnn.train.engine import StepRunner, evaluate
+from dacnn.train.optim import freeze_norm_scales, set_bn_momentum
 from dacnn.train.rundir import find_run_dir, open_run
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
 from dacnn.train.speed import resolve_speed
+from dacnn.train.whitening import WHITENING_IMAGES, init_patch_whitening
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "find_run_dir"]
 
@@ -76,6 +78,9 @@ class TrainResult:
     unique_params: int
     per_use_params: int
     wall_time: float
+    cpu_time: float | None = None  # CPU seconds of the training process, all threads
+    tta: int = 0  # test-time augmentation level of test_acc (TrainConfig.tta)
+    test_acc_no_tta: float | None = None  # with tta: the same model without it
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +163,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, device: torch.device, ctx: DistContext,
                  resume: str | Path | None, verbose: bool, given: _Start | None = None) -> None:
         self.given = given or _Start()
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.say = print if verbose and ctx.is_main else (lambda *a, **k: None)
         # made atomically and locked before any work; a resume is checked (rundir.resume_point)
@@ -182,14 +187,22 @@ class _Run:
         if self.given.init_weights is not None:  # replaces the random init: draw as if none was made
             ckpt.load_weights(self.model, self.given.init_weights, device)
             seed_everything(cfg.seed)
+        if cfg.freeze_norm_scale:
+            freeze_norm_scales(self.model)
+        if cfg.bn_momentum is not None:
+            set_bn_momentum(self.model, cfg.bn_momentum)
         if self.speed.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.data = build_data(cfg, device, model_input_hw(cfg.model), self.ctx)
+        self.whitened = None  # the frozen whitening conv (its bias trains for whiten_bias_epochs)
+        if cfg.whiten:
+            self.whitened = init_patch_whitening(self.model, self.data.train.plain_images(WHITENING_IMAGES))
+        self.lookahead: Lookahead | None = None
+        self.lookahead_start = int(0.3 * cfg.epochs) if cfg.lookahead else None
         if self.ctx.enabled:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
         self.ema = None
         if cfg.ema is not None:
-
             self.ema = ModelEMA(self.model, decay=cfg.ema)
         self.optimizer = build_optimizer(self.model, cfg)
         if self.given.on_optimizer is not None:
@@ -207,7 +220,8 @@ class _Run:
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
         self.log = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard)
         self.meta = {"model": cfg.model, "model_kwargs": self.kwargs, "dataset": cfg.dataset,
-                     "normalize": cfg.normalize, "pad_to": self.data.pad_to, **self.given.meta}
+                     "normalize": cfg.normalize, "pad_to": self.data.pad_to, "tta": cfg.tta,
+                     **self.given.meta}
 
     def restore(self, state: dict[str, Any]) -> tuple[int, int, int]:
         """Load a training state; returns (start epoch, batches to skip, global step)."""
@@ -222,6 +236,7 @@ class _Run:
             self.runner.scaler.load_state_dict(state["scaler"])
         self.best = dict(state["best"])
         self.elapsed_before = float(state["wall_time"])
+        self.cpu_before = float(state.get("cpu_time", 0.0))
         epoch = int(state["epoch"])
         start, skip = (epoch + 1, 0) if state["epoch_done"] else (epoch, int(state["batches_done"]))
         self.log.resume(start)
@@ -243,7 +258,7 @@ class _Run:
             "ema_updates": self.ema.updates if self.ema is not None else None,
             "schedule": {"kind": self.schedule.kind, "lr": self.optimizer.param_groups[0]["lr"]},
             "rng": ckpt.capture_rng(), "best": self.best, "running": running.state(),
-            "wall_time": self.elapsed(), "config": self.cfg.to_dict(),
+            "wall_time": self.elapsed(), "cpu_time": self.cpu_elapsed(), "config": self.cfg.to_dict(),
             "torch_version": str(torch.__version__),
         }
         meta = {**self.meta, "epoch": epoch, "global_step": step}
@@ -253,6 +268,10 @@ class _Run:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
+
+    def cpu_elapsed(self) -> float:
+        """CPU seconds of this process (all its threads) over the run, resumed parts included."""
+        return self.cpu_before + time.process_time() - self.cpu_start
 
     def check_finite(self, loss: torch.Tensor, running: _Running, epoch: int, batch: int, step: int) -> None:
         """One host read of the loss (and the device-side flag of the steps since the last check)."""
@@ -277,7 +296,7 @@ class _Run:
         cfg = self.cfg
         self.setup()
         self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
-        self.elapsed_before = 0.0
+        self.elapsed_before, self.cpu_before = 0.0, 0.0
         start_epoch, skip, step = 0, 0, 0
         if self.resume_state is not None:
             start_epoch, skip, step = self.restore(self.resume_state)
@@ -300,7 +319,13 @@ class _Run:
                 next(batches)
             if first and self.resume_state is not None:
                 ckpt.restore_rng(self.resume_state["rng"])  # after skipping, see the module docstring
+            if self.whitened is not None and self.whitened.bias is not None:
+                self.whitened.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+            if self.lookahead_start is not None and epoch >= self.lookahead_start and self.lookahead is None:
+                self.lookahead = Lookahead(self.model)  # at an epoch end the model is the average
             step = self.train_epoch(epoch, batches, batch, step, running)
+            if self.lookahead is not None:
+                self.lookahead.copy_back(self.model)
 
             val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=self.speed.amp,
                            channels_last=self.speed.channels_last) if self.data.val is not None else None
@@ -316,7 +341,7 @@ class _Run:
                 "train_loss": train_loss / max(seen, 1), "train_acc": 100.0 * train_correct / max(seen, 1),
                 "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
                 "images_per_s": seen / max(running.seconds, 1e-9), "epoch_train_s": running.seconds,
-                "wall_time": self.elapsed(),
+                "wall_time": self.elapsed(), "cpu_time": self.cpu_elapsed(),
             }
             self.log.log_epoch(record)
             self.say(self.epoch_line(record))
@@ -340,6 +365,8 @@ class _Run:
             runner.apply()
             if self.ema is not None:
                 self.ema.update(self.model)
+            if self.lookahead is not None and (step + 1) % Lookahead.EVERY == 0:
+                self.lookahead.update(self.model, Lookahead.decay(step + 1, self.schedule.total))
             running.add(loss, correct, y.numel())  # this rank's images; summed over ranks once
             batch, step = batch + 1, step + 1
             if bar is not None:
@@ -364,7 +391,7 @@ class _Run:
     def finish(self) -> TrainResult:
         cfg = self.cfg
         counts = count_params(self.model)
-        test = None
+        test = plain = None
         if self.data.test is not None and self.ctx.is_main:
             pointer = ckpt.read_pointer(self.ckpt_dir, "best")
             selected = build_model(cfg.model, self.kwargs).to(self.device)
@@ -372,13 +399,18 @@ class _Run:
             if self.speed.channels_last:
                 selected = selected.to(memory_format=torch.channels_last)
             test = evaluate(selected, self.data.test, self.device, amp=self.speed.amp,
-                            channels_last=self.speed.channels_last)
+                            channels_last=self.speed.channels_last, tta=cfg.tta)
+            if cfg.tta:
+                plain = evaluate(selected, self.data.test, self.device, amp=self.speed.amp,
+                                 channels_last=self.speed.channels_last)
         self.ctx.barrier()
         result = TrainResult(
             run_dir=str(self.run_dir), model=str(cfg.model), dataset=str(cfg.dataset), epochs=cfg.epochs,
             best_epoch=self.best["epoch"], best_val_acc=self.best["val_acc"],
             test_acc=test.acc if test else None, test_loss=test.loss if test else None,
             unique_params=counts.unique, per_use_params=counts.per_use, wall_time=self.elapsed(),
+            cpu_time=self.cpu_elapsed(), tta=cfg.tta,
+            test_acc_no_tta=plain.acc if cfg.tta and test else None,
             history=list(self.log.records),
         )
         self.log.write_result({k: v for k, v in result.to_dict().items() if k != "history"})

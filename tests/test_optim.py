@@ -1,0 +1,68 @@
+"""Optimizer groups and learning-rate schedules (dacnn.train.optim, dacnn.train.builders.LRSchedule):
+airbench's decoupled weight decay, its 64x lr on BatchNorm shifts and its triangle, by their formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dacnn
+from dacnn.train.builders import LRSchedule, build_optimizer
+from dacnn.train.config import config_from_dict
+from dacnn.train.optim import freeze_norm_scales, is_norm_bias, param_groups
+
+
+def _model():
+    return dacnn.create_model("dacnn18_mix", width=4, num_classes=10)
+
+
+def test_norm_biases_get_their_own_scaled_group():
+    model = _model()
+    groups = param_groups(model, 0.1, norm_bias_lr_scale=64.0)
+    by_scale = {g["lr_scale"]: g for g in groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in by_scale[64.0]["params"]} == {
+        n for n, _ in model.named_parameters() if is_norm_bias(model, n)}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # each tensor once
+
+
+@pytest.mark.parametrize("scale", [1.0, 64.0])
+def test_decoupled_decay_removes_the_same_fraction_from_every_group(scale):
+    """With zero gradients and no momentum, one step multiplies every weight by ``1 - f * wd`` (f the
+    schedule factor), whatever the group's learning rate."""
+    model = _model()
+    cfg = config_from_dict({"model": "dacnn18_mix", "optimizer": "sgd", "lr": 1.5, "momentum": 0.0,
+                            "weight_decay": 0.002, "decoupled_weight_decay": True,
+                            "norm_bias_lr_scale": scale, "lr_schedule": "triangle", "epochs": 2})
+    for p in model.parameters():
+        p.data.fill_(1.0)
+    opt = build_optimizer(model, cfg)
+    schedule = LRSchedule(cfg, steps_per_epoch=10)
+    schedule.apply(opt, 0, 3)
+    factor = schedule(0, 3) / cfg.lr
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p in model.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1.0 - factor * 0.002), rtol=0, atol=1e-7)
+
+
+def test_triangle_is_airbenchs():
+    """airbench's ``triangle(steps, start=0.2, end=0.07, peak=0.23)``: np.interp over [0, peak, end]."""
+    cfg = config_from_dict({"model": "x", "lr": 2.0, "lr_schedule": "triangle", "epochs": 10,
+                            "lr_triangle": [0.2, 0.23, 0.07]})
+    schedule = LRSchedule(cfg, steps_per_epoch=43)
+    steps = 430
+    expected = np.interp(np.arange(steps), [0, int(0.23 * steps), steps], [0.2, 1.0, 0.07]) * 2.0
+    got = [schedule(i // 43, i % 43) for i in range(steps)]
+    assert np.allclose(got, expected, atol=1e-12)
+
+
+def test_freeze_norm_scales():
+    model = _model()
+    frozen = freeze_norm_scales(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert frozen == len(bns) and not any(m.weight.requires_grad for m in bns)
+    assert all(m.bias.requires_grad for m in bns)
+    assert freeze_norm_scales(model) == 0
