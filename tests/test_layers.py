@@ -19,11 +19,14 @@ LAYERS: dict[str, tuple[int, str]] = {
     "dacnn.fileio": (0, "base"),
     "dacnn.validation": (0, "base"),
     "dacnn.runtime": (0, "base"),
+    "dacnn.data.catalog": (0, "base"),  # static facts about datasets (statistics for pretrained_cfg)
     "dacnn.shared_kernel": (1, "core"),
     "dacnn.tying": (1, "core"),
     "dacnn.counting": (1, "core"),
     "dacnn.checkpoint": (1, "core"),
     "dacnn.hub": (1, "core"),
+    "dacnn.hf_hub": (1, "core"),
+    "dacnn.features": (1, "core"),
     "dacnn.registry": (1, "core"),
     "dacnn.models": (1, "core"),
     "dacnn.data": (1, "data"),
@@ -31,6 +34,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "dacnn.export": (3, "tools"),
     "dacnn.experiments": (3, "tools"),
     "dacnn.analysis": (3, "tools"),
+    "dacnn.timm_bridge": (3, "tools"),
     "dacnn.cli": (4, "cli"),
     "dacnn.__main__": (4, "cli"),
     "dacnn": (5, "package"),  # dacnn/__init__.py: the public facade

@@ -24,6 +24,7 @@ from dacnn.hub import find_weights, weights_dirs
 # family -> (builder kwargs that keep the model small, input side): named variants fix their depth and
 # width, so the families without a width argument run on small images instead.
 SMALL: dict[str, tuple[dict, int | None]] = {
+    "airbench": ({"width": 4}, None),
     "convmixer": ({}, 8),
     "dacnn": ({"width": 4}, None),
     "lrunet": ({"layer_reuse": 2}, None),
@@ -63,7 +64,7 @@ def test_timm_interface(name: str) -> None:
         feats = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(feats), out, rtol=0, atol=0)
         pre = model.forward_head(feats, pre_logits=True)
-    assert pre.shape[:2] == (2, model.num_features)
+    assert pre.shape[:2] == (2, model.head_hidden_size) and feats.shape[1] == model.num_features
     assert model.num_classes == model.info.num_classes == out.shape[1]
     info = model.info
     assert model.get_classifier() is model.get_submodule(info.classifier)
@@ -75,7 +76,7 @@ def test_timm_interface(name: str) -> None:
         assert model(x).shape == (2, 5) and model.num_classes == 5
     model.reset_classifier(0)
     with torch.no_grad():
-        assert model(x).shape == (2, model.num_features)
+        assert model(x).shape == (2, model.head_hidden_size)
 
 
 @pytest.mark.parametrize("name", MODELS)

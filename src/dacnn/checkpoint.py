@@ -72,12 +72,14 @@ def sidecar_path(weights_path: str | Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_weights(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
-    """Atomically write ``model`` with ``save_model`` plus its JSON sidecar (written first)."""
+def save_weights(model: nn.Module, path: str | Path, meta: dict[str, Any], *, sidecar: bool = True) -> Path:
+    """Atomically write ``model`` with ``save_model`` (each shared tensor once, ``meta`` embedded) plus,
+    with ``sidecar``, the same JSON beside it (written first)."""
     path = Path(path)
     meta = {"format": WEIGHTS_FORMAT, **meta}
     text = json.dumps(meta, indent=1, sort_keys=True)
-    atomic_write_text(sidecar_path(path), text + "\n")
+    if sidecar:
+        atomic_write_text(sidecar_path(path), text + "\n")
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata={METADATA_KEY: text}))
     return path
 
