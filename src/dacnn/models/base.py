@@ -142,7 +142,7 @@ class ClassifierMixin:
         if prune_norm and self._final_norm() is not None:
             self._prune_final_norm()
         if prune_head:
-            self.reset_classifier(0, "")
+            self._prune_head()
         self._drop_unused_kernels()
         return take
 
@@ -151,6 +151,9 @@ class ClassifierMixin:
 
     def _prune_final_norm(self) -> None:
         raise NotImplementedError
+
+    def _prune_head(self) -> None:
+        self.reset_classifier(0, "")
 
     def _drop_unused_kernels(self) -> None:
         used = anchored_uses(self)  # type: ignore[arg-type]

@@ -79,9 +79,11 @@ class ConvMixer(ClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         for field, value in (("width", width), ("depth", depth), ("kernel_size", kernel_size),
-                             ("patch_size", patch_size), ("num_classes", num_classes)):
+                             ("patch_size", patch_size)):
             if int(value) < 1:
                 raise ConfigError(f"ConvMixer: {field} must be >= 1, got {value}")
+        if int(num_classes) < 0:
+            raise ConfigError(f"ConvMixer: num_classes must be >= 0 (0: no classifier), got {num_classes}")
         self.width, self.depth, self.shared = width, depth, shared
         self.patch_embed = nn.Sequential(
             nn.Conv2d(in_chans, width, patch_size, stride=patch_size),

@@ -309,7 +309,7 @@ class LruNet(ClassifierMixin, nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(drop_rate),
         )
-        self.fc = nn.Conv2d(head, num_classes, 1)
+        self.fc = nn.Conv2d(head, num_classes, 1) if num_classes else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -365,6 +365,11 @@ class LruNet(ClassifierMixin, nn.Module):
         if not self.global_pool:
             return out
         return F.avg_pool2d(out, 2, stride=1).flatten(1)  # flatten(1): a batch size no export bakes in
+
+    def _prune_head(self) -> None:
+        """The whole grouped head goes: ``pre_logits`` reads stage 4, which a pruned net may not have."""
+        self.pre_logits = nn.Identity()
+        self.reset_classifier(0, "")
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new logits conv ``256w -> num_classes`` (``0``: identity, the head then returns the

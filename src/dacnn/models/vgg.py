@@ -68,8 +68,8 @@ class VGG(ClassifierMixin, nn.Module):
             self.features[i] = nn.Identity()
 
     def _group_patterns(self, coarse: bool) -> tuple[str, str]:
-        # timm's VGG groups its flat features by layer; the stem is the first conv-BN
-        return r"^features\.[01]\.", r"^features\.(\d+)\."
+        # timm's VGG groups its flat features by index; the stem is the first conv-BN
+        return r"^features\.[01]\.", r"^features\.(?![01]\.)(\d+)\."
 
 
 # name -> (layer list, ModelInfo fields): the family's configs, built by :func:`_create_vgg`.
