@@ -15,16 +15,16 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import SMALL, small_input, small_model
 
+from _helpers import SMALL, small_input, small_model
 from dacnn import AnchoredConv2d, SharedKernel, create_model, list_models, model_info
 from dacnn.errors import ConfigError
 from dacnn.features import FeatureGetterNet, feature_take_indices
 
 MODELS = list_models()
 # timm's PretrainedCfg keys that timm's resolve_data_config and its tests read
-TIMM_KEYS = ("architecture", "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes",
-             "pool_size", "first_conv", "classifier", "license", "paper_ids")
+TIMM_KEYS = ("architecture", "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
+             "num_classes", "pool_size", "first_conv", "classifier", "license", "paper_ids")
 
 
 def _x(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
@@ -180,7 +180,8 @@ def test_forward_intermediates_match_feature_info_and_forward_features(name: str
         assert len(maps) == len(info)
         for level, fmap in zip(info, maps):
             assert fmap.shape[:2] == (2, level["num_chs"])
-            assert all(s <= math.ceil(d / level["reduction"]) + 1 for s, d in zip(fmap.shape[2:], x.shape[2:]))
+            bound = [math.ceil(d / level["reduction"]) + 1 for d in x.shape[2:]]
+            assert all(s <= b for s, b in zip(fmap.shape[2:], bound))
         assert tuple(maps[-1].shape[2:]) == tuple(model.feature_size(x.shape[2:]))
         only = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
         assert len(only) == 2 and torch.equal(only[0], maps[0])
