@@ -123,8 +123,7 @@ class FeatureGetterNet(nn.Module):
                                                 intermediates_only=True)
 
 
-def _batchnorms(stage: Callable[..., Any]) -> list[nn.modules.batchnorm._BatchNorm]:
-    owner = stage if isinstance(stage, nn.Module) else getattr(stage, "__self__", None)
+def _batchnorms(owner: nn.Module | None) -> list[nn.modules.batchnorm._BatchNorm]:
     modules = owner.modules() if isinstance(owner, nn.Module) else ()
     return [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.training and m.track_running_stats and m.running_mean is not None]
@@ -151,10 +150,11 @@ def run_stage(stage: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ch
               modules: nn.Module | None = None) -> torch.Tensor:
     """``stage(x)``, under non-reentrant activation checkpointing when ``checkpointed`` (and a gradient
     is recorded). The recomputation in the backward pass leaves the running statistics of the
-    BatchNorms in ``modules`` (default: the stage's own module) as the first pass set them."""
+    BatchNorms in ``modules`` (default: ``stage`` itself, if a module; a model's stages pass the
+    model) as the first pass set them."""
     if not (checkpointed and torch.is_grad_enabled()):
         return stage(x)
-    bns = _batchnorms(modules if modules is not None else stage)
+    bns = _batchnorms(modules if modules is not None else stage if isinstance(stage, nn.Module) else None)
     calls = [0]
 
     def once(inp: torch.Tensor) -> torch.Tensor:

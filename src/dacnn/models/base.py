@@ -94,7 +94,7 @@ class ClassifierMixin:
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         stages = self._stages()[: self._depth]
         for i, stage in enumerate(stages):
-            x = run_stage(stage, x, self.grad_checkpointing and i > 0)
+            x = run_stage(stage, x, self.grad_checkpointing and i > 0, self)  # type: ignore[arg-type]
         norm = self._final_norm()
         return norm(x) if norm is not None and len(stages) == len(self.feature_info) else x
 
@@ -120,7 +120,7 @@ class ClassifierMixin:
         run = stages[: max_index + 1] if (stop_early or intermediates_only) else stages
         intermediates = []
         for i, stage in enumerate(run):
-            x = run_stage(stage, x, self.grad_checkpointing and i > 0)
+            x = run_stage(stage, x, self.grad_checkpointing and i > 0, self)  # type: ignore[arg-type]
             if i in take:
                 intermediates.append(final(x) if norm and final is not None and i == last else x)
         if intermediates_only:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
@@ -57,9 +58,14 @@ class VGG(ClassifierMixin, nn.Module):
         self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"features.{end - 1}"))
         self._ends.append(end)
 
+    def _run(self, start: int, end: int, x: torch.Tensor) -> torch.Tensor:
+        for i in range(start, end):
+            x = self.features[i](x)
+        return x
+
     def _stages(self) -> list[Stage]:
         starts = [0, *self._ends[:-1]]
-        return [self.features[a:b] for a, b in zip(starts, self._ends)]
+        return [partial(self._run, a, b) for a, b in zip(starts, self._ends)]
 
     def _prune_level(self, name: str) -> None:
         level = [f["module"] for f in self.feature_info].index(name)
