@@ -4,7 +4,8 @@ A saved model is a folder of two files, the layout of timm's ``save_for_hf`` (``
 
 * ``config.json``: ``architecture`` (the timm-bridge name ``dacnn_<model>``, so timm's own
   ``create_model("hf-hub:...")`` finds it once :func:`dacnn.timm_bridge.register` has run, and no timm
-  name is shadowed), ``num_classes``, ``num_features``, ``global_pool``, ``model_args`` (the
+  name is shadowed), ``num_classes``, ``num_features``, ``global_pool`` (the head as it is now: a head
+  replaced by ``reset_classifier`` is replaced again after the rebuild), ``model_args`` (the
   :func:`dacnn.create_model` kwargs that rebuild it, ``share_budget`` included) and ``pretrained_cfg``
   (timm's keys: input size, mean/std, licence, papers);
 * ``model.safetensors``: the state_dict written by :func:`dacnn.checkpoint.save_weights`, each shared
@@ -55,7 +56,8 @@ def dacnn_name(name: str) -> str:
 
 
 def _model_args(model: nn.Module) -> dict[str, Any]:
-    """The ``create_model`` kwargs that rebuild ``model`` as it is now (a replaced head included)."""
+    """The ``create_model`` kwargs ``model`` was built with (a head replaced since is recorded apart:
+    ``share_budget`` plans its ties over the parameters of the head built first)."""
     info = getattr(model, "info", None)
     if info is None:
         raise CheckpointError(f"{type(model).__name__} was not built by dacnn.create_model: nothing says how "
@@ -63,13 +65,7 @@ def _model_args(model: nn.Module) -> dict[str, Any]:
     if getattr(model, "_depth", None) is not None or not hasattr(model, "forward_head"):
         raise CheckpointError("a pruned or features-only model cannot be rebuilt from its config; save the "
                               "model before prune_intermediate_layers / features_only")
-    args = dict(info.model_kwargs)
-    if getattr(model, "num_classes", info.num_classes) != info.num_classes:
-        args["num_classes"] = model.num_classes
-    pool = getattr(model, "global_pool", None)
-    if pool is not None and pool != getattr(type(model), "global_pool", pool):
-        args["global_pool"] = pool
-    return args
+    return dict(info.model_kwargs)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | Path) -> Path:
@@ -80,12 +76,10 @@ def save_pretrained(model: nn.Module, save_directory: str | Path) -> Path:
     name = model.info.name
     pretrained = {k: v for k, v in getattr(model, "pretrained_cfg", {}).items() if k not in _SOURCE_KEYS}
     pretrained["architecture"] = hub_name(name)
-    if "num_classes" in args:
-        pretrained["num_classes"] = args["num_classes"]
+    pretrained["num_classes"] = model.num_classes
     config: dict[str, Any] = {"architecture": hub_name(name), "num_classes": model.num_classes,
-                              "num_features": getattr(model, "num_features", None)}
-    if getattr(model, "global_pool", ""):
-        config["global_pool"] = model.global_pool
+                              "num_features": getattr(model, "num_features", None),
+                              "global_pool": getattr(model, "global_pool", None)}
     config["model_args"] = args
     config["pretrained_cfg"] = pretrained
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,6 +140,9 @@ def from_pretrained(
         model = create_model(name, **args)
     except Exception as exc:  # the registry and the model constructors raise many types
         raise CheckpointError(f"{config_path}: cannot build {name!r} with {args}: {exc}") from None
+    head = (config.get("num_classes", model.num_classes), config.get("global_pool", model.global_pool))
+    if "num_classes" not in kwargs and head != (model.num_classes, model.global_pool):
+        model.reset_classifier(*head)  # the head replaced after the model was built (and tied)
     checkpoint.load_weights(model, weights_path, device)
     saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.get("pretrained_cfg", {}).items()}
     model.pretrained_cfg = {**model.pretrained_cfg, **saved, "architecture": name, **origin}
