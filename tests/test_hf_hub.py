@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import small_input, small_model
 from safetensors import safe_open
 
 import dacnn
+from _helpers import small_input, small_model
 from dacnn import AnchoredConv2d, SharedKernel, create_model, list_models
 from dacnn.errors import CheckpointError
 from dacnn.hf_hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, hub_name, save_pretrained
