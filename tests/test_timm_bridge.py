@@ -47,7 +47,8 @@ def test_create_model_with_train_pys_arguments_and_the_data_config() -> None:
                               drop_path_rate=None, global_pool=None, width=4)
     config = timm.data.resolve_model_data_config(model)
     assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
-    assert tuple(config["mean"]) == DATASETS["cifar10"].mean and tuple(config["std"]) == DATASETS["cifar10"].std
+    cifar10 = DATASETS["cifar10"]
+    assert tuple(config["mean"]) == cifar10.mean and tuple(config["std"]) == cifar10.std
     assert model.pretrained_cfg["architecture"] == "dacnn_dacnn14"
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
