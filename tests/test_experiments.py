@@ -38,6 +38,7 @@ CHEAP_ROWS = {
     "kernel_sharing": "seresnet-c10-shared",
     "paper_recipe": "dacnn14-plain",
     "pretrained": "svhn-dacnn14",
+    "frontier": "dacnn18-reg-w8,resnet18-w16-pruned-mix",
 }
 
 

@@ -24,6 +24,7 @@ from dacnn.hub import find_weights, weights_dirs
 # family -> (builder kwargs that keep the model small, input side): named variants fix their depth and
 # width, so the families without a width argument run on small images instead.
 SMALL: dict[str, tuple[dict, int | None]] = {
+    "airbench": ({"width": 4}, None),
     "convmixer": ({}, 8),
     "dacnn": ({"width": 4}, None),
     "lrunet": ({"layer_reuse": 2}, None),

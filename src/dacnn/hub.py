@@ -67,6 +67,7 @@ class PretrainedCfg:
     input_size: tuple[int, int, int] | None = None
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
     notes: str = ""
+    tta: int = 0  # test-time augmentation level the accuracy was measured with (TrainConfig.tta)
 
 
 def weights_dirs(weights_dir: str | Path | None = None) -> list[Path]:
@@ -191,4 +192,5 @@ def trained_cfg(entry: dict[str, Any]) -> PretrainedCfg:
         model_kwargs=dict(entry["model_kwargs"]), normalize=bool(entry["normalize"]),
         pad_to=entry["pad_to"], notes=entry.get("notes", ""),
         input_size=tuple(entry["input_size"]) if entry.get("input_size") else None,
+        tta=int(entry.get("tta") or 0),
     )

@@ -72,7 +72,8 @@ def publish(
             f"{source}: sha256 {digest} is not the record's {extra.get('best_weights_sha256')}"
         )
     model, meta = load_source(source)
-    acc = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")))
+    tta = int(meta.get("tta") or 0)
+    acc = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")), tta)
     if abs(acc - float(record["test_acc"])) > ACCURACY_TOLERANCE:
         raise CheckpointError(
             f"{source}: today's code measures {acc:.2f} % on the test split, the record "
@@ -107,6 +108,7 @@ def publish(
             "dataset": record["dataset"],
             "normalize": meta.get("normalize", True),
             "pad_to": meta.get("pad_to"),
+            "tta": tta,
             "pretrained": name,
             "trained_by": trained_by,
         },
@@ -125,6 +127,8 @@ def publish(
         "input_size": list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))),
         "trained_by": trained_by,
         "unique_params": record.get("unique_params"),
+        "tta": tta,
+        "train_cpu_seconds": (record.get("extra") or {}).get("cpu_time"),
         "notes": notes,
     }
     entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]

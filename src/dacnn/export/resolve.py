@@ -86,7 +86,7 @@ def pretrained_meta(name: str) -> dict[str, Any]:
     """The ``meta`` of pretrained weights ``name`` (as :func:`load_source` gives it), without the file."""
     cfg = pretrained_cfg(name)
     return {"model": split_tag(name)[0], "model_kwargs": dict(cfg.model_kwargs), "dataset": cfg.dataset,
-            "normalize": cfg.normalize, "pad_to": cfg.pad_to, "pretrained": name,
+            "normalize": cfg.normalize, "pad_to": cfg.pad_to, "tta": cfg.tta, "pretrained": name,
             "published_accuracy": cfg.accuracy, "source": name}
 
 
