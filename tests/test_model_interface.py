@@ -222,7 +222,6 @@ def test_unknown_tag_and_model_without_weights_are_clear() -> None:
 def test_missing_or_altered_file_says_where_it_looked(tmp_path, monkeypatch) -> None:
     cfg = dacnn.registry.pretrained_cfg("lrunet_1x.fashion_mnist_n1")
     monkeypatch.setenv("DACNN_WEIGHTS", str(tmp_path / "env"))
-    monkeypatch.setattr("dacnn.hub._REPO_ROOT", tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=rf"{cfg.file}.*not found; looked in {tmp_path / 'given'}, "
                                               rf"{tmp_path / 'env'}"):

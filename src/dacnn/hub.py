@@ -6,11 +6,13 @@ dataset and the published accuracy, the command that reproduces that figure, and
 keyword arguments the weights need. The directory is searched in this order:
 
 1. ``weights_dir`` passed by the caller (``--weights-dir`` on the command line);
-2. ``$DACNN_WEIGHTS``;
-3. ``~/.cache/dacnn/weights`` (:data:`DEFAULT_WEIGHTS_DIR`);
-4. ``weights/`` of the repository (weights the project trained itself, committed with their table
-   :data:`TRAINED_TABLE`), when present;
-5. ``../shared/reference/weights`` beside the working directory or the repository, when present.
+2. each directory of ``$DACNN_WEIGHTS`` (a path list, ``os.pathsep``-separated: in a checkout of the
+   project ``weights`` holds the weights it trained itself, and the Makefile adds the authors' LruNet
+   release when it is at hand);
+3. ``~/.cache/dacnn/weights`` (:data:`DEFAULT_WEIGHTS_DIR`).
+
+The table of the weights the project trained (:data:`TRAINED_TABLE`, written by ``dacnn publish``)
+is package data; the files it names are found on this search path like any other.
 
 A file found but with another sha256 is an error (never silently used); a missing file lists every
 directory looked in.
@@ -37,8 +39,6 @@ __all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "TRAINED_TABLE", "weights_dir
            "eval_command"]
 
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/dacnn/weights").expanduser()
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # src/dacnn/hub.py -> repository root
-REPO_WEIGHTS_DIR = _REPO_ROOT / "weights"
 TRAINED_TABLE = Path(__file__).with_name("trained_weights.json")  # written by `dacnn publish`
 
 
@@ -75,16 +75,9 @@ def weights_dirs(weights_dir: str | Path | None = None) -> list[Path]:
     dirs: list[Path] = []
     if weights_dir is not None:
         dirs.append(Path(weights_dir).expanduser())
-    if os.environ.get("DACNN_WEIGHTS"):
-        dirs.append(Path(os.environ["DACNN_WEIGHTS"]).expanduser())
+    dirs += [Path(p).expanduser() for p in os.environ.get("DACNN_WEIGHTS", "").split(os.pathsep) if p]
     dirs.append(DEFAULT_WEIGHTS_DIR)
-    if REPO_WEIGHTS_DIR.is_dir():
-        dirs.append(REPO_WEIGHTS_DIR)
-    for shared in (Path.cwd().parent / "shared" / "reference" / "weights",
-                   _REPO_ROOT.parent / "shared" / "reference" / "weights"):
-        if shared.is_dir() and shared.resolve() not in [d.resolve() for d in dirs]:
-            dirs.append(shared)
-    return dirs
+    return list(dict.fromkeys(dirs))
 
 
 def find_weights(cfg: PretrainedCfg, weights_dir: str | Path | None = None, *, verify: bool = True) -> Path:

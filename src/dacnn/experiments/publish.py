@@ -2,10 +2,11 @@
 
 The best checkpoint a ``dacnn reproduce`` row recorded (``extra.best_weights`` with its sha256) is
 checked against the record, re-evaluated on the test split with today's code (it must give the
-record's test accuracy), written under ``weights/trained/<model>.<tag>.safetensors`` with a sidecar,
-and entered in :data:`dacnn.hub.TRAINED_TABLE` with its size, sha256, accuracy and the run that made it.
+record's test accuracy), written under ``<weights_root>/trained/<model>.<tag>.safetensors`` with a
+sidecar, and entered in the trained-weights table (``table``; the package's
+:data:`dacnn.hub.TRAINED_TABLE` in a checkout) with its size, sha256, accuracy and the run that made it.
 ``create_model("<model>.<tag>", pretrained=True)`` and ``dacnn eval --model <model>.<tag> --pretrained``
-then find it like any released weights (issue 12, item 4).
+then find it like any released weights, with ``weights_root`` on the weights search path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dacnn.errors import CheckpointError, ConfigError
 from dacnn.experiments.store import ResultsStore
 from dacnn.export.resolve import load_source, test_accuracy, test_loader
 from dacnn.fileio import atomic_write_text, sha256_file
-from dacnn.hub import REPO_WEIGHTS_DIR, TRAINED_TABLE, read_trained_table
+from dacnn.hub import TRAINED_TABLE, read_trained_table
 
 __all__ = ["find_record", "publish"]
 
@@ -48,7 +49,7 @@ def publish(
     tag: str,
     *,
     data_dir: str | None = None,
-    weights_root: str | Path = REPO_WEIGHTS_DIR,
+    weights_root: str | Path,
     table: str | Path = TRAINED_TABLE,
     notes: str = "",
 ) -> dict[str, Any]:
