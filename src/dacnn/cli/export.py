@@ -8,15 +8,17 @@ from typing import Any
 
 import torch
 
+from dacnn.analysis.evaluate import test_accuracy, test_loader
+from dacnn.compact_format import DTYPES, load_exported
 from dacnn.counting import count_params
 from dacnn.data import DATASETS
 from dacnn.errors import ConfigError
-from dacnn.export.compact import DTYPES, export_safetensors, load_exported
+from dacnn.export.compact import export_safetensors
 from dacnn.export.inspect import format_report, inspect_file
 from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
-from dacnn.export.prune import SCOPES, prune_run
-from dacnn.export.resolve import load_source, resolve_weights, test_accuracy, test_loader
 from dacnn.fileio import check_writable
+from dacnn.loading import load_source, resolve_weights
+from dacnn.prune import SCOPES, prune_run
 from dacnn.validation import option_type
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}

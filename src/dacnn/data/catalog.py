@@ -5,7 +5,7 @@ else ``~/.cache/dacnn/data``. Inside it each dataset has its own folder ``<data_
 any one of these formats (looked for in this order):
 
 1. WebDataset shards with a manifest: ``MANIFEST.json`` + ``<name>-<split>-NNNNNN.tar[.gz]``
-   (``<key>.png|jpg`` + ``<key>.cls``), as in ``../shared/data`` and as written by ``dacnn data convert``;
+   (``<key>.png|jpg`` + ``<key>.cls``), as written by ``dacnn data convert``;
 2. the same shards without a manifest (no checksums to check);
 3. the official distribution files, as downloaded by ``dacnn data download NAME``:
    ``cifar10/cifar-10-python.tar.gz`` (or the extracted ``cifar10/cifar-10-batches-py/``),

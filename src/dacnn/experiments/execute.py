@@ -4,7 +4,7 @@ A ``train`` row trains (or resumes, or reads back a finished run directory), eva
 model on the test split (or its seeded subset), counts FLOPs and per-use parameters of the model,
 and writes it all into one record. A run that diverges (nan/inf loss) is a result too: its best
 checkpoint before the divergence is tested and the record says so. ``filters`` rows add Figure 7's
-activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.export.prune`).
+activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.prune`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.analysis.activation_max import activation_maximisation, save_filters
+from dacnn.analysis.evaluate import test_accuracy, test_loader
 from dacnn.checkpoint import read_pointer
 from dacnn.counting import count_flops, count_params
 from dacnn.data import load_dataset
@@ -33,9 +34,9 @@ from dacnn.experiments.store import (
     source_hash,
     tree_state,
 )
-from dacnn.export.prune import prune_run
-from dacnn.export.resolve import load_source, test_accuracy, test_loader
 from dacnn.fileio import sha256_file
+from dacnn.loading import load_source
+from dacnn.prune import prune_run
 from dacnn.train import TrainingDiverged, train
 from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs, resolve_device
 from dacnn.train.config import config_from_dict

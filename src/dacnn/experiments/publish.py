@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from dacnn import checkpoint as ckpt
+from dacnn.analysis.evaluate import test_accuracy, test_loader
 from dacnn.data import DATASETS
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.experiments.store import ResultsStore
-from dacnn.export.resolve import load_source, test_accuracy, test_loader
 from dacnn.fileio import atomic_write_text, sha256_file
 from dacnn.hub import TRAINED_TABLE, read_trained_table
+from dacnn.loading import load_source
 
 __all__ = ["find_record", "publish"]
 
