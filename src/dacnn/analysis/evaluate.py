@@ -91,8 +91,7 @@ def test_loader(
     if "pad_to" in meta:
         pad_to = meta["pad_to"]
     else:
-        hw = model_info(meta["model"]).input_size[1] if meta.get("model") else None
-        pad_to = hw if hw and hw > info.image_size[0] else None
+        pad_to = info.pad_for(model_info(meta["model"]).input_size[1] if meta.get("model") else None)
     data = load_dataset(name, split, data_dir=data_dir)
     if limit is not None and limit < len(data):
         data = data.subset(limit, seed=0)

@@ -93,13 +93,10 @@ def _input_size(model: torch.nn.Module, meta: dict[str, Any]) -> tuple[int, int,
     """``(C, H, W)`` the model was trained on: padded size, else the dataset's, else the registry's."""
     info = getattr(model, "info", None)
     chans, height = (info.input_size[0], info.input_size[1]) if info is not None else (3, 32)
-    if meta.get("pad_to"):
-        height = int(meta["pad_to"])
-    elif meta.get("dataset"):
-
-        if meta["dataset"] in DATASETS:
-            height = DATASETS[meta["dataset"]].image_size[0]
-    return (chans, height, height)
+    if meta.get("dataset") in DATASETS:  # the rule training used (DatasetInfo.pad_for)
+        return DATASETS[meta["dataset"]].input_size(meta.get("pad_to"))
+    side = int(meta["pad_to"]) if meta.get("pad_to") else height
+    return (chans, side, side)
 
 
 def _accuracy_line(label: str, before: float, after: float, n: int, dataset: str) -> str:

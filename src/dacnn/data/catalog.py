@@ -54,6 +54,15 @@ class DatasetInfo:
     def channels(self) -> int:
         return self.image_size[2]
 
+    def pad_for(self, model_hw: int | None, pad_to: int | None = None) -> int | None:
+        """The side the images are zero-padded to for a model designed for ``model_hw`` pixels: an
+        explicit ``pad_to``, else the model's side when it is larger than the images' (Fashion-MNIST's
+        28 -> 32 for the CIFAR nets), else none. The one padding rule of training, evaluation and
+        the experiments' counts."""
+        if pad_to is not None:
+            return pad_to
+        return model_hw if model_hw and model_hw > self.image_size[0] else None
+
     def input_size(self, pad_to: int | None = None) -> tuple[int, int, int]:
         """``(C, H, W)`` the images reach a model at: their own size, or padded to ``pad_to``."""
         height, width, chans = self.image_size

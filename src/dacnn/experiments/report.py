@@ -25,7 +25,7 @@ from typing import Any
 from dacnn.analysis.activation_max import load_filters
 from dacnn.errors import ConfigError
 from dacnn.experiments import plots
-from dacnn.experiments.runner import RunOptions, plan
+from dacnn.experiments.planning import RunOptions, plan
 from dacnn.experiments.spec import SPEC_DIR, Spec, get_spec, load_specs, rows_at_scale
 from dacnn.experiments.store import ResultsStore
 from dacnn.train.runlog import format_duration
