@@ -36,7 +36,7 @@ from dacnn.fileio import sha256_file, torch_load_reason
 
 __all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "TRAINED_TABLE", "weights_dirs", "find_weights",
            "read_checkpoint", "read_state_file", "load_pretrained", "read_trained_table", "trained_cfg",
-           "eval_command"]
+           "eval_command", "trained_entry", "TRAINED_FIELDS", "TRAINED_OPTIONAL"]
 
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/dacnn/weights").expanduser()
 TRAINED_TABLE = Path(__file__).with_name("trained_weights.json")  # written by `dacnn publish`
@@ -144,8 +144,20 @@ def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights_dir: str | Pat
 
 
 # ---------------------------------------------------------------- weights trained by the project
-_TRAINED_FIELDS = ("model", "tag", "file", "sha256", "bytes", "dataset", "accuracy", "model_kwargs",
-                   "normalize", "pad_to", "trained_by")
+# The trained-weights table's schema, in one place: every entry has the required fields; the
+# optional ones are written by today's `dacnn publish` (older entries may lack them).
+TRAINED_FIELDS = ("model", "tag", "file", "sha256", "bytes", "dataset", "accuracy", "model_kwargs",
+                  "normalize", "pad_to", "trained_by")
+TRAINED_OPTIONAL = ("input_size", "unique_params", "tta", "train_cpu_seconds", "notes")
+
+
+def trained_entry(**fields: Any) -> dict[str, Any]:
+    """A table entry with exactly the schema's fields (a missing required or an unknown one raises)."""
+    missing = [f for f in TRAINED_FIELDS if f not in fields]
+    unknown = sorted(set(fields) - set(TRAINED_FIELDS) - set(TRAINED_OPTIONAL))
+    if missing or unknown:
+        raise ValueError(f"trained-weights entry: missing {missing}, unknown {unknown}")
+    return dict(fields)
 
 
 def read_trained_table(path: str | Path = TRAINED_TABLE) -> list[dict[str, Any]]:
@@ -161,7 +173,7 @@ def read_trained_table(path: str | Path = TRAINED_TABLE) -> list[dict[str, Any]]
     if not isinstance(entries, list):
         raise CheckpointError(f"{path}: expected a JSON list of entries")
     for i, entry in enumerate(entries):
-        missing = [f for f in _TRAINED_FIELDS if not isinstance(entry, dict) or f not in entry]
+        missing = [f for f in TRAINED_FIELDS if not isinstance(entry, dict) or f not in entry]
         if missing:
             raise CheckpointError(f"{path}: entry {i} lacks {', '.join(missing)}")
     return entries

@@ -22,7 +22,7 @@ from dacnn.data import DATASETS
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.experiments.store import ResultsStore
 from dacnn.fileio import atomic_write_text, sha256_file
-from dacnn.hub import TRAINED_TABLE, read_trained_table
+from dacnn.hub import TRAINED_TABLE, read_trained_table, trained_entry
 from dacnn.loading import load_source
 
 __all__ = ["find_record", "publish"]
@@ -115,24 +115,14 @@ def publish(
             "trained_by": trained_by,
         },
     )
-    entry = {
-        "model": record["model"],
-        "tag": tag,
-        "file": rel,
-        "sha256": sha256_file(out),
-        "bytes": out.stat().st_size,
-        "dataset": record["dataset"],
-        "accuracy": round(float(record["test_acc"]), 2),
-        "model_kwargs": kwargs,
-        "normalize": meta.get("normalize", True),
-        "pad_to": meta.get("pad_to"),
-        "input_size": list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))),
-        "trained_by": trained_by,
-        "unique_params": record.get("unique_params"),
-        "tta": tta,
-        "train_cpu_seconds": (record.get("extra") or {}).get("cpu_time"),
-        "notes": notes,
-    }
+    entry = trained_entry(
+        model=record["model"], tag=tag, file=rel, sha256=sha256_file(out), bytes=out.stat().st_size,
+        dataset=record["dataset"], accuracy=round(float(record["test_acc"]), 2), model_kwargs=kwargs,
+        normalize=meta.get("normalize", True), pad_to=meta.get("pad_to"),
+        input_size=list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))), trained_by=trained_by,
+        unique_params=record.get("unique_params"), tta=tta,
+        train_cpu_seconds=(record.get("extra") or {}).get("cpu_time"), notes=notes,
+    )
     entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]
     entries.append(entry)
     entries.sort(key=lambda e: (e["model"], e["tag"]))
