@@ -4,6 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(if $(wildcard ../shared/data),../shared/data,)
+# the weights search path of a checkout: the project's trained weights, then the authors' LruNet release
+WEIGHTS ?= $(abspath weights)$(if $(wildcard ../shared/reference/weights),:$(abspath ../shared/reference/weights),)
+ENV = DACNN_DATA=$${DACNN_DATA:-$(DATA)} DACNN_WEIGHTS=$${DACNN_WEIGHTS:-$(WEIGHTS)}
 
 .PHONY: install demo test lint bench gpu-rehearse clean
 
@@ -19,19 +22,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/dacnn train --recipe demo
+	$(ENV) $(BIN)/dacnn train --recipe demo
 
 test: install
-	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/ruff check .
-	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python -m pytest -q
+	$(ENV) $(BIN)/ruff check .
+	$(ENV) $(BIN)/python -m pytest -q
 
 bench: install
-	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python benchmarks/run_all.py
+	$(ENV) $(BIN)/python benchmarks/run_all.py
 
 # What a lent GPU machine runs (scripts/gpu-campaign), rehearsed on the CPU at smoke scale; `make test`
 # runs it too (tests/test_gpu_campaign.py).
 gpu-rehearse: install
-	DACNN_DATA=$${DACNN_DATA:-$(DATA)} $(BIN)/python scripts/gpu-campaign --rehearse --out runs/gpu-rehearse
+	$(ENV) $(BIN)/python scripts/gpu-campaign --rehearse --out runs/gpu-rehearse
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from dacnn.experiments.provenance import machine_description, tree_state  # noqa: E402
 from dacnn.experiments.report import read_blocks  # noqa: E402
-from dacnn.experiments.store import machine_description, tree_state  # noqa: E402
 
 PLACEHOLDER = "_No reading written yet._\n"
 

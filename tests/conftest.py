@@ -11,6 +11,11 @@ import torch
 from dacnn.data.synthetic import write_fashion_mnist
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the repository
+REPO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # the weights the project trained
+RELEASED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "weights"  # LruNet's
+# the weights search path a checkout uses (the Makefile sets the same), before any test module imports
+os.environ.setdefault("DACNN_WEIGHTS", os.pathsep.join(
+    str(p) for p in (REPO_WEIGHTS, RELEASED_WEIGHTS) if p.is_dir()))
 
 
 @pytest.fixture(autouse=True, scope="session")

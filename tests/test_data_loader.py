@@ -324,3 +324,18 @@ def test_plain_images_are_the_centred_unaugmented_images():
     augmented = DeviceLoader(split, batch_size=8, shuffle=True, normalize=False,
                              augment=Augment(translate=2, flip=True))
     assert torch.equal(augmented.plain_images(8), next(iter(plain))[0])
+
+
+def test_set_epoch_with_a_start_batch_yields_the_rest_of_the_pass():
+    split = id_split(n=64)
+    loader = DeviceLoader(split, batch_size=8, shuffle=True, seed=3, normalize=False,
+                          augment=Augment(translate=2, flip=True, cutout=4))
+    loader.set_epoch(2)
+    whole = list(loader)
+    loader.set_epoch(2, start_batch=5)
+    rest = list(loader)
+    assert len(rest) == len(whole) - 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[5:], rest))
+    assert len(list(loader)) == len(whole)  # the next pass is whole again
+    with pytest.raises(ConfigError, match="start_batch"):
+        loader.set_epoch(0, start_batch=9)

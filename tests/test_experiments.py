@@ -16,8 +16,9 @@ import torch
 from dacnn.cli import main
 from dacnn.counting import count_params
 from dacnn.experiments import RECORD_FIELDS, ResultsStore, RunOptions, get_spec, load_specs, plan
+from dacnn.experiments.provenance import source_hash
 from dacnn.experiments.spec import SCALES, SpecError, load_spec, rows_at_scale
-from dacnn.experiments.store import config_hash, source_hash
+from dacnn.experiments.store import config_hash
 from dacnn.registry import create_model, model_info
 
 # Cheap rows that still exercise every spec (and every row kind: train, prune, quoted, filters).
@@ -38,6 +39,7 @@ CHEAP_ROWS = {
     "kernel_sharing": "seresnet-c10-shared",
     "paper_recipe": "dacnn14-plain",
     "pretrained": "svhn-dacnn14",
+    "frontier": "dacnn18-reg-w8,resnet18-w16-pruned-mix",
 }
 
 
@@ -282,9 +284,10 @@ def test_jobs_run_every_seed_in_single_threaded_processes(tmp_path, data_dir, ca
 
 
 def test_a_dirty_tree_is_refused_at_cpu_scale(tmp_path, monkeypatch, capsys):
-    from dacnn.experiments import runner, store
+    from dacnn.experiments import provenance, runner
 
-    monkeypatch.setattr(runner, "check_clean", lambda allow: store.check_clean(allow, tmp_path / "no-git"))
+    no_git = tmp_path / "no-git"
+    monkeypatch.setattr(runner, "check_clean", lambda allow: provenance.check_clean(allow, no_git))
     assert main(["reproduce", "table2", "--scale", "cpu", "--rows", "d3-shared", "--results",
                  str(tmp_path / "results")]) == 2
     assert "--allow-dirty" in capsys.readouterr().err
@@ -294,7 +297,7 @@ def test_a_dirty_tree_is_refused_at_cpu_scale(tmp_path, monkeypatch, capsys):
 def test_dirty_means_uncommitted_changes_under_src(tmp_path):
     import subprocess
 
-    from dacnn.experiments.store import tree_state
+    from dacnn.experiments.provenance import tree_state
 
     def git(*args: str) -> None:
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)

@@ -10,16 +10,10 @@ from safetensors import safe_open
 from torch import nn
 
 import dacnn
+from dacnn.compact_format import load_exported, read_export
 from dacnn.errors import CheckpointError, ConfigError
-from dacnn.export import (
-    dequantize_per_channel,
-    export_safetensors,
-    format_report,
-    inspect_file,
-    load_exported,
-    quantize_per_channel,
-    read_export,
-)
+from dacnn.export import export_safetensors, format_report, inspect_file
+from dacnn.quantize import dequantize_per_channel, quantize_per_channel
 from dacnn.shared_kernel import anchored_uses, iter_shared_kernels
 
 

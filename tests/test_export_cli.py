@@ -8,7 +8,8 @@ import pytest
 
 import dacnn
 from dacnn.cli import main
-from dacnn.export import inspect_file, load_exported
+from dacnn.compact_format import load_exported
+from dacnn.export import inspect_file
 from test_prune import make_run  # a run directory as `dacnn train` leaves it, on toy data
 
 

@@ -35,14 +35,15 @@ from PIL import Image
 
 from dacnn import checkpoint as ckpt
 from dacnn import create_model
+from dacnn.compact_format import load_exported
 from dacnn.data.imagefolder import read_image_folder
 from dacnn.data.official import read_cifar, read_fashion_mnist, read_svhn
 from dacnn.data.synthetic import idx_bytes, write_cifar, write_image_folder, write_svhn
 from dacnn.data.webdataset import ShardRef, decode_shard, read_manifest
 from dacnn.errors import DacnnError
-from dacnn.export.compact import export_safetensors, load_exported
-from dacnn.export.import_weights import import_lrunet
+from dacnn.export.compact import export_safetensors
 from dacnn.export.inspect import inspect_file
+from dacnn.importing import import_lrunet
 from dacnn.train.config import TrainConfig, config_from_dict, dump_yaml, load_yaml
 
 EXAMPLES = int(os.environ.get("DACNN_FUZZ_EXAMPLES", "40"))

@@ -29,12 +29,17 @@ LAYERS: dict[str, tuple[int, str]] = {
     "dacnn.features": (1, "core"),
     "dacnn.registry": (1, "core"),
     "dacnn.models": (1, "core"),
+    "dacnn.quantize": (1, "core"),
+    "dacnn.compact_format": (1, "core"),
+    "dacnn.importing": (1, "core"),
+    "dacnn.loading": (1, "core"),
     "dacnn.data": (1, "data"),
     "dacnn.train": (2, "train"),
     "dacnn.export": (3, "tools"),
     "dacnn.experiments": (3, "tools"),
     "dacnn.analysis": (3, "tools"),
     "dacnn.timm_bridge": (3, "tools"),
+    "dacnn.prune": (3, "tools"),
     "dacnn.cli": (4, "cli"),
     "dacnn.__main__": (4, "cli"),
     "dacnn": (5, "package"),  # dacnn/__init__.py: the public facade
@@ -133,6 +138,36 @@ def check_package(root: Path, top: str, layers: dict[str, tuple[int, str]]) -> l
 def test_dacnn_layers_are_respected() -> None:
     problems = check_package(SRC, "dacnn", LAYERS)
     assert not problems, "\n".join(problems)
+
+
+# (importer, imported): loading, evaluation and pruning are not exporting
+FORBIDDEN = (("dacnn.analysis", "dacnn.export"), ("dacnn.experiments", "dacnn.export"))
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_analysis_and_experiments_do_not_import_export() -> None:
+    files = {(_module_name(p, SRC), p) for p in (SRC / "dacnn").rglob("*.py")}
+    known = {m for m, _ in files}
+    bad = [f"{module}:{line}: imports {name}" for module, path in sorted(files)
+           for name, _, line in _imports(ast.parse(path.read_text()), module, path.name == "__init__.py",
+                                         known, "dacnn")
+           for src, dst in FORBIDDEN if _within(module, src) and _within(name, dst)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_package_reaches_nothing_outside_it() -> None:
+    """No path outside the installed package: no ``../shared``, no repository root from ``__file__``."""
+    bad = []
+    for path in sorted((SRC / "dacnn").rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if "../shared" in line or "shared/reference" in line or "shared/papers" in line:
+                bad.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
+            if "parents[2]" in line:
+                bad.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
 
 
 def test_registry_does_not_import_models() -> None:

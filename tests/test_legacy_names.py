@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from dacnn import checkpoint as ckpt
 from dacnn import create_model
+from dacnn.compact_format import load_state_into
 from dacnn.errors import CheckpointError
-from dacnn.export.compact import load_state_into
 from dacnn.models.convmixer import ConvMixer
 from dacnn.shared_kernel import SharedKernel
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_model
 from dacnn import count_params, create_model, untie
 from dacnn.cli import main as cli_main
 from dacnn.errors import CheckpointError, ConfigError
-from dacnn.export.import_weights import import_lrunet
+from dacnn.importing import import_lrunet
 from dacnn.models.lrunet import LruBlock, LruNet, channel_shuffle
 from dacnn.models.lrunet_ops import LruIteration, shuffle_duplicate, shuffle_duplicate_backward
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import dacnn
-from dacnn import AnchoredConv2d, create_model, list_models, model_info
+from dacnn import AnchoredConv2d, create_model, list_models, loading, model_info
+from dacnn.analysis import evaluate as evaluation
 from dacnn.analysis.activation_max import activation_maximisation, visualised_layers
 from dacnn.data import DATASETS
 from dacnn.data.synthetic import random_split
 from dacnn.errors import CheckpointError
-from dacnn.export import resolve
 from dacnn.hub import find_weights, weights_dirs
 
 # family -> (builder kwargs that keep the model small, input side): named variants fix their depth and
@@ -204,8 +204,8 @@ def test_pretrained_info_says_how_the_weights_are_fed(name: str, monkeypatch) ->
     else:
         assert (info.mean, info.std) == ((0.0,) * data.channels, (1.0,) * data.channels)
     fake = random_split(cfg.dataset, "test", n=4, shape=data.image_size, num_classes=data.num_classes)
-    monkeypatch.setattr(resolve, "load_dataset", lambda *a, **k: fake)
-    x, _ = next(iter(resolve.test_loader(resolve.pretrained_meta(name))))
+    monkeypatch.setattr(evaluation, "load_dataset", lambda *a, **k: fake)
+    x, _ = next(iter(evaluation.test_loader(loading.pretrained_meta(name))))
     assert tuple(x.shape[1:]) == info.input_size
     model = create_model(name).eval()
     with torch.no_grad():
@@ -222,7 +222,6 @@ def test_unknown_tag_and_model_without_weights_are_clear() -> None:
 def test_missing_or_altered_file_says_where_it_looked(tmp_path, monkeypatch) -> None:
     cfg = dacnn.registry.pretrained_cfg("lrunet_1x.fashion_mnist_n1")
     monkeypatch.setenv("DACNN_WEIGHTS", str(tmp_path / "env"))
-    monkeypatch.setattr("dacnn.hub._REPO_ROOT", tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=rf"{cfg.file}.*not found; looked in {tmp_path / 'given'}, "
                                               rf"{tmp_path / 'env'}"):
@@ -237,7 +236,7 @@ def test_missing_or_altered_file_says_where_it_looked(tmp_path, monkeypatch) -> 
 
 @pytest.mark.skipif(not any((d / "lrunet").is_dir() for d in weights_dirs()), reason="no released weights")
 def test_pretrained_loads_the_release_bit_for_bit() -> None:
-    from dacnn.export.import_weights import import_lrunet
+    from dacnn.importing import import_lrunet
 
     model = create_model("lrunet_1x.fashion_mnist_n1", pretrained=True)
     reference, meta = import_lrunet(find_weights(dacnn.registry.pretrained_cfg("lrunet_1x.fashion_mnist_n1")))

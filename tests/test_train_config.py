@@ -64,7 +64,7 @@ def test_every_recipe_cites_its_source_and_validates():
     assert {"dacnn-cifar100", "dacnn-cifar10", "dacnn-svhn", "lrunet", "ks-seresnet", "ks-convmixer",
             "demo"} <= set(RECIPES)
     for recipe in RECIPES.values():
-        assert recipe.doc and ("section" in recipe.doc or "SPEC" in recipe.doc), recipe.name
+        assert recipe.doc and any(w in recipe.doc for w in ("section", "SPEC", "arXiv")), recipe.name
         config_from_dict({**recipe.settings, "recipe": recipe.name})
         if "model" in recipe.settings:
             assert recipe.settings["model"] in list_models(), recipe.name

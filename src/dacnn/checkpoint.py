@@ -3,7 +3,7 @@
 Layout of ``<run>/checkpoints/`` (one *version* per save, named ``e<epoch>-s<step>``):
 
 * ``<version>.safetensors``: the model, written by ``safetensors.torch.save_model`` so each shared
-  tensor is stored once (``../shared/reference/PITFALLS.md`` item 3); ``<version>-ema.safetensors``
+  tensor is stored once (``docs/reference/PITFALLS.md`` item 3); ``<version>-ema.safetensors``
   holds the EMA weights when EMA is on. Each weights file has a JSON sidecar ``<file>.json`` (the
   same JSON is also embedded in the file's metadata) naming the model, its ``create_model`` keyword
   arguments and the dataset, so :func:`load_model_file` rebuilds the model from the file alone.

@@ -1,6 +1,6 @@
 """Parameter and FLOP accounting that knows about shared tensors.
 
-Two parameter figures are reported (``../shared/reference/PITFALLS.md`` item 1):
+Two parameter figures are reported (``docs/reference/PITFALLS.md`` item 1):
 
 * ``unique``: every parameter tensor counted once (trainable or frozen), what
   ``sum(p.numel() for p in model.parameters())`` gives and what the papers' "# params" means;
@@ -144,7 +144,7 @@ def count_flops(
 
     A multiply-add counts as 2 FLOPs (``FlopCounterMode``'s convention). Only the forward pass is
     counted: FlopCounterMode over-counts the backward of grouped convolutions
-    (``../shared/reference/PERFORMANCE.md``); a training step is about 3x the forward.
+    (``docs/reference/PERFORMANCE.md``); a training step is about 3x the forward.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

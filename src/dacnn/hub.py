@@ -6,11 +6,13 @@ dataset and the published accuracy, the command that reproduces that figure, and
 keyword arguments the weights need. The directory is searched in this order:
 
 1. ``weights_dir`` passed by the caller (``--weights-dir`` on the command line);
-2. ``$DACNN_WEIGHTS``;
-3. ``~/.cache/dacnn/weights`` (:data:`DEFAULT_WEIGHTS_DIR`);
-4. ``weights/`` of the repository (weights the project trained itself, committed with their table
-   :data:`TRAINED_TABLE`), when present;
-5. ``../shared/reference/weights`` beside the working directory or the repository, when present.
+2. each directory of ``$DACNN_WEIGHTS`` (a path list, ``os.pathsep``-separated: in a checkout of the
+   project ``weights`` holds the weights it trained itself, and the Makefile adds the authors' LruNet
+   release when it is at hand);
+3. ``~/.cache/dacnn/weights`` (:data:`DEFAULT_WEIGHTS_DIR`).
+
+The table of the weights the project trained (:data:`TRAINED_TABLE`, written by ``dacnn publish``)
+is package data; the files it names are found on this search path like any other.
 
 A file found but with another sha256 is an error (never silently used); a missing file lists every
 directory looked in.
@@ -35,12 +37,10 @@ from dacnn.fileio import sha256_file, torch_load_reason
 
 __all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "TRAINED_TABLE", "weights_dirs", "find_weights",
            "read_checkpoint", "read_state_file", "load_pretrained", "current_key", "upgrade_state",
-           "read_trained_table", "trained_cfg",
-           "eval_command"]
+           "read_trained_table", "trained_cfg", "eval_command", "trained_entry", "TRAINED_FIELDS",
+           "TRAINED_OPTIONAL"]
 
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/dacnn/weights").expanduser()
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # src/dacnn/hub.py -> repository root
-REPO_WEIGHTS_DIR = _REPO_ROOT / "weights"
 TRAINED_TABLE = Path(__file__).with_name("trained_weights.json")  # written by `dacnn publish`
 
 
@@ -69,6 +69,7 @@ class PretrainedCfg:
     input_size: tuple[int, int, int] | None = None
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
     notes: str = ""
+    tta: int = 0  # test-time augmentation level the accuracy was measured with (TrainConfig.tta)
 
 
 def weights_dirs(weights_dir: str | Path | None = None) -> list[Path]:
@@ -76,16 +77,9 @@ def weights_dirs(weights_dir: str | Path | None = None) -> list[Path]:
     dirs: list[Path] = []
     if weights_dir is not None:
         dirs.append(Path(weights_dir).expanduser())
-    if os.environ.get("DACNN_WEIGHTS"):
-        dirs.append(Path(os.environ["DACNN_WEIGHTS"]).expanduser())
+    dirs += [Path(p).expanduser() for p in os.environ.get("DACNN_WEIGHTS", "").split(os.pathsep) if p]
     dirs.append(DEFAULT_WEIGHTS_DIR)
-    if REPO_WEIGHTS_DIR.is_dir():
-        dirs.append(REPO_WEIGHTS_DIR)
-    for shared in (Path.cwd().parent / "shared" / "reference" / "weights",
-                   _REPO_ROOT.parent / "shared" / "reference" / "weights"):
-        if shared.is_dir() and shared.resolve() not in [d.resolve() for d in dirs]:
-            dirs.append(shared)
-    return dirs
+    return list(dict.fromkeys(dirs))
 
 
 def find_weights(cfg: PretrainedCfg, weights_dir: str | Path | None = None, *, verify: bool = True) -> Path:
@@ -167,8 +161,20 @@ def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights_dir: str | Pat
 
 
 # ---------------------------------------------------------------- weights trained by the project
-_TRAINED_FIELDS = ("model", "tag", "file", "sha256", "bytes", "dataset", "accuracy", "model_kwargs",
-                   "normalize", "pad_to", "trained_by")
+# The trained-weights table's schema, in one place: every entry has the required fields; the
+# optional ones are written by today's `dacnn publish` (older entries may lack them).
+TRAINED_FIELDS = ("model", "tag", "file", "sha256", "bytes", "dataset", "accuracy", "model_kwargs",
+                  "normalize", "pad_to", "trained_by")
+TRAINED_OPTIONAL = ("input_size", "unique_params", "tta", "train_cpu_seconds", "notes")
+
+
+def trained_entry(**fields: Any) -> dict[str, Any]:
+    """A table entry with exactly the schema's fields (a missing required or an unknown one raises)."""
+    missing = [f for f in TRAINED_FIELDS if f not in fields]
+    unknown = sorted(set(fields) - set(TRAINED_FIELDS) - set(TRAINED_OPTIONAL))
+    if missing or unknown:
+        raise ValueError(f"trained-weights entry: missing {missing}, unknown {unknown}")
+    return dict(fields)
 
 
 def read_trained_table(path: str | Path = TRAINED_TABLE) -> list[dict[str, Any]]:
@@ -184,7 +190,7 @@ def read_trained_table(path: str | Path = TRAINED_TABLE) -> list[dict[str, Any]]
     if not isinstance(entries, list):
         raise CheckpointError(f"{path}: expected a JSON list of entries")
     for i, entry in enumerate(entries):
-        missing = [f for f in _TRAINED_FIELDS if not isinstance(entry, dict) or f not in entry]
+        missing = [f for f in TRAINED_FIELDS if not isinstance(entry, dict) or f not in entry]
         if missing:
             raise CheckpointError(f"{path}: entry {i} lacks {', '.join(missing)}")
     return entries
@@ -208,4 +214,5 @@ def trained_cfg(entry: dict[str, Any]) -> PretrainedCfg:
         model_kwargs=dict(entry["model_kwargs"]), normalize=bool(entry["normalize"]),
         pad_to=entry["pad_to"], notes=entry.get("notes", ""),
         input_size=tuple(entry["input_size"]) if entry.get("input_size") else None,
+        tta=int(entry.get("tta") or 0),
     )

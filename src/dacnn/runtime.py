@@ -3,7 +3,7 @@
 PyTorch's CPU allocator has no cache of its own: every activation is a ``malloc`` and a ``free``.
 glibc serves blocks above its mmap threshold (128 KiB to 32 MiB, adaptive) with ``mmap`` and gives
 them back with ``munmap``, and trims the heap top when more than 128 KiB is free, so each training
-step page-faults its activations in again (25-30 % system time in a ``dacnn train`` run, issue 14).
+step page-faults its activations in again (25-30 % system time in a ``dacnn train`` run; docs/performance.md).
 :func:`tune_malloc` sets glibc's ``M_MMAP_MAX=0`` (every block from the heap) and a never-reached
 ``M_TRIM_THRESHOLD`` at run time through ``mallopt``: the same as the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``, without re-executing the process. Memory freed
@@ -64,7 +64,7 @@ def cpu_has_bf16() -> bool:
 
 def warn_slow_amp(device: torch.device, amp: str) -> None:
     """Warn that ``amp='bf16'`` on a CPU without bf16 hardware is emulated (measured ~11x slower
-    than fp32 on an AVX2 Zen 3, issue 14); ``fp16`` on a CPU is ignored by autocast."""
+    than fp32 on an AVX2 Zen 3; docs/performance.md); ``fp16`` on a CPU is ignored by autocast."""
     if device.type == "cpu" and amp == "bf16" and not cpu_has_bf16():
         warnings.warn("--amp bf16 on a CPU without bf16 hardware (no AVX512-BF16/AMX) is emulated and "
                       "about 10x slower than fp32; drop --amp", stacklevel=2)
@@ -74,7 +74,7 @@ def idle_cores() -> int:
     """Cores not busy with other processes: the CPU count minus the 1-minute load average, at least
     one. OpenMP threads that share a core with another busy process spin at every barrier: a
     2-thread run on a 2-core machine fell from 603 to 69-88 img/s when another process was busy,
-    while a 1-thread run kept its speed (issue 14); on an idle machine all cores are used."""
+    while a 1-thread run kept its speed (docs/performance.md); on an idle machine all cores are used."""
     cores = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0]

@@ -12,7 +12,7 @@ Because the parameter lives in exactly one module, ``parameters()``, ``named_par
 ``state_dict()`` all list it once, so ``safetensors.torch.save_file`` works, optimizers and EMA see one
 tensor, and DDP reduces it once. Because uses point at the owning *module* rather than at the tensor,
 tying survives ``load_state_dict(assign=True)``, ``to_empty()`` and ``copy.deepcopy``: whatever tensor
-the owner holds is what every use applies (see ``../shared/reference/PITFALLS.md`` items 2, 3, 8).
+the owner holds is what every use applies (see ``docs/reference/PITFALLS.md`` items 2, 3, 8).
 """
 
 from __future__ import annotations

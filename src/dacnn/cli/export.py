@@ -8,15 +8,17 @@ from typing import Any
 
 import torch
 
+from dacnn.analysis.evaluate import test_accuracy, test_loader
+from dacnn.compact_format import DTYPES, load_exported
 from dacnn.counting import count_params
 from dacnn.data import DATASETS
 from dacnn.errors import ConfigError
-from dacnn.export.compact import DTYPES, export_safetensors, load_exported
+from dacnn.export.compact import export_safetensors
 from dacnn.export.inspect import format_report, inspect_file
 from dacnn.export.onnx_export import OnnxRuntimeModel, export_onnx, max_abs_diff
-from dacnn.export.prune import SCOPES, prune_run
-from dacnn.export.resolve import load_source, resolve_weights, test_accuracy, test_loader
 from dacnn.fileio import check_writable
+from dacnn.loading import load_source, resolve_weights
+from dacnn.prune import SCOPES, prune_run
 from dacnn.validation import option_type
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
@@ -91,13 +93,10 @@ def _input_size(model: torch.nn.Module, meta: dict[str, Any]) -> tuple[int, int,
     """``(C, H, W)`` the model was trained on: padded size, else the dataset's, else the registry's."""
     info = getattr(model, "info", None)
     chans, height = (info.input_size[0], info.input_size[1]) if info is not None else (3, 32)
-    if meta.get("pad_to"):
-        height = int(meta["pad_to"])
-    elif meta.get("dataset"):
-
-        if meta["dataset"] in DATASETS:
-            height = DATASETS[meta["dataset"]].image_size[0]
-    return (chans, height, height)
+    if meta.get("dataset") in DATASETS:  # the rule training used (DatasetInfo.pad_for)
+        return DATASETS[meta["dataset"]].input_size(meta.get("pad_to"))
+    side = int(meta["pad_to"]) if meta.get("pad_to") else height
+    return (chans, side, side)
 
 
 def _accuracy_line(label: str, before: float, after: float, n: int, dataset: str) -> str:

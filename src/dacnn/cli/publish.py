@@ -2,8 +2,10 @@
 
 ``dacnn publish table6 resnet18 --seed 0 --tag cifar10_cpu`` checks the recorded best checkpoint
 (sha256, and the test accuracy measured again with today's code), copies it to
-``weights/trained/resnet18.cifar10_cpu.safetensors`` and enters it in ``src/dacnn/trained_weights.json``;
-``dacnn eval --model resnet18.cifar10_cpu --pretrained --dataset cifar10`` then reproduces the figure.
+``weights/trained/resnet18.cifar10_cpu.safetensors`` and enters it in ``src/dacnn/trained_weights.json``
+(run from a checkout of the project; elsewhere give ``--weights-root`` and ``--table``);
+``dacnn eval --model resnet18.cifar10_cpu --pretrained --dataset cifar10`` then reproduces the figure
+(with ``weights`` on ``$DACNN_WEIGHTS``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dacnn.errors import ConfigError
 from dacnn.experiments.publish import find_record, publish
 from dacnn.experiments.store import ResultsStore
-from dacnn.hub import REPO_WEIGHTS_DIR, TRAINED_TABLE, eval_command
+from dacnn.hub import TRAINED_TABLE, eval_command
 from dacnn.validation import option_type
 
 __all__ = ["register", "run"]
@@ -39,17 +42,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights-root",
         type=Path,
-        default=REPO_WEIGHTS_DIR,
-        help="where weights/trained/ goes (default: the repository's weights/)",
+        default=None,
+        help="where trained/ goes (default, run from a checkout of the project: its weights/)",
     )
-    p.add_argument(
-        "--table", type=Path, default=TRAINED_TABLE, help="the table to update (default: the package's)"
-    )
+    p.add_argument("--table", type=Path, default=None,
+                   help="the trained-weights table to update (default, run from a checkout of the project: "
+                        "the package's src/dacnn/trained_weights.json)")
     p.add_argument("--notes", default="", help="a note stored with the entry")
     p.set_defaults(func=run)
 
 
+def _in_checkout() -> bool:
+    """Run from the root of a checkout of the project, whose package is the one imported?"""
+    return Path("src/dacnn/trained_weights.json").resolve() == TRAINED_TABLE.resolve()
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.weights_root is None or args.table is None:
+        if not _in_checkout():
+            raise ConfigError("dacnn publish: outside a checkout of the project give --weights-root DIR "
+                              "and --table FILE (where the weights and their table entry go)")
+        args.weights_root = args.weights_root or Path("weights")
+        args.table = args.table or TRAINED_TABLE
     record = find_record(ResultsStore(args.results), args.experiment, args.row, args.seed, args.scale)
     entry = publish(
         record,

@@ -16,8 +16,9 @@ import yaml
 from dacnn.errors import ConfigError
 from dacnn.experiments.campaign import run_campaign
 from dacnn.experiments.estimate import estimate_row
+from dacnn.experiments.planning import RunOptions, plan
 from dacnn.experiments.report import build_report
-from dacnn.experiments.runner import RunOptions, plan, reproduce, row_status
+from dacnn.experiments.runner import reproduce, row_status
 from dacnn.experiments.spec import SCALES, SPEC_DIR, get_spec, spec_names
 from dacnn.experiments.store import ResultsStore
 from dacnn.train.config import config_from_dict

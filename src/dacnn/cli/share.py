@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def plan(args: argparse.Namespace) -> ShareReport:
-    """The :class:`~dacnn.share.ShareReport` of ``args.model`` shared as the flags say."""
+    """The :class:`~dacnn.tying.ShareReport` of ``args.model`` shared as the flags say."""
     try:
         model = create_model(args.model)
     except KeyError as exc:

@@ -99,7 +99,7 @@ def register(subparsers: Any) -> None:
                       help="pretrained weights by name, with --pretrained (see `dacnn models --pretrained`)")
     e.add_argument("--pretrained", action="store_true", help="load --model's released weights")
     e.add_argument("--weights-dir", help="where pretrained files are looked for first (then $DACNN_WEIGHTS, "
-                                         "~/.cache/dacnn/weights, ../shared/reference/weights)")
+                                         "a path list, then ~/.cache/dacnn/weights)")
     e.add_argument("--dataset", help="dataset (default: the one the checkpoint names)")
     e.add_argument("--data-dir", help="data root (default: $DACNN_DATA)")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")

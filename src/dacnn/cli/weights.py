@@ -1,7 +1,7 @@
 """``dacnn import-weights``: convert released weights into a dacnn checkpoint.
 
 ``dacnn import-weights lrunet FILE [-o OUT.safetensors] [--no-verify]`` reads a released LruNet
-checkpoint (``*.t7``, see ``../shared/reference/weights/lrunet/MANIFEST.json``), checks its sha256
+checkpoint (``*.t7``, see the ``MANIFEST.json`` of the authors' release), checks its sha256
 against the manifest beside it, converts it to :class:`~dacnn.models.lrunet.LruNet` and writes
 ``OUT.safetensors`` (``safetensors.torch.save_model``) plus the ``OUT.json`` sidecar that
 ``dacnn eval --checkpoint OUT.safetensors`` reads (model, arguments, dataset, no normalisation, no padding).
@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from dacnn.counting import count_params
-from dacnn.export.import_weights import import_lrunet, save_imported
 from dacnn.fileio import check_writable
+from dacnn.importing import import_lrunet, save_imported
 
 __all__ = ["register", "run"]
 

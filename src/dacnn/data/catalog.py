@@ -5,7 +5,7 @@ else ``~/.cache/dacnn/data``. Inside it each dataset has its own folder ``<data_
 any one of these formats (looked for in this order):
 
 1. WebDataset shards with a manifest: ``MANIFEST.json`` + ``<name>-<split>-NNNNNN.tar[.gz]``
-   (``<key>.png|jpg`` + ``<key>.cls``), as in ``../shared/data`` and as written by ``dacnn data convert``;
+   (``<key>.png|jpg`` + ``<key>.cls``), as written by ``dacnn data convert``;
 2. the same shards without a manifest (no checksums to check);
 3. the official distribution files, as downloaded by ``dacnn data download NAME``:
    ``cifar10/cifar-10-python.tar.gz`` (or the extracted ``cifar10/cifar-10-batches-py/``),
@@ -53,6 +53,15 @@ class DatasetInfo:
     @property
     def channels(self) -> int:
         return self.image_size[2]
+
+    def pad_for(self, model_hw: int | None, pad_to: int | None = None) -> int | None:
+        """The side the images are zero-padded to for a model designed for ``model_hw`` pixels: an
+        explicit ``pad_to``, else the model's side when it is larger than the images' (Fashion-MNIST's
+        28 -> 32 for the CIFAR nets), else none. The one padding rule of training, evaluation and
+        the experiments' counts."""
+        if pad_to is not None:
+            return pad_to
+        return model_hw if model_hw and model_hw > self.image_size[0] else None
 
     def input_size(self, pad_to: int | None = None) -> tuple[int, int, int]:
         """``(C, H, W)`` the images reach a model at: their own size, or padded to ``pad_to``."""

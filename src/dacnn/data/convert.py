@@ -1,6 +1,6 @@
 """``dacnn data convert``: official files (or an image folder) -> WebDataset shards + MANIFEST.json.
 
-Output has the layout of ``../shared/data`` (readable by its ``verify.py`` too): per split
+Output is WebDataset shards with MANIFEST.json files (as the project's data folder holds): per split
 ``<name>-<split>-NNNNNN.tar.gz`` holding ``<key>.png`` (lossless) + ``<key>.cls``, keys the sample's
 zero-padded position; deterministic archives (mtime 0, uid/gid 0, sorted keys); ``classes.txt``.
 """

@@ -3,7 +3,9 @@
 No worker processes and no per-image Python (airbench's design, STYLE.md): each batch is an
 ``index_select`` of a seeded permutation, one pixel gather for crop/flip/rotation, one cast and
 one fused per-channel affine for normalisation. The order and the augmentation of epoch ``e`` depend
-only on ``(seed, e)``; ``set_epoch(e)`` picks the epoch, otherwise each pass advances by one.
+only on ``(seed, e)``; ``set_epoch(e)`` picks the epoch, otherwise each pass advances by one, and
+``set_epoch(e, start_batch=b)`` starts that pass at batch ``b`` with the batches of a whole pass (a
+resumed run continues mid-epoch without building the batches it skips).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class DeviceLoader:
         self.cpu_threads = cpu_threads
         self.epoch = 0
         self._next_epoch = 0
+        self._start_batch = 0
         height, width, channels = split.image_shape
         out_h, out_w = (pad_to, pad_to) if pad_to else (height, width)
         if out_h < height or out_w < width:
@@ -160,9 +163,13 @@ class DeviceLoader:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (its order and augmentation depend on seed and epoch only)."""
-        self._next_epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next pass epoch ``epoch`` (its order and augmentation depend on seed and epoch only),
+        starting at batch ``start_batch``: the batches before it are not built, only their random draws
+        are made, so the rest are those of the whole pass."""
+        if not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch {start_batch} is outside the {len(self)} batches of an epoch")
+        self._next_epoch, self._start_batch = int(epoch), int(start_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.epoch = self._next_epoch
@@ -175,13 +182,16 @@ class DeviceLoader:
         order = order.to(self.device)
         augment_gen = _generator(self.seed, self.epoch, _AUGMENT_STREAM, self.device)
         mine = slice(self.rank, None, self.world)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        skip, self._start_batch = self._start_batch, 0
+        for b, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
             index = order[start: start + self.batch_size]
             params = None
             if self.augment is not None:  # the global batch's draws, then this rank's part of them
                 params = sample_params(self.augment, index.shape[0], self._ranges, self.out_hw, augment_gen)
                 if self._flip_base is not None:
                     params.flip = self._flip_base.index_select(0, index) ^ bool(self.epoch % 2)
+            if b < skip:  # positioned past this batch: its draws are made, its pixels are not
+                continue
             if self.world > 1:
                 index = index[mine]
                 params = params.select(mine) if params is not None else None

@@ -4,7 +4,7 @@ Shards with a manifest: each shard's size and sha256, that it is a complete tar 
 ``<key>.<img>`` + ``<key>.cls`` pairs with consecutive keys, that every image decodes to the
 manifest's shape, labels in range, per-shard, per-split and per-class counts, classes.txt.
 Official files: md5 against the published checksum, then decode, counts and labels. Image
-folders: every image decodes to one size. Same checks as ``../shared/data/verify.py``.
+folders: every image decodes to one size. Same checks as the ``verify.py`` shipped beside such a data folder.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """WebDataset shards: ``<name>-<split>-NNNNNN.tar[.gz]`` holding ``<key>.png|jpg`` + ``<key>.cls``.
 
-A dataset folder may hold a ``MANIFEST.json`` (the layout of ``../shared/data``: per-shard sha256,
+A dataset folder may hold a ``MANIFEST.json`` (the layout ``dacnn data convert`` writes: per-shard sha256,
 bytes and sample counts, per-class counts, class names, image shape and mode) and ``classes.txt``.
 Shards are decoded in parallel worker processes when there are several of them.
 """

@@ -11,8 +11,9 @@ Layering: this package sits above training, models and data; the CLI (``dacnn.cl
 a thin layer over it.
 """
 
+from dacnn.experiments.planning import RunOptions, plan
 from dacnn.experiments.report import build_report
-from dacnn.experiments.runner import RunOptions, plan, reproduce, row_status
+from dacnn.experiments.runner import reproduce, row_status
 from dacnn.experiments.spec import SCALES, Row, Scale, Spec, SpecError, get_spec, load_spec, load_specs
 from dacnn.experiments.store import RECORD_FIELDS, ResultsStore, config_hash
 

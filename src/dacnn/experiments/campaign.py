@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.experiments.estimate import estimate_row
-from dacnn.experiments.runner import PlannedRow, RunOptions, plan, reproduce, row_status
+from dacnn.experiments.planning import PlannedRow, RunOptions, plan
+from dacnn.experiments.provenance import check_clean
+from dacnn.experiments.runner import reproduce, row_status
 from dacnn.experiments.spec import SPEC_DIR, get_spec
-from dacnn.experiments.store import ResultsStore, check_clean
+from dacnn.experiments.store import ResultsStore
 from dacnn.train.runlog import format_duration
 
 __all__ = ["Job", "pending_jobs", "run_campaign"]

@@ -34,8 +34,7 @@ def measure_speed(cfg: Any, steps: int = 2, batch: int = 128) -> tuple[float, fl
     key = repr((cfg.model, sorted(kwargs.items()), cfg.optimizer, cfg.pad_to, batch))
     if key in _speeds:
         return _speeds[key]
-    hw = model_input_hw(cfg.model)
-    side = cfg.pad_to or (hw if hw and hw > info.image_size[0] else info.image_size[0])
+    side = info.input_size(info.pad_for(model_input_hw(cfg.model), cfg.pad_to))[1]
     model = build_model(cfg.model, kwargs)
     optimizer = build_optimizer(model, cfg)
     batch = min(batch, cfg.batch_size)

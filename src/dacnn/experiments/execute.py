@@ -4,28 +4,24 @@ A ``train`` row trains (or resumes, or reads back a finished run directory), eva
 model on the test split (or its seeded subset), counts FLOPs and per-use parameters of the model,
 and writes it all into one record. A run that diverges (nan/inf loss) is a result too: its best
 checkpoint before the divergence is tested and the record says so. ``filters`` rows add Figure 7's
-activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.export.prune`).
+activation maximisation; ``prune`` rows prune and fine-tune another row's model (:mod:`dacnn.prune`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dacnn.analysis.activation_max import activation_maximisation, save_filters
+from dacnn.analysis.evaluate import test_accuracy, test_loader
 from dacnn.checkpoint import read_pointer
 from dacnn.counting import count_flops, count_params
 from dacnn.data import load_dataset
 from dacnn.errors import ConfigError
-from dacnn.experiments.store import (
-    MACHINE_KEYS,
-    ResultsStore,
+from dacnn.experiments.planning import PlannedRow, RunOptions
+from dacnn.experiments.provenance import (
     dataset_checksum,
     device_description,
     machine_description,
@@ -33,17 +29,19 @@ from dacnn.experiments.store import (
     source_hash,
     tree_state,
 )
-from dacnn.export.prune import prune_run
-from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.experiments.store import MACHINE_KEYS, ResultsStore
 from dacnn.fileio import sha256_file
+from dacnn.loading import load_source
+from dacnn.prune import prune_run
 from dacnn.train import TrainingDiverged, train
 from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs, resolve_device
-from dacnn.train.config import config_from_dict
+from dacnn.train.config import TrainConfig, config_from_dict
+from dacnn.train.rundir import RunLock, has_checkpoint, is_finished, read_history, read_result
 
 __all__ = ["run_training_row", "run_prune_row", "base_record", "model_figures"]
 
 
-def _machine_config(p: Any, opts: Any) -> Any:
+def _machine_config(p: PlannedRow, opts: RunOptions) -> TrainConfig:
 
     assert p.run_dir is not None
     settings = {**p.train, "out_dir": str(p.run_dir.parent), "run_name": p.run_dir.name}
@@ -56,47 +54,21 @@ def _machine_config(p: Any, opts: Any) -> Any:
     return config_from_dict(settings, source=f"{p.spec.name}/{p.row.id}")
 
 
-def _result_from_dir(run_dir: Path) -> dict[str, Any]:
-    """A finished run's ``result.json`` with its per-epoch history from ``metrics.jsonl``."""
-    result = json.loads((run_dir / "result.json").read_text())
-    history = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                history.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    result["history"] = history
-    return result
-
-
-@contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``<run_dir>.lock``: a second process on the same run fails at once instead of corrupting it."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another process is training {run_dir} (its lock is held)") from None
-        yield
-
-
-def _train(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
-    """Train (or resume, or read back) the row's run under its lock; returns the TrainResult as a dict."""
+def _train(p: PlannedRow, cfg: TrainConfig, opts: RunOptions) -> dict[str, Any]:
+    """Train (or resume, or read back) the row's run under its slot's lock (a second process on the
+    same run fails at once instead of clearing it); returns the TrainResult as a dict."""
     assert p.run_dir is not None
-    with _run_lock(p.run_dir):
+    with RunLock.slot(p.run_dir):
         return _train_locked(p, cfg, opts)
 
 
-def _train_locked(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
+def _train_locked(p: PlannedRow, cfg: TrainConfig, opts: RunOptions) -> dict[str, Any]:
 
     run_dir = p.run_dir
-    if (run_dir / "result.json").is_file() and (run_dir / "checkpoints" / "best.json").is_file():
+    if is_finished(run_dir):
         opts.say(f"  finished run found in {run_dir}")
-        return _result_from_dir(run_dir)
-    interrupted = (run_dir / "checkpoints" / "last.json").is_file()
+        return read_result(run_dir)
+    interrupted = has_checkpoint(run_dir)
     if interrupted and opts.resume:
         opts.say(f"  resuming the interrupted run in {run_dir}")
         return train(cfg, resume=run_dir, verbose=opts.verbose).to_dict()
@@ -108,14 +80,11 @@ def _train_locked(p: Any, cfg: Any, opts: Any) -> dict[str, Any]:
     return train(cfg, verbose=opts.verbose).to_dict()
 
 
-def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
+def _diverged_result(p: PlannedRow, cfg: TrainConfig) -> dict[str, Any]:
     """What a run that stopped on nan/inf leaves: its epochs so far and its best checkpoint, if any."""
 
     assert p.run_dir is not None
-    history = []
-    if (p.run_dir / "metrics.jsonl").is_file():
-        lines = (p.run_dir / "metrics.jsonl").read_text().splitlines()
-        history = [json.loads(line) for line in lines if line]
+    history = read_history(p.run_dir)
     scored = [h for h in history if h.get("val_acc") is not None]
     best = max(scored, key=lambda h: h["val_acc"]) if scored else None
     info = dataset_info(cfg.dataset)
@@ -127,7 +96,7 @@ def _diverged_result(p: Any, cfg: Any) -> dict[str, Any]:
             "history": history}
 
 
-def model_figures(cfg: Any) -> dict[str, Any]:
+def model_figures(cfg: TrainConfig) -> dict[str, Any]:
     """FLOPs, per-use parameters (every call counted) and input size of the row's model."""
     import torch
 
@@ -135,15 +104,13 @@ def model_figures(cfg: Any) -> dict[str, Any]:
     info = dataset_info(cfg.dataset)
     kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
     model = build_model(cfg.model, kwargs)
-    hw = model_input_hw(cfg.model)
-    side = cfg.pad_to or (hw if hw and hw > info.image_size[0] else info.image_size[0])
-    input_size = (info.image_size[2], side, side)
+    input_size = info.input_size(info.pad_for(model_input_hw(cfg.model), cfg.pad_to))
     per_use = count_params(model, torch.zeros(1, *input_size)).per_use
     return {"model_kwargs": kwargs, "flops": count_flops(model, input_size), "per_use_params": per_use,
             "input_size": input_size, "mean": info.mean, "std": info.std}
 
 
-def _split_sizes(cfg: Any, test_subset: int | None) -> tuple[int, int, int]:
+def _split_sizes(cfg: TrainConfig, test_subset: int | None) -> tuple[int, int, int]:
 
     n_train = len(load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir))
     train = n_train - cfg.val_size
@@ -173,7 +140,7 @@ def _checksum(name: str, data_dir: str | None) -> str | None:
     return _checksums[(name, data_dir)]
 
 
-def base_record(p: Any, opts: Any) -> dict[str, Any]:
+def base_record(p: PlannedRow, opts: RunOptions) -> dict[str, Any]:
     """The provenance half of a record: what ran, from which source, how, where and when."""
     state = tree_state()
     return {
@@ -185,7 +152,7 @@ def base_record(p: Any, opts: Any) -> dict[str, Any]:
     }
 
 
-def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
+def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> dict[str, Any]:
 
     cfg = _machine_config(p, opts)
     start = time.perf_counter()
@@ -229,7 +196,7 @@ def run_training_row(p: Any, opts: Any, store: ResultsStore) -> dict[str, Any]:
     return record
 
 
-def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
+def _run_filters(p: PlannedRow, figures: dict[str, Any], opts: RunOptions,
                  store: ResultsStore) -> dict[str, Any]:
 
     assert p.run_dir is not None
@@ -243,7 +210,7 @@ def _run_filters(p: Any, figures: dict[str, Any], opts: Any,
     return {"artifact": relative.as_posix(), "layers": layers, "filters": settings}
 
 
-def run_prune_row(p: Any, source: dict[str, Any], opts: Any) -> dict[str, Any]:
+def run_prune_row(p: PlannedRow, source: dict[str, Any], opts: RunOptions) -> dict[str, Any]:
 
     src_dir = Path(source["run_dir"])
     if not (src_dir / "checkpoints").is_dir():

@@ -2,6 +2,8 @@
 
 * :func:`plot_error_vs_params`: DACNN Figure 5, top-1 error against unique parameters (log scale),
   the paper's points beside ours;
+* :func:`plot_frontier`: error against unique parameters or training CPU-seconds, coloured by
+  strategy (sharing, narrowing, pruning), the Pareto set joined (:func:`pareto_set`);
 * :func:`plot_curves`: Figures 4 and 6, validation error per epoch of each run (the paper plots
   test curves; our runs select on a held-out validation split and test once);
 * :func:`plot_sweep`: error against a row's ``x`` (Table 2's depth, LruNet's reuse count N), one
@@ -14,13 +16,14 @@ same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_error_vs_params", "plot_curves", "plot_sweep", "plot_filters"]
+__all__ = ["plot_error_vs_params", "plot_frontier", "pareto_set", "plot_curves", "plot_sweep", "plot_filters"]
 
 
 def _pyplot() -> Any:
@@ -65,6 +68,52 @@ def plot_error_vs_params(path: Path, rows: Sequence[Any], records: dict[str, dic
         ax.grid(alpha=0.3)
         if not points:
             ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pareto_set(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower x and lower error),
+    in increasing x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    best, keep = math.inf, []
+    for i in order:
+        if points[i][1] < best:
+            keep.append(i)
+            best = points[i][1]
+    return keep
+
+
+def plot_frontier(path: Path, rows: Sequence[Any], records: dict[str, dict[str, Any]], title: str,
+                  caption: str, strategy: Callable[[Any], str | None], x_of: Callable[[dict[str, Any]], Any],
+                  xlabel: str) -> Path:
+    """Error against ``x_of(record)`` (log scale), one colour per strategy, the Pareto set joined."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    pts = [(r, x_of(records[r.id]), _error(records[r.id])) for r in rows if r.id in records]
+    pts = [(r, x, y) for r, x, y in pts if x and y is not None]
+    styles = {"sharing": ("tab:blue", "o"), "narrowing": ("tab:orange", "s"), "pruning": ("tab:green", "^")}
+    seen = set()
+    for r, x, y in pts:
+        name = strategy(r) or "other"
+        color, marker = styles.get(name, ("tab:gray", "x"))
+        ax.scatter(x, y, s=36, color=color, marker=marker, label=None if name in seen else name)
+        seen.add(name)
+        ax.annotate(r.label, (x, y), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+    front = pareto_set([(x, y) for _, x, y in pts if strategy(_) is not None])
+    ranked = [(x, y) for r, x, y in pts if strategy(r) is not None]
+    if front:
+        xs, ys = zip(*(ranked[i] for i in front))
+        ax.step(xs, ys, where="post", color="black", alpha=0.5, linewidth=1, label="Pareto set")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 test error (%)")
+    ax.set_title(caption, fontsize=10)
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -2,10 +2,11 @@
 
 The best checkpoint a ``dacnn reproduce`` row recorded (``extra.best_weights`` with its sha256) is
 checked against the record, re-evaluated on the test split with today's code (it must give the
-record's test accuracy), written under ``weights/trained/<model>.<tag>.safetensors`` with a sidecar,
-and entered in :data:`dacnn.hub.TRAINED_TABLE` with its size, sha256, accuracy and the run that made it.
+record's test accuracy), written under ``<weights_root>/trained/<model>.<tag>.safetensors`` with a
+sidecar, and entered in the trained-weights table (``table``; the package's
+:data:`dacnn.hub.TRAINED_TABLE` in a checkout) with its size, sha256, accuracy and the run that made it.
 ``create_model("<model>.<tag>", pretrained=True)`` and ``dacnn eval --model <model>.<tag> --pretrained``
-then find it like any released weights (issue 12, item 4).
+then find it like any released weights, with ``weights_root`` on the weights search path.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from dacnn import checkpoint as ckpt
+from dacnn.analysis.evaluate import test_accuracy, test_loader
 from dacnn.data import DATASETS
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.experiments.store import ResultsStore
-from dacnn.export.resolve import load_source, test_accuracy, test_loader
 from dacnn.fileio import atomic_write_text, sha256_file
-from dacnn.hub import REPO_WEIGHTS_DIR, TRAINED_TABLE, read_trained_table
+from dacnn.hub import TRAINED_TABLE, read_trained_table, trained_entry
+from dacnn.loading import load_source
 
 __all__ = ["find_record", "publish"]
 
@@ -48,7 +50,7 @@ def publish(
     tag: str,
     *,
     data_dir: str | None = None,
-    weights_root: str | Path = REPO_WEIGHTS_DIR,
+    weights_root: str | Path,
     table: str | Path = TRAINED_TABLE,
     notes: str = "",
 ) -> dict[str, Any]:
@@ -72,7 +74,8 @@ def publish(
             f"{source}: sha256 {digest} is not the record's {extra.get('best_weights_sha256')}"
         )
     model, meta = load_source(source)
-    acc = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")))
+    tta = int(meta.get("tta") or 0)
+    acc = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")), tta)
     if abs(acc - float(record["test_acc"])) > ACCURACY_TOLERANCE:
         raise CheckpointError(
             f"{source}: today's code measures {acc:.2f} % on the test split, the record "
@@ -107,26 +110,19 @@ def publish(
             "dataset": record["dataset"],
             "normalize": meta.get("normalize", True),
             "pad_to": meta.get("pad_to"),
+            "tta": tta,
             "pretrained": name,
             "trained_by": trained_by,
         },
     )
-    entry = {
-        "model": record["model"],
-        "tag": tag,
-        "file": rel,
-        "sha256": sha256_file(out),
-        "bytes": out.stat().st_size,
-        "dataset": record["dataset"],
-        "accuracy": round(float(record["test_acc"]), 2),
-        "model_kwargs": kwargs,
-        "normalize": meta.get("normalize", True),
-        "pad_to": meta.get("pad_to"),
-        "input_size": list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))),
-        "trained_by": trained_by,
-        "unique_params": record.get("unique_params"),
-        "notes": notes,
-    }
+    entry = trained_entry(
+        model=record["model"], tag=tag, file=rel, sha256=sha256_file(out), bytes=out.stat().st_size,
+        dataset=record["dataset"], accuracy=round(float(record["test_acc"]), 2), model_kwargs=kwargs,
+        normalize=meta.get("normalize", True), pad_to=meta.get("pad_to"),
+        input_size=list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))), trained_by=trained_by,
+        unique_params=record.get("unique_params"), tta=tta,
+        train_cpu_seconds=(record.get("extra") or {}).get("cpu_time"), notes=notes,
+    )
     entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]
     entries.append(entry)
     entries.sort(key=lambda e: (e["model"], e["tag"]))

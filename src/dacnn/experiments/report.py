@@ -25,7 +25,7 @@ from typing import Any
 from dacnn.analysis.activation_max import load_filters
 from dacnn.errors import ConfigError
 from dacnn.experiments import plots
-from dacnn.experiments.runner import RunOptions, plan
+from dacnn.experiments.planning import RunOptions, plan
 from dacnn.experiments.spec import SPEC_DIR, Spec, get_spec, load_specs, rows_at_scale
 from dacnn.experiments.store import ResultsStore
 from dacnn.train.runlog import format_duration
@@ -213,6 +213,12 @@ def _plots(spec: Spec, source: Spec, rows: Sequence[Any], records: dict[str, dic
         title = f"{spec.title} — {scale} scale"
         if kind == "error_vs_params":
             made.append(plots.plot_error_vs_params(path, rows, records, title, caption))
+        elif kind in ("frontier", "frontier_cpu_time"):
+            by_params = kind == "frontier"
+            made.append(plots.plot_frontier(
+                path, rows, records, title, caption, source.strategy,
+                (lambda rec: (rec.get("unique_params") or 0) / 1e6) if by_params else _cpu_hours,
+                "unique parameters (M)" if by_params else "training CPU time (CPU-hours, one thread)"))
         elif kind == "curves":
             made.append(plots.plot_curves(path, rows, records, title, caption))
         elif kind in ("depth", "reuse"):
@@ -268,6 +274,8 @@ def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, d
         lines += ["‡ recorded from a tree with uncommitted source changes (`--allow-dirty`).", ""]
     if not spec.from_spec:
         lines += _comparisons(source, runs, scale) + ([""] if source.comparisons else [])
+        if source.budgets:
+            lines += _which_wins(source, rows, runs) + _baseline_view(source, rows, runs)
     for path in _plots(spec, source, rows, records, scale, figures, store, caption):
         lines += [f"![{spec.title}, {scale} scale]({os.path.relpath(path, doc_dir)})", ""]
     lines += [_provenance([r for recs in runs.values() for r in recs]), ""]
@@ -288,9 +296,89 @@ def _runs_done(spec: Spec, scale: str, store: ResultsStore) -> str:
 
 
 def _mean_record(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The first seed's record with the mean test error over the seeds."""
+    """The first seed's record with the mean test error (and training CPU time) over the seeds."""
     mean, _ = mean_sd(_errors(recs))
-    return {**recs[0], "test_error": mean, "test_acc": None if mean is None else 100.0 - mean}
+    cpu, _ = mean_sd([r["extra"]["cpu_time"] for r in recs if (r.get("extra") or {}).get("cpu_time")])
+    extra = {**(recs[0].get("extra") or {}), **({"cpu_time": cpu} if cpu is not None else {})}
+    return {**recs[0], "test_error": mean, "test_acc": None if mean is None else 100.0 - mean, "extra": extra}
+
+
+def _cpu_hours(record: dict[str, Any]) -> float | None:
+    seconds = (record.get("extra") or {}).get("cpu_time")
+    return None if seconds is None else seconds / 3600
+
+
+def _uncertainty(recs: Sequence[dict[str, Any]]) -> tuple[float | None, float | None, str]:
+    """Mean error and its standard error: over seeds (sd / sqrt(n)) when there are several, else the
+    test set's binomial error alone (the seed spread unmeasured)."""
+    errors = _errors(recs)
+    mean, sd = mean_sd(errors)
+    if mean is None:
+        return None, None, ""
+    if sd is not None:
+        return mean, sd / math.sqrt(len(errors)), f"n={len(errors)}"
+    se = _binomial_se(recs[0], mean)
+    return mean, None if math.isnan(se) else se, "n=1"
+
+
+def _which_wins(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per parameter budget: the best row of each strategy in it and the winner, resolved
+    when its lead over the runner-up exceeds twice their combined standard error."""
+    names = list(spec.strategies)
+    head = ["unique parameters"] + names + ["winner", "lead (points)"]
+    lines = ["At each budget, the lowest-error row of each strategy (mean ± standard error: over seeds "
+             "where n ≥ 2, else the test set's binomial error only, the seed-to-seed spread unmeasured):",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for low, high in spec.budgets:
+        best: dict[str, tuple[float, float | None, Any, str]] = {}
+        for row in rows:
+            name, recs = spec.strategy(row), runs.get(row.id)
+            if name is None or not recs or not low <= (recs[0].get("unique_params") or -1) <= high:
+                continue
+            mean, se, n = _uncertainty(recs)
+            if mean is not None and (name not in best or mean < best[name][0]):
+                best[name] = (mean, se, row, n)
+        cells = [f"{_count(low)}–{_count(high)}"]
+        for name in names:
+            if name in best:
+                mean, se, row, n = best[name]
+                params = _count(runs[row.id][0].get("unique_params"))
+                spread = f" ± {se:.2f}" if se else ""
+                cells.append(f"{row.label} ({params}): {mean:.2f}{spread}, {n}")
+            else:
+                cells.append("—")
+        ranked = sorted(best.items(), key=lambda kv: kv[1][0])
+        if len(ranked) >= 2:
+            (win, (m1, s1, _, _)), (_, (m2, s2, _, _)) = ranked[0], ranked[1]
+            se = math.sqrt((s1 or 0) ** 2 + (s2 or 0) ** 2)
+            verdict = "resolved" if se and m2 - m1 > 2 * se else "not resolved"
+            cells += [f"**{win}**", f"{m2 - m1:.2f} ± {se:.2f}: {verdict}"]
+        else:
+            cells += [ranked[0][0] if ranked else "—", "only one strategy measured" if ranked else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _baseline_view(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Table 8's layout from the same runs: each row with a baseline, its accuracy drop and the share of
+    the baseline's unique parameters it removes."""
+    lines = ["| row | baseline | accuracy drop (points) | parameters removed |", "|---|---|---|---|"]
+    found = False
+    for row in rows:
+        base_id = row.baseline or row.prune.get("source")
+        if not base_id or row.id not in runs or base_id not in runs:
+            continue
+        (ma, sa, _), (mb, sb, _) = _uncertainty(runs[row.id]), _uncertainty(runs[base_id])
+        if ma is None or mb is None:
+            continue
+        p, pb = runs[row.id][0].get("unique_params") or 0, runs[base_id][0].get("unique_params") or 0
+        se = math.sqrt((sa or 0) ** 2 + (sb or 0) ** 2)
+        removed = 100.0 * (1 - p / pb) if pb else math.nan
+        base = spec.row(base_id).label
+        lines.append(f"| {row.label} | {base} | {ma - mb:+.2f} ± {se:.2f} | {removed:.1f} % |")
+        found = True
+    title = "Table 8's layout (accuracy drop against each row's base, from the same runs):"
+    return [title, ""] + lines + [""] if found else []
 
 
 def build_report(results: str | Path = "results", output: str | Path = "docs/results.md",

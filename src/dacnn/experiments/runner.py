@@ -13,160 +13,17 @@ another row's trained model, Table 8), ``quoted`` (the paper's number only: noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from dacnn.errors import ConfigError
 from dacnn.experiments.execute import run_prune_row, run_training_row
-from dacnn.experiments.spec import SPEC_DIR, ResolvedRow, Spec, get_spec, resolve_row, rows_at_scale
-from dacnn.experiments.store import ResultsStore, check_clean, config_hash, source_hash
-from dacnn.train.config import resolve_config
+from dacnn.experiments.planning import PlannedRow, RunOptions, plan
+from dacnn.experiments.provenance import check_clean
+from dacnn.experiments.spec import get_spec
+from dacnn.experiments.store import ResultsStore
 from dacnn.train.runlog import format_duration
 
 __all__ = ["RunOptions", "PlannedRow", "plan", "reproduce", "row_status"]
-
-
-@dataclass
-class RunOptions:
-    """Where results and runs go, and how to run (see ``dacnn reproduce --help``)."""
-
-    scale: str
-    results: Path = Path("results")
-    runs_dir: Path = Path("runs/reproduce")
-    data_dir: str | None = None
-    device: str | None = None
-    force: bool = False
-    verbose: bool = True
-    rows: list[str] | None = None
-    threads: int | None = None  # torch intra-op threads (1 is much faster on a loaded CPU)
-    resume: bool = False  # continue interrupted runs (else an interrupted run is an error)
-    allow_dirty: bool = False  # record from a tree whose src/ has uncommitted changes (marked dirty)
-    jobs: int = 1  # training rows run at once, each in its own single-threaded process
-    command: str | None = None  # the command line stored in each record
-    seeds: list[int] | None = None  # run only these seeds of rows that run over several
-    overrides: dict[str, Any] = field(default_factory=dict)  # training settings over the spec's (hashed)
-    spec_dir: Path = SPEC_DIR
-    say: Any = field(default=print, repr=False)
-
-
-@dataclass
-class PlannedRow:
-    """A resolved row with its training config, hash and run directory."""
-
-    resolved: ResolvedRow
-    train: dict[str, Any]  # the full resolved TrainConfig as a dict (empty for prune/quoted rows)
-    runner: dict[str, Any]
-    chash: str
-    run_dir: Path | None
-
-    @property
-    def row(self) -> Any:
-        return self.resolved.row
-
-    @property
-    def spec(self) -> Spec:
-        return self.resolved.spec
-
-    @property
-    def run_id(self) -> str:
-        """The row id, with ``#seed`` when the row runs over several seeds."""
-        return f"{self.row.id}#{self.train.get('seed')}" if self.resolved.seeds else self.row.id
-
-    @property
-    def name(self) -> str:
-        """``spec/row`` (``spec/row#seed``)."""
-        return f"{self.spec.name}/{self.run_id}"
-
-
-def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
-    settings: dict[str, Any] = {"kind": rr.row.kind, "test_subset": rr.test_subset}
-    if rr.row.kind == "filters":
-        settings["filters"] = rr.filters
-    return settings
-
-
-def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow]) -> PlannedRow:
-
-    row = rr.row
-    if row.kind == "quoted":
-        chash = config_hash({}, {"kind": "quoted", "row": row.id})
-        return PlannedRow(rr, {}, {"kind": "quoted"}, chash, None)
-    if row.kind == "prune":
-        source = planned[row.prune["source"]]
-        runner = {"kind": "prune", "source": source.chash, "test_subset": rr.test_subset,
-                  **{k: v for k, v in rr.prune.items() if k != "source"}}
-        chash = config_hash({}, runner)
-        return PlannedRow(rr, {}, runner, chash, _run_dir(opts, f"prune-{chash}"))
-    if opts.overrides:
-        rr = replace(rr, train=_overridden(rr.train, opts.overrides))
-    try:
-        cfg = resolve_config(rr.train)
-    except ConfigError as exc:
-        raise ConfigError(f"{rr.spec.path}: row {row.id!r} at {rr.scale} scale: {exc}") from None
-    train = cfg.to_dict()
-    runner = _runner_settings(rr)
-    if rr.test_subset:
-        train["eval_test"] = False
-    chash = config_hash(train, runner)
-    return PlannedRow(rr, train, runner, chash, _run_dir(opts, f"{cfg.model}-{chash}"))
-
-
-def _overridden(train: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` over ``train``; new epochs without new milestones scale them (as recipes do)."""
-    out = {**train, **overrides}
-    if "epochs" in overrides and "lr_milestones" not in overrides and train.get("lr_milestones"):
-        ratio = int(overrides["epochs"]) / int(train.get("epochs") or overrides["epochs"])
-        out["lr_milestones"] = sorted({max(1, int(m * ratio)) for m in train["lr_milestones"]})
-    return out
-
-
-def _run_dir(opts: RunOptions, name: str) -> Path:
-    """``<runs>/<scale>/<name>-<source hash>``: only the code that started a run resumes or reads it back."""
-    return opts.runs_dir / opts.scale / f"{name}-{source_hash()[:8]}"
-
-
-def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
-    """The rows to consider (``opts.rows`` or all at the scale, plus prune sources), in run order.
-
-    A figure drawn from another spec's runs plans that spec's rows; the returned spec is the one
-    whose store file receives the records.
-    """
-    if spec.from_spec is not None:
-        wanted = list(opts.rows or spec.row_ids or [])
-        spec = get_spec(spec.from_spec, spec.path.parent)
-        if not wanted:
-            wanted = [r.id for r in rows_at_scale(spec, opts.scale)]
-    else:
-        wanted = list(opts.rows) if opts.rows else [r.id for r in rows_at_scale(spec, opts.scale)]
-    for row_id in wanted:
-        spec.row(row_id)  # raises on an unknown id
-    order: list[str] = []
-
-    def add(row_id: str) -> None:
-        row = spec.row(row_id)
-        dep = row.prune.get("source")
-        if dep and dep not in order:
-            add(dep)
-        if row_id not in order:
-            order.append(row_id)
-
-    for row_id in wanted:
-        add(row_id)
-    first: dict[str, PlannedRow] = {}  # row id -> its first seed's run (a prune row's source)
-    out: list[PlannedRow] = []
-    for row_id in order:
-        rr = resolve_row(spec, spec.row(row_id), opts.scale)
-        variants = [rr] if rr.seeds is None else [replace(rr, train={**rr.train, "seed": s})
-                                                  for s in rr.seeds]
-        if opts.seeds is not None and rr.seeds is not None:
-            kept = [v for v in variants if v.train["seed"] in opts.seeds]
-            variants = kept or (variants[:1] if row_id not in wanted else [])  # a prune row's source
-        for variant in variants:
-            p = _plan_row(variant, opts, first)
-            first.setdefault(row_id, p)
-            out.append(p)
-    return spec, out
 
 
 def row_status(p: PlannedRow, store: ResultsStore) -> str:

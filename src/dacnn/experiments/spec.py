@@ -52,7 +52,7 @@ SPEC_DIR = Path(__file__).with_name("specs")
 PROTOCOLS_FILE = "protocols.yaml"
 
 _SPEC_KEYS = {"name", "kind", "title", "source", "claim", "protocol", "metric", "plots", "defaults", "scales",
-              "rows", "comparisons", "from", "row_ids", "order"}
+              "rows", "comparisons", "from", "row_ids", "order", "budgets", "strategies"}
 _ROW_KEYS = {"id", "label", "kind", "model", "train", "paper", "group", "x", "scales", "baseline", "prune",
              "filters", "note"}
 _SCALE_KEYS = {"note", "datasets", "width_divisor", "train", "test_subset", "rows", "prune", "filters",
@@ -120,6 +120,12 @@ class Spec:
     from_spec: str | None = None
     row_ids: tuple[str, ...] | None = None  # for figures: the rows of ``from_spec`` they draw
     order: int = 0
+    budgets: tuple[tuple[int, int], ...] = ()  # unique-parameter ranges of the which-wins table
+    strategies: dict[str, tuple[str, ...]] = field(default_factory=dict)  # strategy -> row groups
+
+    def strategy(self, row: Row) -> str | None:
+        """The strategy (e.g. ``sharing``) whose groups hold ``row.group``, if any."""
+        return next((name for name, groups in self.strategies.items() if row.group in groups), None)
 
     def row(self, row_id: str) -> Row:
         for row in self.rows:
@@ -276,9 +282,21 @@ def load_spec(path: str | Path) -> Spec:
         defaults=dict(data.get("defaults") or {}), scales=scales, rows=rows,
         comparisons=tuple(data.get("comparisons") or ()), from_spec=data.get("from"),
         row_ids=tuple(data["row_ids"]) if data.get("row_ids") else None, order=int(data.get("order", 0)),
+        budgets=_parse_budgets(data.get("budgets"), path),
+        strategies={str(k): tuple(v) for k, v in (data.get("strategies") or {}).items()},
     )
     _validate_references(spec)
     return spec
+
+
+def _parse_budgets(value: Any, path: Path) -> tuple[tuple[int, int], ...]:
+    if value is None:
+        return ()
+    ok = isinstance(value, list) and all(isinstance(b, list) and len(b) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in b) and b[0] <= b[1] for b in value)
+    if not ok:
+        raise SpecError(f"{path}: budgets must be a list of [low, high] parameter counts, got {value!r}")
+    return tuple((b[0], b[1]) for b in value)
 
 
 def _validate_references(spec: Spec) -> None:

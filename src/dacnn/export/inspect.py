@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.checkpoint import read_sidecar
+from dacnn.compact_format import FORMAT, SCALE_SUFFIX, SCALES, VECTORS, parse_header
 from dacnn.counting import count_params, parameter_uses
 from dacnn.errors import CheckpointError
-from dacnn.export.compact import FORMAT, SCALE_SUFFIX, SCALES, VECTORS, parse_header
 from dacnn.registry import create_model
 
 __all__ = ["TensorRow", "InspectReport", "inspect_file", "format_report"]

@@ -3,7 +3,7 @@
 The TorchScript exporter (``dynamo=False``, fast) is used **without constant folding**: in eval
 mode, folding fuses each Conv with the BatchNorm after it, which for a shared kernel with a
 BatchNorm per use writes one folded copy of the kernel per use (DACNN-14 at width 32: 28
-initializers and 457 kB instead of 56 and 62 kB, ``../shared/reference/PITFALLS.md`` items 5 and
+initializers and 457 kB instead of 56 and 62 kB, ``docs/reference/PITFALLS.md`` items 5 and
 10). Without folding every shared kernel is one initializer used by several ``Conv`` nodes, and each
 use keeps its own ``BatchNormalization`` node. :func:`onnx_sharing_report` checks both after export;
 :func:`max_abs_diff` compares onnxruntime with PyTorch. A model whose forward bakes the batch size

@@ -13,7 +13,7 @@
 ``depth`` counts weight layers as the paper does: convolutions plus the one linear classifier
 (DACNN-14 = 13 convolutions + FC). Where the official release code differs (conv->ReLU->BN order,
 conv biases, unused regulators, channel rotation, the release ResNets' fourth max-pool after the
-last group, ``Mix_Net``'s bare first conv of ``block_512_2``; see ``../shared/reference/SPEC.md``
+last group, ``Mix_Net``'s bare first conv of ``block_512_2``; see ``docs/reference/SPEC.md``
 section 3) this file follows the paper; ``docs/parameters.md`` says how that compares with the paper's counts.
 
 Parameter accounting (:mod:`dacnn.analysis.paper_figures`): of the 44 parameter figures printed in

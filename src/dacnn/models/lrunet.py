@@ -475,9 +475,9 @@ def lrunet_2x(pretrained: bool = False, **kwargs: Any) -> LruNet:
     return _create_lrunet("lrunet_2x", pretrained, **kwargs)
 
 
-# The six checkpoints the authors released (../shared/reference/weights/lrunet/MANIFEST.json):
+# The six checkpoints the authors released (their MANIFEST.json, under lrunet/ of the weights path):
 # (model, dataset, layer_reuse, file, sha256, reported test accuracy %).
-_CIFAR_NOTE = "published on the original test set; ../shared/data's CIFAR is JPEG re-encoded (4-5 pts lower)"
+_CIFAR_NOTE = "published on the original test set; a JPEG re-encoded CIFAR-10 scores 4-5 points lower"
 _RELEASE = "okankop/CNN-layer-reuse@1dd8d42bf58442c9530dd660fabe054d434008ed, folder pretrained/"
 _RELEASED = (
     ("lrunet_1x", "cifar10", 1, "cifar10-lru1-ckpt-08391.t7",

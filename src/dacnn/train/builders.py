@@ -104,8 +104,7 @@ def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None,
         train = full.subset(cfg.train_subset, seed=0)
     if len(train) < cfg.batch_size:
         raise ConfigError(f"field 'batch_size' {cfg.batch_size} exceeds the {len(train)} training images")
-    height = info.image_size[0]
-    pad_to = cfg.pad_to if cfg.pad_to is not None else (model_hw if model_hw and model_hw > height else None)
+    pad_to = info.pad_for(model_hw, cfg.pad_to)
     augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, rotate_degrees=cfg.rotate_degrees,
                       cutout=cfg.cutout, translate=cfg.translate, alternate_flip=cfg.alternate_flip)
     common = {"device": device, "normalize": cfg.normalize, "pad_to": pad_to}

@@ -6,7 +6,7 @@ augmentation) and keeps its slice ``x[rank::world]`` of each global batch (:func
 so the global batch and the data order do not depend on the number of processes, and rank 0
 alone writes files. Shared kernels are one ``nn.Parameter`` each and are reduced once; parameters
 a model registers but never uses are found by a probe before wrapping (``find_unused_parameters``
-only when needed; ``../shared/reference/PITFALLS.md`` item 6).
+only when needed; ``docs/reference/PITFALLS.md`` item 6).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Exponential moving average of a model's weights, each shared tensor updated once per step.
 
 Helpers that walk ``state_dict()`` update a tensor once per *alias*: a kernel shared 16 times moves
-``1 - d**16`` instead of ``1 - d`` per step (``../shared/reference/PITFALLS.md`` item 4, timm's
+``1 - d**16`` instead of ``1 - d`` per step (``docs/reference/PITFALLS.md`` item 4, timm's
 ModelEma, YOLOv5's ModelEMA). :class:`ModelEMA` walks the deduplicated ``parameters()`` and
 ``buffers()`` of a deep copy instead, so it agrees with the model tensor for tensor.
 """

@@ -3,9 +3,9 @@
 In eval mode ``BN(conv(x, W) + b) = conv(x, W * a) + (b - mean) * a + beta`` with
 ``a = gamma / sqrt(var + eps)``: one pass over the activations instead of two. A shared kernel
 followed by per-use BatchNorms gets one folded copy per use, so the copy is for evaluation only (it
-is untied; ``../shared/reference/PITFALLS.md`` item 5): the model itself is never changed.
+is untied; ``docs/reference/PITFALLS.md`` item 5): the model itself is never changed.
 
-Pairs folded: a conv (``nn.Conv2d`` or :class:`~dacnn.sharing.AnchoredConv2d`) directly followed
+Pairs folded: a conv (``nn.Conv2d`` or :class:`~dacnn.shared_kernel.AnchoredConv2d`) directly followed
 by a ``BatchNorm2d`` in an ``nn.Sequential`` (data flow guaranteed), and the ``convN``/``bnN``
 attribute pairs of the blocks defined in :mod:`dacnn.models` (``bnN(convN(x))`` in each of them;
 a test checks the models' outputs). Blocks defined elsewhere keep their attribute pairs (a

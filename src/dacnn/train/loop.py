@@ -1,14 +1,15 @@
 """The training loop: ``train(config) -> TrainResult``.
 
-One epoch = shuffle (a function of seed and epoch), for each batch: set lr, forward/backward, check
-the loss is finite, clip, step, update the EMA, maybe checkpoint; then validate, log a line, save
-the epoch's checkpoint. The model is selected on the validation split (best accuracy) and only that
-model is evaluated on the test split, once, at the end.
+One epoch (:meth:`_Run.run`, top to bottom) = shuffle (a function of seed and epoch), for each batch:
+set lr, forward/backward, check the loss is finite, clip, step, update the weight averages (EMA,
+lookahead), maybe checkpoint; then validate, log a line, save the epoch's checkpoint. The model is
+selected on the validation split (best accuracy) and only that model is evaluated on the test split,
+once, at the end.
 
 Resuming restores weights, optimizer, EMA, position (epoch, batches done) and RNG states: the
-loader's order and augmentation are functions of (seed, epoch, batch), so the resumed run skips
-the batches already done and continues bitwise as the uninterrupted run would (CPU, deterministic
-mode, same thread count).
+loader's order and augmentation are functions of (seed, epoch, batch), so the resumed run positions
+the loader at the batch it stopped at (``set_epoch(epoch, start_batch)``) and continues bitwise as the
+uninterrupted run would (CPU, deterministic mode, same thread count).
 """
 
 from __future__ import annotations
@@ -160,55 +161,49 @@ class _Start:
 
 
 class _Run:
+    """One training run: every part of it is built here, then :meth:`run` is the epoch loop."""
+
     def __init__(self, cfg: TrainConfig, device: torch.device, ctx: DistContext,
                  resume: str | Path | None, verbose: bool, given: _Start | None = None) -> None:
-        self.given = given or _Start()
+        given = given or _Start()
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.elapsed_before, self.cpu_before = 0.0, 0.0  # of the run's earlier parts (resume)
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.say = print if verbose and ctx.is_main else (lambda *a, **k: None)
         # made atomically and locked before any work; a resume is checked (rundir.resume_point)
         self.run_dir, self.lock, self.resume_state = open_run(cfg.to_dict(), resume, ctx, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
-
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        cfg, device = self.cfg, self.device
         set_deterministic(cfg.deterministic)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         elif device.type == "cpu" and not cfg.deterministic:  # a bitwise resume needs a fixed count
-            torch.set_num_threads(max(1, idle_cores() // self.ctx.world))  # ranks share the cores
+            torch.set_num_threads(max(1, idle_cores() // ctx.world))  # ranks share the cores
         seed_everything(cfg.seed)
         info = dataset_info(cfg.dataset)
         self.kwargs = model_kwargs(cfg, info.num_classes, info.image_size[2])
         self.speed = resolve_speed(cfg, device)
         warn_slow_amp(device, self.speed.amp)
-        self.model = build_model(cfg.model, self.kwargs).to(device)
-        if self.given.init_weights is not None:  # replaces the random init: draw as if none was made
-            ckpt.load_weights(self.model, self.given.init_weights, device)
+        self.model = self.build_model(given.init_weights)
+        if given.init_weights is not None:  # replaces the random init: draw as if none was made
             seed_everything(cfg.seed)
         if cfg.freeze_norm_scale:
             freeze_norm_scales(self.model)
         if cfg.bn_momentum is not None:
             set_bn_momentum(self.model, cfg.bn_momentum)
-        if self.speed.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.data = build_data(cfg, device, model_input_hw(cfg.model), self.ctx)
-        self.whitened = None  # the frozen whitening conv (its bias trains for whiten_bias_epochs)
-        if cfg.whiten:
-            self.whitened = init_patch_whitening(self.model, self.data.train.plain_images(WHITENING_IMAGES))
-        self.lookahead: Lookahead | None = None
+        self.data = build_data(cfg, device, model_input_hw(cfg.model), ctx)
+        # the frozen whitening conv (its bias trains for whiten_bias_epochs), set from the data
+        self.whitened = (init_patch_whitening(self.model, self.data.train.plain_images(WHITENING_IMAGES))
+                         if cfg.whiten else None)
+        self.lookahead: Lookahead | None = None  # made at epoch lookahead_start (the model is the average)
         self.lookahead_start = int(0.3 * cfg.epochs) if cfg.lookahead else None
-        if self.ctx.enabled:
-            torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)  # own dropout noise per rank
-        self.ema = None
-        if cfg.ema is not None:
-            self.ema = ModelEMA(self.model, decay=cfg.ema)
+        if ctx.enabled:
+            torch.manual_seed(cfg.seed * 1000 + ctx.rank)  # own dropout noise per rank
+        self.ema = ModelEMA(self.model, decay=cfg.ema) if cfg.ema is not None else None
         self.optimizer = build_optimizer(self.model, cfg)
-        if self.given.on_optimizer is not None:
-            self.given.on_optimizer(self.model, self.optimizer)
+        if given.on_optimizer is not None:
+            given.on_optimizer(self.model, self.optimizer)
         self.input_size = info.input_size(self.data.pad_to)
-        train_model = wrap_ddp(self.model, self.ctx, device, self.input_size)
+        train_model = wrap_ddp(self.model, ctx, device, self.input_size)
         eval_model = self.ema.module if self.ema is not None else self.model
         if self.speed.compile:
             train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
@@ -218,13 +213,23 @@ class _Run:
                                  channels_last=self.speed.channels_last)
         self.steps_per_epoch = len(self.data.train)
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
-        self.log = RunLog(self.run_dir, enabled=self.ctx.is_main, tensorboard=cfg.tensorboard)
+        self.log = RunLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
         self.meta = {"model": cfg.model, "model_kwargs": self.kwargs, "dataset": cfg.dataset,
-                     "normalize": cfg.normalize, "pad_to": self.data.pad_to, "tta": cfg.tta,
-                     **self.given.meta}
+                     "normalize": cfg.normalize, "pad_to": self.data.pad_to, "tta": cfg.tta, **given.meta}
+        self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
+        self.check_every = (cfg.nan_check_every if cfg.nan_check_every is not None
+                            else int(device.type != "cuda"))
+
+    def build_model(self, weights: str | Path | None = None) -> nn.Module:
+        """The run's model on its device and memory format, with ``weights`` loaded if given: the
+        trained model, and the one the test evaluates."""
+        model = build_model(self.cfg.model, self.kwargs).to(self.device)
+        if weights is not None:
+            ckpt.load_weights(model, weights, self.device)
+        return model.to(memory_format=torch.channels_last) if self.speed.channels_last else model
 
     def restore(self, state: dict[str, Any]) -> tuple[int, int, int]:
-        """Load a training state; returns (start epoch, batches to skip, global step)."""
+        """Load a training state; returns (start epoch, batches done in it, global step)."""
         ckpt.load_weights(self.model, self.ckpt_dir / state["weights"], self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
@@ -242,6 +247,104 @@ class _Run:
         self.log.resume(start)
         self.say(f"resuming {self.run_dir} at epoch {start + 1}, batch {skip} (step {state['global_step']})")
         return start, skip, int(state["global_step"])
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        """Per epoch: position the loader, set the lr, step, average, check, then validate and save."""
+        cfg, state = self.cfg, self.resume_state
+        epoch, batch, step = self.restore(state) if state is not None else (0, 0, 0)
+        self.announce()
+        while epoch < cfg.epochs:
+            running = _Running(self.device, state["running"] if state is not None and batch else None)
+            self.data.train.set_epoch(epoch, start_batch=batch)  # resumed: from the batch it stopped at
+            if state is not None:
+                ckpt.restore_rng(state["rng"])  # the global generators (dropout) as they were saved
+                state = None
+            self.begin_epoch(epoch)
+            self.model.train()
+            tick = time.perf_counter()
+            for x, y in self.batches(epoch, batch):
+                self.schedule.apply(self.optimizer, epoch, batch)
+                loss, correct = self.runner.forward_backward(x, y)
+                will_save = cfg.ckpt_every_steps and (step + 1) % cfg.ckpt_every_steps == 0
+                if (self.check_every and (step + 1) % self.check_every == 0) or will_save \
+                        or batch + 1 == self.steps_per_epoch:
+                    self.check_finite(loss, running, epoch, batch, step)
+                self.runner.apply()
+                self.average(step + 1)
+                running.add(loss, correct, y.numel())  # this rank's images; summed over ranks once
+                batch, step = batch + 1, step + 1
+                if will_save and batch < self.steps_per_epoch:  # the epoch's end saves anyway
+                    running.seconds += time.perf_counter() - tick
+                    self.save(epoch, batch, step, running, epoch_done=False)
+                    tick = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            running.seconds += time.perf_counter() - tick
+            self.end_epoch(epoch, step, running)
+            epoch, batch = epoch + 1, 0
+        return self.finish()
+
+    def announce(self) -> None:
+        """Write the resolved config (on resume: with any changed settings) and say what runs."""
+        cfg = self.cfg
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self.say(f"run {self.run_dir}: {cfg.model} on {cfg.dataset} ({self.data.train_size} train images, "
+                 f"{self.steps_per_epoch} steps/epoch, {count_params(self.model).unique:,} unique params, "
+                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''}, "
+                 f"{self.speed.describe()})")
+
+    def batches(self, epoch: int, first: int) -> Any:
+        """The epoch's batches from ``first`` on, with a progress bar on the main process."""
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg.epochs}", self.ctx.is_main)
+        if bar is None:
+            yield from self.data.train
+            return
+        bar.update(first)
+        for item in self.data.train:
+            yield item
+            bar.update(1)
+        bar.close()
+
+    def begin_epoch(self, epoch: int) -> None:
+        """The whitening bias trains for its epochs only; the lookahead average starts at its epoch."""
+        if self.whitened is not None and self.whitened.bias is not None:
+            self.whitened.bias.requires_grad_(epoch < self.cfg.whiten_bias_epochs)
+        if self.lookahead_start is not None and epoch >= self.lookahead_start and self.lookahead is None:
+            self.lookahead = Lookahead(self.model)
+
+    def average(self, step: int) -> None:
+        """The weight averages after optimizer step ``step``: the EMA, the lookahead every few steps."""
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.lookahead is not None and step % Lookahead.EVERY == 0:
+            self.lookahead.update(self.model, Lookahead.decay(step, self.schedule.total))
+
+    def end_epoch(self, epoch: int, step: int, running: _Running) -> None:
+        """Take the lookahead average, validate, log the epoch and save its checkpoint."""
+        if self.lookahead is not None:
+            self.lookahead.copy_back(self.model)
+        val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=self.speed.amp,
+                       channels_last=self.speed.channels_last) if self.data.val is not None else None
+        if val is not None and not math.isfinite(val.loss):
+            self.diverged(f"validation loss became {val.loss} after epoch {epoch + 1}")
+        is_best = val is None or self.best["val_acc"] is None or val.acc > self.best["val_acc"]
+        if is_best:
+            self.best = {"val_acc": val.acc if val else None, "epoch": epoch}
+        sums = [running.loss.item(), float(running.correct.item()), float(running.seen)]
+        train_loss, train_correct, seen = all_reduce_sum(sums, self.ctx, self.device)
+        record = {
+            "epoch": epoch, "step": step, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss / max(seen, 1), "train_acc": 100.0 * train_correct / max(seen, 1),
+            "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
+            "images_per_s": seen / max(running.seconds, 1e-9), "epoch_train_s": running.seconds,
+            "wall_time": self.elapsed(), "cpu_time": self.cpu_elapsed(),
+        }
+        self.log.log_epoch(record)
+        self.say(self.epoch_line(record))
+        self.save(epoch, self.steps_per_epoch, step, running, epoch_done=True, is_best=is_best)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, batches_done: int, step: int, running: _Running, *, epoch_done: bool,
@@ -291,97 +394,6 @@ class _Run:
         raise TrainingDiverged(f"{what}; training stopped and {kept}. Lower --lr (now {self.cfg.lr:g}) "
                                "or set --clip-grad.")
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> TrainResult:
-        cfg = self.cfg
-        self.setup()
-        self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
-        self.elapsed_before, self.cpu_before = 0.0, 0.0
-        start_epoch, skip, step = 0, 0, 0
-        if self.resume_state is not None:
-            start_epoch, skip, step = self.restore(self.resume_state)
-        if self.ctx.is_main:  # the resolved config (on resume: with any changed settings)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
-        self.say(f"run {self.run_dir}: {cfg.model} on {cfg.dataset} ({self.data.train_size} train images, "
-                 f"{self.steps_per_epoch} steps/epoch, {count_params(self.model).unique:,} unique params, "
-                 f"{self.device}{f', {self.ctx.world} processes' if self.ctx.enabled else ''}, "
-                 f"{self.speed.describe()})")
-
-        for epoch in range(start_epoch, cfg.epochs):
-            first = epoch == start_epoch
-            saved = self.resume_state["running"] if first and skip and self.resume_state else None
-            running = _Running(self.device, saved)
-            self.data.train.set_epoch(epoch)
-            batches = iter(self.data.train)
-            batch = skip if first else 0
-            for _ in range(batch):  # resume mid-epoch: the same batches, discarded
-                next(batches)
-            if first and self.resume_state is not None:
-                ckpt.restore_rng(self.resume_state["rng"])  # after skipping, see the module docstring
-            if self.whitened is not None and self.whitened.bias is not None:
-                self.whitened.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
-            if self.lookahead_start is not None and epoch >= self.lookahead_start and self.lookahead is None:
-                self.lookahead = Lookahead(self.model)  # at an epoch end the model is the average
-            step = self.train_epoch(epoch, batches, batch, step, running)
-            if self.lookahead is not None:
-                self.lookahead.copy_back(self.model)
-
-            val = evaluate(self.eval_model, self.data.val, self.device, ctx=self.ctx, amp=self.speed.amp,
-                           channels_last=self.speed.channels_last) if self.data.val is not None else None
-            if val is not None and not math.isfinite(val.loss):
-                self.diverged(f"validation loss became {val.loss} after epoch {epoch + 1}")
-            is_best = val is None or self.best["val_acc"] is None or val.acc > self.best["val_acc"]
-            if is_best:
-                self.best = {"val_acc": val.acc if val else None, "epoch": epoch}
-            sums = [running.loss.item(), float(running.correct.item()), float(running.seen)]
-            train_loss, train_correct, seen = all_reduce_sum(sums, self.ctx, self.device)
-            record = {
-                "epoch": epoch, "step": step, "lr": self.optimizer.param_groups[0]["lr"],
-                "train_loss": train_loss / max(seen, 1), "train_acc": 100.0 * train_correct / max(seen, 1),
-                "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
-                "images_per_s": seen / max(running.seconds, 1e-9), "epoch_train_s": running.seconds,
-                "wall_time": self.elapsed(), "cpu_time": self.cpu_elapsed(),
-            }
-            self.log.log_epoch(record)
-            self.say(self.epoch_line(record))
-            self.save(epoch, self.steps_per_epoch, step, running, epoch_done=True, is_best=is_best)
-        return self.finish()
-
-    def train_epoch(self, epoch: int, batches: Any, batch: int, step: int, running: _Running) -> int:
-        cfg, runner = self.cfg, self.runner
-        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", self.ctx.is_main)
-        if bar is not None:
-            bar.update(batch)
-        tick = time.perf_counter()
-        self.model.train()
-        every = cfg.nan_check_every if cfg.nan_check_every is not None else int(self.device.type != "cuda")
-        for x, y in batches:
-            self.schedule.apply(self.optimizer, epoch, batch)
-            loss, correct = runner.forward_backward(x, y)
-            will_save = cfg.ckpt_every_steps and (step + 1) % cfg.ckpt_every_steps == 0
-            if (every and (step + 1) % every == 0) or will_save or batch + 1 == self.steps_per_epoch:
-                self.check_finite(loss, running, epoch, batch, step)
-            runner.apply()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            if self.lookahead is not None and (step + 1) % Lookahead.EVERY == 0:
-                self.lookahead.update(self.model, Lookahead.decay(step + 1, self.schedule.total))
-            running.add(loss, correct, y.numel())  # this rank's images; summed over ranks once
-            batch, step = batch + 1, step + 1
-            if bar is not None:
-                bar.update(1)
-            if will_save and batch < self.steps_per_epoch:  # the epoch's end saves anyway
-                running.seconds += time.perf_counter() - tick
-                self.save(epoch, batch, step, running, epoch_done=False)
-                tick = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        running.seconds += time.perf_counter() - tick
-        if bar is not None:
-            bar.close()
-        return step
-
     def epoch_line(self, r: dict[str, Any]) -> str:
         val = f"  val loss {r['val_loss']:.4f} acc {r['val_acc']:5.2f} %" if r["val_acc"] is not None else ""
         return (f"epoch {r['epoch'] + 1:>3}/{self.cfg.epochs}  train loss {r['train_loss']:.4f} "
@@ -389,28 +401,24 @@ class _Run:
                 f"{format_duration(r['wall_time'])}")
 
     def finish(self) -> TrainResult:
+        """Test the selected (best-validation) model once, write ``result.json``."""
         cfg = self.cfg
         counts = count_params(self.model)
         test = plain = None
         if self.data.test is not None and self.ctx.is_main:
             pointer = ckpt.read_pointer(self.ckpt_dir, "best")
-            selected = build_model(cfg.model, self.kwargs).to(self.device)
-            ckpt.load_weights(selected, self.ckpt_dir / pointer["eval_weights"], self.device)
-            if self.speed.channels_last:
-                selected = selected.to(memory_format=torch.channels_last)
-            test = evaluate(selected, self.data.test, self.device, amp=self.speed.amp,
-                            channels_last=self.speed.channels_last, tta=cfg.tta)
+            selected = self.build_model(self.ckpt_dir / pointer["eval_weights"])
+            common = {"amp": self.speed.amp, "channels_last": self.speed.channels_last}
+            test = evaluate(selected, self.data.test, self.device, tta=cfg.tta, **common)
             if cfg.tta:
-                plain = evaluate(selected, self.data.test, self.device, amp=self.speed.amp,
-                                 channels_last=self.speed.channels_last)
+                plain = evaluate(selected, self.data.test, self.device, **common)
         self.ctx.barrier()
         result = TrainResult(
             run_dir=str(self.run_dir), model=str(cfg.model), dataset=str(cfg.dataset), epochs=cfg.epochs,
             best_epoch=self.best["epoch"], best_val_acc=self.best["val_acc"],
             test_acc=test.acc if test else None, test_loss=test.loss if test else None,
             unique_params=counts.unique, per_use_params=counts.per_use, wall_time=self.elapsed(),
-            cpu_time=self.cpu_elapsed(), tta=cfg.tta,
-            test_acc_no_tta=plain.acc if cfg.tta and test else None,
+            cpu_time=self.cpu_elapsed(), tta=cfg.tta, test_acc_no_tta=plain.acc if plain else None,
             history=list(self.log.records),
         )
         self.log.write_result({k: v for k, v in result.to_dict().items() if k != "history"})

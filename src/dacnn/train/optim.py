@@ -1,7 +1,7 @@
 """Optimizer parameter groups over deduplicated parameters.
 
 Walking modules yields a shared tensor once per owner and PyTorch then refuses it ("some parameters
-appear in more than one parameter group", ``../shared/reference/PITFALLS.md`` item 9).
+appear in more than one parameter group", ``docs/reference/PITFALLS.md`` item 9).
 :func:`param_groups` walks ``named_parameters()``, which lists each tensor once under its first name,
 so a shared kernel gets exactly one decay rule.
 """

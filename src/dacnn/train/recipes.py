@@ -5,8 +5,8 @@ it fixes; everything else keeps the config defaults. Any setting can be overridd
 --width 32 --train-subset 5000``) for scaled-down runs; a multistep schedule then scales its
 milestones with the epochs (see :func:`~dacnn.train.config.resolve_config`).
 
-Papers: DACNN = arXiv 1904.09764 (``../shared/papers/dacnn-1904.09764.txt``); SPEC =
-``../shared/reference/SPEC.md`` (read from the reference code of LruNet and kernel-sharing).
+Papers: DACNN = arXiv 1904.09764; SPEC =
+``docs/reference/SPEC.md`` (read from the reference code of LruNet and kernel-sharing).
 """
 
 from __future__ import annotations

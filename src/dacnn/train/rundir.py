@@ -5,7 +5,12 @@
   cannot be written is reported before any data is loaded.
 * :class:`RunLock`: an exclusive ``flock`` on ``<run>/.lock`` for the life of the process (the
   kernel drops it when the process dies, even by SIGKILL); a second process training or resuming
-  the same run gets :class:`~dacnn.errors.RunInUse` naming the holder.
+  the same run gets :class:`~dacnn.errors.RunInUse` naming the holder. ``RunLock.slot(run_dir)`` is the
+  same lock on ``<run>.lock`` beside it, for the name of a run directory that is about to be
+  cleared and made again (``dacnn reproduce``'s content-addressed runs).
+* :func:`read_result`, :func:`read_history`, :func:`is_finished`, :func:`has_checkpoint`: what a run
+  directory holds, read one way (a ``metrics.jsonl`` line cut by a kill is skipped) by the trainer
+  and by the experiments;
 * :func:`resume_point`: the state to resume (the newest intact checkpoint, saying so when ``last``
   was damaged), refusing a run that stopped before its first checkpoint, a finished run and a
   change of what the weights depend on (model, dataset, width, depth, model kwargs).
@@ -13,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from datetime import datetime
@@ -29,7 +35,8 @@ except ImportError:  # not POSIX: no locking
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["default_run_name", "create_run_dir", "find_run_dir", "RunLock", "resume_point", "saved_config",
-           "open_run", "ARCHITECTURE_FIELDS", "check_same_architecture"]
+           "open_run", "ARCHITECTURE_FIELDS", "check_same_architecture", "read_history", "read_result",
+           "is_finished", "has_checkpoint"]
 
 #: Config fields the saved weights depend on: a resumed run cannot change them.
 ARCHITECTURE_FIELDS = ("model", "dataset", "width", "depth", "model_kwargs")
@@ -67,16 +74,52 @@ def find_run_dir(run: str | Path, out_dir: str | Path = "runs") -> Path:
     raise CheckpointError(f"no run directory {str(run)!r} (looked for it as a path and under {out_dir}/)")
 
 
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``metrics.jsonl`` (none if absent; a line cut by a kill is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return history
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's ``result.json`` with its per-epoch ``history``."""
+    path = Path(run_dir) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable run result ({type(exc).__name__}: {exc})") from None
+    return {**result, "history": read_history(run_dir)}
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether the run wrote its result and its best checkpoint."""
+    run_dir = Path(run_dir)
+    return (run_dir / "result.json").is_file() and (run_dir / "checkpoints" / "best.json").is_file()
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run saved at least one checkpoint (it can be resumed)."""
+    return (Path(run_dir) / "checkpoints" / "last.json").is_file()
+
+
 class RunLock:
     """Exclusive lock on a run directory, held until :meth:`release` or the process ends."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, run_dir: str | Path, *, path: Path | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = path if path is not None else self.run_dir / ".lock"
         self._fd: int | None = None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ConfigError(f"run directory {self.path.parent} is not writable "
+            raise ConfigError(f"run directory {self.run_dir} is not writable "
                               f"({exc.strerror or exc})") from None
         if fcntl is not None:
             try:
@@ -84,16 +127,32 @@ class RunLock:
             except OSError:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise RunInUse(f"run {self.path.parent} is in use by another training process "
+                raise RunInUse(f"run {self.run_dir} is in use by another training process "
                                f"(pid {holder}); wait for it to end or stop it") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    @classmethod
+    def slot(cls, run_dir: str | Path) -> RunLock:
+        """The lock on ``<run_dir>.lock`` beside the directory (which may not exist yet)."""
+        run_dir = Path(run_dir)
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {run_dir.parent} ({exc.strerror or exc})") from None
+        return cls(run_dir, path=run_dir.with_name(run_dir.name + ".lock"))
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def check_same_architecture(saved: Mapping[str, Any], requested: Mapping[str, Any], run_dir: Path) -> None:

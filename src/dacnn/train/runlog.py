@@ -17,6 +17,7 @@ from typing import Any
 
 from dacnn.checkpoint import atomic_write_text
 from dacnn.errors import ConfigError
+from dacnn.train.rundir import read_history
 
 __all__ = ["RunLog", "format_duration", "progress_bar"]
 
@@ -46,13 +47,8 @@ class RunLog:
         """Keep the records of epochs ``< completed_epochs`` (what the checkpoint covers)."""
         if not self.metrics_path.is_file():
             return
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if record.get("epoch", completed_epochs) < completed_epochs:
-                self.records.append(record)
+        self.records += [r for r in read_history(self.run_dir)
+                         if r.get("epoch", completed_epochs) < completed_epochs]
         if self.enabled:
             self._rewrite()
 

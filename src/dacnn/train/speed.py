@@ -1,6 +1,6 @@
 """The speed settings a run gets when its config leaves them unset (``None`` / ``"auto"``).
 
-Defaults are what measured faster (issue 14), per device and model family:
+Defaults are what measured faster (docs/performance.md), per device and model family:
 
 * **CUDA**: bf16 autocast, channels_last and ``torch.compile`` for every family (the tensor cores
   want bf16 and NHWC; compilation pays back over a paper-scale run). ``--amp fp16`` trains through
@@ -26,7 +26,7 @@ __all__ = ["Speed", "resolve_speed", "CPU_CHANNELS_LAST"]
 
 # benchmarks/memory_format.py on the shared 2-core development machine (training step at batch 64,
 # NCHW time / channels_last time, medians of 4 interleaved steps under heavy load, commit 736cf74):
-# dacnn14 w32 3.51, w128 0.89 (issue 14 measured +28 % / +12 % end to end with channels_last, and
+# dacnn14 w32 3.51, w128 0.89 (end_to_end measured +28 % / +12 % end to end with channels_last, and
 # PERFORMANCE.md 0.44 -> 0.54 of the matmul rate at w128: on); resnet18 0.95, se_resnet_d_2_shared
 # 0.98, vgg16_1fc 1.01 (no gain: NCHW). LruNet's fast path works in channels_last whatever its input,
 # so its input comes channels_last. Families not listed (measured or not) stay NCHW.

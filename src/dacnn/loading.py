@@ -1,4 +1,5 @@
-"""One resolver from what a user types to a model with its weights (``eval``, ``export``, ``prune``).
+"""Loading: one resolver from what a user types to a model with its weights (``eval``, ``export``,
+``prune``, ``publish``, the experiments).
 
 :func:`load_source` accepts
 
@@ -10,12 +11,13 @@
 * a training state ``*.state.pt`` (its evaluation weights);
 * a weights file ``*.safetensors`` with its JSON sidecar (training checkpoints and weights written by
   ``dacnn import-weights``): :func:`dacnn.checkpoint.load_model_file`;
-* a compact export of any dtype, fp32, fp16 or int8 (:func:`dacnn.export.compact.load_exported`);
-* a released LruNet checkpoint ``*.t7`` (:func:`dacnn.export.import_weights.import_lrunet`).
+* a compact export of any dtype, fp32, fp16 or int8 (:func:`dacnn.compact_format.load_exported`);
+* a released LruNet checkpoint ``*.t7`` (:func:`dacnn.importing.import_lrunet`).
 
 ``meta`` describes the weights: ``model``, ``model_kwargs``, ``source`` and, when known,
-``dataset``, ``normalize`` and ``pad_to``; :func:`test_loader` feeds a split as the model was trained
-(``pad_to`` absent: pad to the model's input size when the images are smaller).
+``dataset``, ``normalize``, ``pad_to`` and ``tta``; :func:`dacnn.analysis.evaluate.test_loader` feeds
+a split as the model was trained (``pad_to`` absent: pad to the model's input size when the images
+are smaller).
 """
 
 from __future__ import annotations
@@ -29,15 +31,12 @@ import torch
 from torch import nn
 
 from dacnn import checkpoint as ckpt
-from dacnn.data import DATASETS, DeviceLoader, load_dataset
-from dacnn.errors import CheckpointError, ConfigError
-from dacnn.export.compact import is_compact_export, load_exported
-from dacnn.export.import_weights import import_lrunet
-from dacnn.registry import create_model, list_pretrained, model_info, pretrained_cfg, split_tag
-from dacnn.train.engine import evaluate
+from dacnn.compact_format import is_compact_export, load_exported
+from dacnn.errors import CheckpointError
+from dacnn.importing import import_lrunet
+from dacnn.registry import create_model, list_pretrained, pretrained_cfg, split_tag
 
-__all__ = ["is_pretrained_name", "pretrained_meta", "resolve_weights", "load_source", "test_loader",
-           "test_accuracy"]
+__all__ = ["is_pretrained_name", "pretrained_meta", "resolve_weights", "load_source"]
 
 Source = str | os.PathLike[str]
 
@@ -86,7 +85,7 @@ def pretrained_meta(name: str) -> dict[str, Any]:
     """The ``meta`` of pretrained weights ``name`` (as :func:`load_source` gives it), without the file."""
     cfg = pretrained_cfg(name)
     return {"model": split_tag(name)[0], "model_kwargs": dict(cfg.model_kwargs), "dataset": cfg.dataset,
-            "normalize": cfg.normalize, "pad_to": cfg.pad_to, "pretrained": name,
+            "normalize": cfg.normalize, "pad_to": cfg.pad_to, "tta": cfg.tta, "pretrained": name,
             "published_accuracy": cfg.accuracy, "source": name}
 
 
@@ -120,56 +119,3 @@ def load_source(
             model, meta = ckpt.load_model_file(path)
         meta = {**meta, "source": str(path)}
     return model.float().to(device).eval(), meta
-
-
-def test_loader(
-    meta: dict[str, Any],
-    *,
-    dataset: str | None = None,
-    split: str = "test",
-    data_dir: str | None = None,
-    limit: int | None = None,
-    batch_size: int = 500,
-    device: str | torch.device = "cpu",
-) -> DeviceLoader:
-    """A :class:`dacnn.data.DeviceLoader` over ``split`` of ``dataset`` (default ``meta['dataset']``;
-    first ``limit`` images of a seeded permutation), normalised and padded as the model was trained."""
-    name = dataset or meta.get("dataset")
-    if not name:
-        raise ConfigError(f"{meta.get('source', 'checkpoint')}: no dataset recorded; pass --dataset")
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(DATASETS))}")
-    info = DATASETS[name]
-    expected = meta.get("model_kwargs", {}).get("num_classes")
-    if expected is None and meta.get("model"):
-        expected = model_info(meta["model"]).num_classes
-    if expected is not None and expected != info.num_classes:
-        raise ConfigError(
-            f"{meta.get('source')} predicts {expected} classes but {name} has {info.num_classes}"
-        )
-    chans = meta.get("model_kwargs", {}).get("in_chans")
-    if chans is None and meta.get("model"):
-        chans = model_info(meta["model"]).input_size[0]
-    if chans is not None and chans != info.image_size[2]:
-        raise ConfigError(
-            f"{meta.get('source')} takes {chans}-channel images but {name} has {info.image_size[2]}-channel "
-            "images: pass the --dataset it was trained on"
-        )
-    if "pad_to" in meta:
-        pad_to = meta["pad_to"]
-    else:
-        hw = model_info(meta["model"]).input_size[1] if meta.get("model") else None
-        pad_to = hw if hw and hw > info.image_size[0] else None
-    data = load_dataset(name, split, data_dir=data_dir)
-    if limit is not None and limit < len(data):
-        data = data.subset(limit, seed=0)
-    return DeviceLoader(data, batch_size=batch_size, shuffle=False, drop_last=False, seed=0, device=device,
-                        augment=None, normalize=bool(meta.get("normalize", True)), pad_to=pad_to)
-
-
-def test_accuracy(model: nn.Module, loader: DeviceLoader, tta: int = 0) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader`` (the training engine's evaluation), with test-time
-    augmentation level ``tta`` (the run's ``TrainConfig.tta``, recorded as ``meta["tta"]``)."""
-    device = next(iter(model.parameters())).device
-    with torch.inference_mode():
-        return evaluate(model, loader, device, tta=tta).acc

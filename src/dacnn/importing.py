@@ -2,7 +2,7 @@
 
 LruNet (Köpüklü et al.) ships its trained models as PyTorch pickles (``*.t7``, a dict with ``net``, a
 ``DataParallel`` state_dict whose keys start with ``module.``, plus ``acc`` and ``epoch``; see
-``../shared/reference/weights/lrunet/MANIFEST.json``). :func:`import_lrunet` reads one with
+the ``MANIFEST.json`` beside the authors' release). :func:`import_lrunet` reads one with
 ``torch.load(weights_only=True)`` (:func:`dacnn.hub.read_checkpoint`), checks its sha256 against the
 manifest beside it when that lists the file, infers the configuration (input channels, width, reuse
 count, classes) from the tensor shapes, renames the keys with LruNet's ``checkpoint_filter_fn`` (the

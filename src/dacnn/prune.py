@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from dacnn import checkpoint as ckpt
+from dacnn.analysis.evaluate import test_accuracy, test_loader
 from dacnn.counting import parameter_uses
 from dacnn.errors import ConfigError
-from dacnn.export.resolve import load_source, test_accuracy, test_loader
+from dacnn.loading import load_source
 from dacnn.train.config import config_from_dict, dump_yaml, load_yaml
 from dacnn.train.loop import train
 
