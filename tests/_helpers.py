@@ -8,7 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from dacnn import create_model, model_info
 from dacnn.train import loop as loop_module
 
 
@@ -43,3 +45,31 @@ def poison_training_forward(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
         return model
 
     monkeypatch.setattr(loop_module, "build_model", poisoned)
+
+
+# family -> (builder kwargs that keep a model small, input side or None for its own): the named variants
+# fix depth and width, so the families without a width argument run on small images instead.
+SMALL: dict[str, tuple[dict, int | None]] = {
+    "airbench": ({"width": 4}, None),
+    "convmixer": ({}, 8),
+    "dacnn": ({"width": 4}, None),
+    "lrunet": ({"layer_reuse": 2}, None),
+    "resnet": ({"width": 4}, None),
+    "se_resnet": ({}, 8),
+    "sharesnet": ({}, 8),
+    "vgg": ({"width": 8}, None),
+}
+
+
+def small_model(name: str, seed: int = 0, **kwargs):
+    """Registered model ``name`` at its family's small size, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return create_model(name, **{**SMALL[model_info(name).family][0], **kwargs})
+
+
+def small_input(model, batch: int = 2, seed: int = 1):
+    """A batch for ``model``: its channels, at its family's small side (or its own input size)."""
+    chans, height, width = model.info.input_size
+    side = SMALL[model.info.family][1]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, chans, side or height, side or width, generator=gen)

@@ -163,3 +163,62 @@ def test_flops_count_the_defined_network_not_an_inference_rewrite() -> None:
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert count_flops(model.train()) == 70_995_968 and model.training
+
+
+# ---------------------------------------------------------------- users' counters: thop, fvcore
+def _shared_models() -> list[str]:
+    from dacnn import AnchoredConv2d
+
+    with torch.device("meta"):
+        models = {n: create_model(n) for n in list_models()}
+    return [n for n, m in models.items() if any(isinstance(u, AnchoredConv2d) for u in m.modules())]
+
+
+def _tied_and_free(name: str):
+    import copy
+
+    from _helpers import small_input, small_model
+    from dacnn import untie
+
+    model = small_model(name).eval()
+    free = copy.deepcopy(model)
+    untie(free)
+    return model, free, small_input(model)
+
+
+@pytest.mark.parametrize("name", _shared_models())
+def test_thop_with_the_rule_counts_unique_parameters_and_every_use(name: str) -> None:
+    """``dacnn.counting.thop_custom_ops()``: thop's MACs of the tied model are its free twin's (one
+    ``nn.Conv2d`` per use, which thop knows), its parameters the unique count."""
+    import copy
+
+    thop = pytest.importorskip("thop", reason="thop is not installed (pip install 'dacnn[count]')")
+    from dacnn.counting import thop_custom_ops
+
+    model, free, x = _tied_and_free(name)
+    rules = thop_custom_ops()
+    macs, params = thop.profile(copy.deepcopy(model), inputs=(x,), custom_ops=rules, verbose=False)
+    free_macs, _ = thop.profile(free, inputs=(x,), verbose=False)
+    assert macs == free_macs and params == count_params(model).unique
+    plain_macs, _ = thop.profile(copy.deepcopy(model), inputs=(x,), verbose=False)
+    assert plain_macs < macs  # what thop says without the rule
+
+
+@pytest.mark.parametrize("name", _shared_models())
+def test_fvcore_books_each_use_where_it_is_applied(name: str) -> None:
+    """``dacnn.counting.fvcore_flops``: per module, the tied model's FLOPs are its free twin's (same
+    names: ``untie`` puts a conv in each use's place), and a kernel's owner books none."""
+    fvcore_nn = pytest.importorskip("fvcore.nn", reason="fvcore is not installed (dacnn[count])")
+    from dacnn import SharedKernel
+    from dacnn.counting import fvcore_flops
+
+    model, free, x = _tied_and_free(name)
+    tied = fvcore_flops(model, (x,))
+    twin = fvcore_nn.FlopCountAnalysis(free, (x,))
+    for analysis in (tied, twin):
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    assert tied.total() == twin.total()
+    by_use, by_free = tied.by_module(), twin.by_module()
+    assert {k: by_use[k] for k in by_free} == dict(by_free)
+    assert all(by_use[n] == 0 for n, m in model.named_modules() if isinstance(m, SharedKernel))
+    assert fvcore_nn.parameter_count(model)[""] == count_params(model).unique

@@ -139,7 +139,7 @@ def test_int8_scales_stay_float32(tmp_path):
 def test_fp16_overflow_is_an_error(tmp_path):
     model = dacnn.create_model("dacnn14", width=8)
     with torch.no_grad():
-        model.features[1][1].running_var[0] = 1e6
+        model.stages[0][0][1].running_var[0] = 1e6
     with pytest.raises(ConfigError, match="float16 range"):
         export_safetensors(model, tmp_path / "m.safetensors", "fp16", model_kwargs={"width": 8})
 

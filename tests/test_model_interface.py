@@ -64,7 +64,7 @@ def test_timm_interface(name: str) -> None:
         feats = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(feats), out, rtol=0, atol=0)
         pre = model.forward_head(feats, pre_logits=True)
-    assert pre.shape[:2] == (2, model.num_features)
+    assert pre.shape[:2] == (2, model.head_hidden_size) and feats.shape[1] == model.num_features
     assert model.num_classes == model.info.num_classes == out.shape[1]
     info = model.info
     assert model.get_classifier() is model.get_submodule(info.classifier)
@@ -76,7 +76,7 @@ def test_timm_interface(name: str) -> None:
         assert model(x).shape == (2, 5) and model.num_classes == 5
     model.reset_classifier(0)
     with torch.no_grad():
-        assert model(x).shape == (2, model.num_features)
+        assert model(x).shape == (2, model.head_hidden_size)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -19,7 +19,7 @@ def test_prunable_weights_list_a_shared_kernel_once():
     model = dacnn.create_model("dacnn14", width=8, num_classes=10)
     names = [n for n, _ in prunable_weights(model)]
     assert names.count("kernels.anchor.weight") == 1
-    assert set(names) == {"kernels.anchor.weight", "features.0.0.weight", "fc.weight"}
+    assert set(names) == {"kernels.anchor.weight", "stem.0.weight", "fc.weight"}
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])

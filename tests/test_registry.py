@@ -7,6 +7,11 @@ eval mode deterministic.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,3 +112,16 @@ def test_forward_batch1_and_eval_deterministic(name: str) -> None:
     _check_logits(first, 2, model.info.num_classes)
     assert torch.equal(first, second)
     torch.testing.assert_close(alone, first[:1], rtol=1e-4, atol=1e-5)  # eval: no batch coupling
+
+
+# ---- timm's registration idiom ------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_every_name_is_a_register_model_function_in_its_family_file(name: str) -> None:
+    """``grep "def <name>("`` finds every registered model: a ``@register_model`` function
+    ``def <name>(pretrained: bool = False, **kwargs)`` in its family's file, over its config table."""
+    module = importlib.import_module(f"dacnn.models.{model_info(name).family}")
+    source = Path(module.__file__).read_text()
+    signature = rf"@register_model\ndef {name}\(pretrained: bool = False, \*\*kwargs: Any\)"
+    assert re.search(signature, source), name
+    assert list(inspect.signature(getattr(module, name)).parameters) == ["pretrained", "kwargs"]
+    assert name in module.default_cfgs and name in module.__all__

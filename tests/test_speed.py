@@ -85,13 +85,13 @@ def test_a_preactivation_block_outside_the_models_is_left_alone():
 def test_a_hooked_module_is_not_folded_and_its_hook_fires():
     model = create_model("dacnn14", width=8, num_classes=10).eval()
     calls = []
-    conv = model.features[1][0]  # an AnchoredConv2d use of the shared kernel
+    conv = model.stages[0][0][0]  # an AnchoredConv2d use of the shared kernel
     conv.register_forward_hook(lambda *a: calls.append(1))
     folded = fold_batchnorm(model)
     with torch.no_grad():
         folded(torch.randn(1, 3, 32, 32))
     assert calls == [1]
-    assert isinstance(folded.features[1][1], nn.BatchNorm2d)
+    assert isinstance(folded.stages[0][0][1], nn.BatchNorm2d)
 
 
 def test_lrunet_fast_path_keeps_firing_hooks_on_each_use():

@@ -7,6 +7,7 @@ and ShaResNet (arXiv 1702.08782) on one sharing core (:mod:`dacnn.shared_kernel`
 
 from dacnn import models  # noqa: F401  (registers every model family)
 from dacnn.counting import ParamCount, count_flops, count_params
+from dacnn.hf_hub import from_pretrained
 from dacnn.registry import (
     ModelInfo,
     PretrainedCfg,
@@ -30,6 +31,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "create_model",
+    "from_pretrained",
     "list_models",
     "list_pretrained",
     "model_info",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import nn
 
 from dacnn.errors import CheckpointError, WriteError
 from dacnn.fileio import atomic_write, atomic_write_text, sha256_file, torch_load_reason, write_error
+from dacnn.hub import current_key, upgrade_state  # the family's legacy_keys (defined beside load_pretrained)
 from dacnn.registry import create_model
 
 __all__ = [
@@ -72,27 +72,16 @@ def sidecar_path(weights_path: str | Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_weights(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
-    """Atomically write ``model`` with ``save_model`` plus its JSON sidecar (written first)."""
+def save_weights(model: nn.Module, path: str | Path, meta: dict[str, Any], *, sidecar: bool = True) -> Path:
+    """Atomically write ``model`` with ``save_model`` (each shared tensor once, ``meta`` embedded) plus,
+    with ``sidecar``, the same JSON beside it (written first)."""
     path = Path(path)
     meta = {"format": WEIGHTS_FORMAT, **meta}
     text = json.dumps(meta, indent=1, sort_keys=True)
-    atomic_write_text(sidecar_path(path), text + "\n")
+    if sidecar:
+        atomic_write_text(sidecar_path(path), text + "\n")
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata={METADATA_KEY: text}))
     return path
-
-
-def current_key(model: nn.Module, key: str) -> str:
-    """Today's name of a state_dict ``key`` saved under an older one: the model's ``legacy_keys``
-    (``(regex, replacement)`` pairs, applied in order; e.g. DACNN's ``anchor.`` -> ``kernels.anchor.``)."""
-    for pattern, repl in getattr(model, "legacy_keys", ()):
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def upgrade_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with every key under :func:`current_key` (a no-op for today's names)."""
-    return {current_key(model, k): v for k, v in state.items()}
 
 
 def _has_legacy_keys(model: nn.Module, keys: list[str]) -> bool:

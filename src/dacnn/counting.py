@@ -15,20 +15,33 @@ A module called several times in ``forward`` (LruNet's reference code) cannot be
 
 FLOPs count every use (a shared kernel costs compute each time it is applied) through
 ``torch.utils.flop_counter.FlopCounterMode``.
+
+For the counters people already use (optional: ``pip install 'dacnn[count]'``):
+
+* thop: ``thop.profile(model, inputs=(x,), custom_ops=dacnn.counting.thop_custom_ops())`` gives the
+  unique parameters and the per-use MACs (without the rule thop knows no ``SharedKernel``: it counts
+  no MAC of a shared kernel and leaves its parameters out);
+* fvcore: ``dacnn.counting.fvcore_flops(model, (x,))`` is fvcore's ``FlopCountAnalysis`` whose
+  ``by_module()`` (and so ``fvcore.nn.flop_count_table``) puts each use's FLOPs on the layer that
+  applies the kernel, as in the free twin, where plain fvcore books every use on the kernel's owner
+  (``kernels.anchor``); its totals and ``parameter_count`` are right either way.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dacnn.shared_kernel import SharedKernel, anchored_uses
+from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
 
-__all__ = ["SharedTensor", "ParamCount", "count_params", "count_flops", "parameter_uses"]
+__all__ = ["SharedTensor", "ParamCount", "count_params", "count_flops", "parameter_uses", "thop_custom_ops",
+           "fvcore_flops"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +157,44 @@ def count_flops(
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         probe(x)
     return int(counter.get_total_flops()) * batch_size // n
+
+
+def thop_custom_ops() -> dict[type[nn.Module], Any]:
+    """thop's ``custom_ops`` for shared kernels: a :class:`SharedKernel` counts as the convolution it
+    is each time a use calls it (thop's own ``count_convNd``), so MACs are per use and its tensor is
+    counted once; an :class:`AnchoredConv2d` adds nothing (it owns no tensor, its kernel is counted)."""
+    from thop.vision.basic_hooks import count_convNd, zero_ops
+
+    return {SharedKernel: count_convNd, AnchoredConv2d: zero_ops}
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def fvcore_flops(model: nn.Module, inputs: Any) -> Any:
+    """fvcore's ``FlopCountAnalysis(model, inputs)`` with ``by_module()`` booking each use's FLOPs on
+    the :class:`AnchoredConv2d` that applies the kernel (and its parents), not on the kernel's owner."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class SharedKernelFlopCountAnalysis(FlopCountAnalysis):
+        def by_module(self) -> Counter[str]:
+            if getattr(self, "_by_use", None) is not None:
+                return Counter(self._by_use)
+            owned = Counter(super().by_module())
+            calls = FlopCountAnalysis(self._model, self._inputs).ancestor_mode("caller")
+            calls.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            called = calls.by_module()
+            owners = {id(m): n for n, m in self._model.named_modules() if isinstance(m, SharedKernel)}
+            for use_name, use in self._model.named_modules():
+                if isinstance(use, AnchoredConv2d) and id(use.kernel) in owners:
+                    flops = called.get(use_name, 0)
+                    for name in _ancestors(use_name):
+                        owned[name] += flops
+                    for name in _ancestors(owners[id(use.kernel)]):
+                        owned[name] -= flops
+            self._by_use = owned
+            return Counter(owned)
+
+    return SharedKernelFlopCountAnalysis(model, inputs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ from dacnn.errors import CheckpointError
 from dacnn.fileio import sha256_file, torch_load_reason
 
 __all__ = ["PretrainedCfg", "DEFAULT_WEIGHTS_DIR", "TRAINED_TABLE", "weights_dirs", "find_weights",
-           "read_checkpoint", "read_state_file", "load_pretrained", "read_trained_table", "trained_cfg",
-           "eval_command", "trained_entry", "TRAINED_FIELDS", "TRAINED_OPTIONAL"]
+           "read_checkpoint", "read_state_file", "load_pretrained", "current_key", "upgrade_state",
+           "read_trained_table", "trained_cfg", "eval_command", "trained_entry", "TRAINED_FIELDS",
+           "TRAINED_OPTIONAL"]
 
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/dacnn/weights").expanduser()
 TRAINED_TABLE = Path(__file__).with_name("trained_weights.json")  # written by `dacnn publish`
@@ -130,12 +132,27 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)[0]
 
 
+def current_key(model: nn.Module, key: str) -> str:
+    """Today's name of a state_dict ``key`` saved under an older one: the model's ``legacy_keys``
+    (``(regex, replacement)`` pairs, applied in order; e.g. DACNN's ``anchor.`` -> ``kernels.anchor.``)."""
+    for pattern, repl in getattr(model, "legacy_keys", ()):
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def upgrade_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every key under :func:`current_key` (a no-op for today's names)."""
+    return {current_key(model, k): v for k, v in state.items()}
+
+
 def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights_dir: str | Path | None = None) -> nn.Module:
-    """Find, verify and load ``cfg``'s weights into ``model`` (strict), returning it in eval mode."""
+    """Find, verify and load ``cfg``'s weights into ``model`` (strict; a file written under the
+    family's older names is renamed, :func:`upgrade_state`), returning it in eval mode."""
     path = find_weights(cfg, weights_dir)
     state = read_state_file(path)
     if cfg.filter_fn is not None:
         state = cfg.filter_fn(state, model)
+    state = upgrade_state(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -17,13 +17,15 @@ initialisation the two nets compute the same function (each of those convs start
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from dacnn.models.base import ClassifierMixin
-from dacnn.registry import ModelInfo, register_model, variant_args
+from dacnn.errors import ConfigError
+from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
+from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["Airbench", "ConvGroup", "patch_whitening_weights"]
@@ -32,13 +34,13 @@ PAPER = "arXiv 2404.00498 (airbench94)"
 WHITEN_KERNEL = 2
 
 
-class BatchNorm(nn.BatchNorm2d):
+def BatchNorm(channels: int, momentum: float = 0.4, eps: float = 1e-12) -> nn.BatchNorm2d:  # noqa: N802
     """airbench's BatchNorm: eps 1e-12, running-average momentum 0.4, scale frozen at 1 (no affine
-    weight is learned), shift learned."""
-
-    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12) -> None:
-        super().__init__(channels, eps=eps, momentum=momentum)
-        self.weight.requires_grad_(False)
+    weight is learned), shift learned. A plain ``nn.BatchNorm2d`` (not a subclass), so ``torch.fx``
+    keeps it a leaf."""
+    bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+    bn.weight.requires_grad_(False)
+    return bn
 
 
 def dirac_init_(weight: torch.Tensor) -> None:
@@ -83,13 +85,22 @@ def patch_whitening_weights(images: torch.Tensor, kernel_size: int | tuple[int, 
 
 class Airbench(ClassifierMixin, nn.Module):
     """airbench94's net at base width ``width`` (blocks ``w, 4w, 4w``); ``shared=True`` ties the three
-    ``4w x 4w`` convs to one kernel (``kernels["conv"]``)."""
+    ``4w x 4w`` convs to one kernel (``kernels["conv"]``).
+
+    Its head is airbench's: a 3x3 max-pool, which is a global max-pool of the 3x3 map a 32x32 image
+    gives (``global_pool="max"``; ``""``: none), a bias-free linear layer and the logit scale;
+    ``drop_rate`` adds dropout before the linear layer (airbench has none)."""
+
+    global_pool = "max"
+    pool_types = ("max", "")
 
     def __init__(self, width: int = 64, *, shared: bool = False, num_classes: int = 10, in_chans: int = 3,
-                 logit_scale: float = 1 / 9) -> None:
+                 logit_scale: float = 1 / 9, global_pool: str = "max", drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"Airbench: width must be >= 1, got {width}")
+        check_drop_path("airbench", drop_path_rate, "no residual branch")
         widths = (width, 4 * width, 4 * width)
         whiten_width = 2 * in_chans * WHITEN_KERNEL**2
         self.whiten = nn.Conv2d(in_chans, whiten_width, WHITEN_KERNEL, padding=0, bias=True)
@@ -104,11 +115,41 @@ class Airbench(ClassifierMixin, nn.Module):
         self.block1 = ConvGroup(whiten_width, widths[0])
         self.block2 = ConvGroup(widths[0], widths[1], conv2=use())
         self.block3 = ConvGroup(widths[1], widths[2], conv1=use(), conv2=use())
-        self.pool = nn.MaxPool2d(3)
-        self.fc = nn.Linear(widths[2], num_classes, bias=False)
+        self.feature_info = [dict(num_chs=whiten_width, reduction=1, module="whiten"),
+                             *(dict(num_chs=c, reduction=2 ** (i + 1), module=f"block{i + 1}")
+                               for i, c in enumerate(widths))]
+        self._set_head(widths[2], num_classes, global_pool, drop_rate)
         self.logit_scale = logit_scale
-        self.num_classes, self.num_features = num_classes, widths[2]
         self.reset_parameters()
+
+    def _pool(self, global_pool: str) -> nn.Module:
+        if global_pool not in self.pool_types:
+            raise ConfigError(f"Airbench: global_pool must be 'max' (airbench's 3x3 max-pool) or '', "
+                              f"got {global_pool!r}")
+        return nn.MaxPool2d(3) if global_pool else nn.Identity()
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes and not self.global_pool:
+            raise ConfigError("Airbench: global_pool='' (no pooling) needs num_classes=0")
+        return nn.Linear(self.head_hidden_size, num_classes, bias=False) if num_classes else nn.Identity()
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.whiten(x))
+
+    def _stages(self) -> list[Stage]:
+        return [self._stem, self.block1, self.block2, self.block3]
+
+    def _prune_level(self, name: str) -> None:
+        if name == "whiten":
+            raise ValueError("Airbench: the whitening conv is the first level and cannot be pruned")
+        super()._prune_level(name)
+
+    def _group_patterns(self, coarse: bool) -> tuple[str, str]:
+        return r"^whiten\.", r"^block(\d+)\."
+
+    def feature_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The 2x2 whitening conv has no padding (32 -> 31), then three 2x2 max-pools (31 -> 3)."""
+        return ((hw[0] - 1) // 8, (hw[1] - 1) // 8)
 
     def reset_parameters(self) -> None:
         """PyTorch's default init, identity (dirac) on the convs' first outputs, zero biases."""
@@ -130,12 +171,8 @@ class Airbench(ClassifierMixin, nn.Module):
         weight = patch_whitening_weights(images.to(self.whiten.weight.device), WHITEN_KERNEL, eps)
         self.whiten.weight.copy_(weight.to(self.whiten.weight.dtype))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.whiten(x))
-        return self.block3(self.block2(self.block1(x)))
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.flatten(self.pool(x), 1)
+        x = super().forward_head(x, pre_logits=True)
         return x if pre_logits else self.fc(x) * self.logit_scale
 
 
@@ -146,9 +183,13 @@ _CFGS: dict[str, tuple[dict[str, Any], str | None]] = {
 }
 
 
-def _create_airbench(variant: str, /, **kwargs: Any) -> Airbench:
-    """Build ``variant`` of :data:`_CFGS` (``width``, ``num_classes``, ``in_chans`` may be given)."""
+def _build(variant: str, /, **kwargs: Any) -> Airbench:
     return Airbench(**variant_args(variant, _CFGS[variant][0], kwargs))
+
+
+def _create_airbench(variant: str, pretrained: bool = False, **kwargs: Any) -> Airbench:
+    """Build ``variant`` of :data:`_CFGS` (``width``, ``num_classes``, ``in_chans``... may be given)."""
+    return build_model_with_cfg(partial(_build, variant), variant, pretrained, **kwargs)
 
 
 def _info(name: str) -> ModelInfo:
@@ -159,13 +200,16 @@ def _info(name: str) -> ModelInfo:
                      notes="CIFAR-10 by default; the whitening conv is set from data by the fast recipe")
 
 
-@register_model(_info("airbench94"))
-def airbench94(**kwargs: Any) -> Airbench:
+default_cfgs: dict[str, ModelInfo] = {name: _info(name) for name in _CFGS}
+
+
+@register_model
+def airbench94(pretrained: bool = False, **kwargs: Any) -> Airbench:
     """airbench94's net: 1,972,792 parameters at width 64."""
-    return _create_airbench("airbench94", **kwargs)
+    return _create_airbench("airbench94", pretrained, **kwargs)
 
 
-@register_model(_info("airbench94_shared"))
-def airbench94_shared(**kwargs: Any) -> Airbench:
+@register_model
+def airbench94_shared(pretrained: bool = False, **kwargs: Any) -> Airbench:
     """airbench94 with its three 256x256 convs sharing one kernel: 793,144 parameters at width 64."""
-    return _create_airbench("airbench94_shared", **kwargs)
+    return _create_airbench("airbench94_shared", pretrained, **kwargs)

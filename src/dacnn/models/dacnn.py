@@ -23,6 +23,12 @@ the regulators' size), and the other readings tried (depth = kernel uses, conv b
 the release code's 3,4,6,3 layout, regulators without BN) match at most 7; only counting
 conventions that drop BatchNorm's shift (11) or all of BatchNorm (16) match more, and they are not
 the network the paper trains. See :data:`dacnn.analysis.paper_figures.READING_NOTES`.
+
+Every class has one layout (timm's): ``stem`` (the first conv, BN, ReLU), ``kernels`` (the shared
+kernels), ``stages`` (one ``nn.Sequential`` per resolution section: a plain net's pooling groups, a
+residual net's sections), ``pool`` and ``fc``. Weight files saved under the earlier names (``anchor.``,
+``head.fc.``; the flat ``features.<i>`` of the plain and VGG-template nets, ``sections.<s>`` of the
+residual one) load through each instance's ``legacy_keys``.
 """
 
 from __future__ import annotations
@@ -34,15 +40,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from dacnn.models.base import ClassifierMixin
-from dacnn.models.layers import conv1x1, conv3x3, conv_use, init_weights, split_evenly
-from dacnn.registry import ModelInfo, register_model, variant_args
+from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
+from dacnn.models.layers import (
+    conv1x1,
+    conv3x3,
+    conv_use,
+    drop_path,
+    drop_path_rates,
+    init_weights,
+    split_evenly,
+)
+from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 from dacnn.shared_kernel import SharedKernel
 
-__all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "dacnn"]
+__all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "AnchoredBlock"]
 
 PAPER = "arXiv 1904.09764"
 RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # He et al.'s layouts for the two templates
+_OLD_NAMES = ((r"^anchor\.", "kernels.anchor."), (r"^head\.fc\.", "fc."))  # before 2026-12
 
 
 def _norm(channels: int, batchnorm: bool) -> nn.Module:
@@ -83,6 +98,7 @@ class AnchoredBlock(nn.Module):
 
     ``conv1``/``conv2`` are uses of the section's shared kernel, or free convs. For the first block
     of a mixed section ``conv1`` is the free transition conv and the shortcut a free 1x1 projection.
+    ``drop_path_rate`` drops the residual branch per sample in training (stochastic depth).
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class AnchoredBlock(nn.Module):
         shortcut: nn.Module | None = None,
         regulator: bool = False,
         batchnorm: bool = True,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv1, self.bn1 = conv1, _norm(channels, batchnorm)
@@ -101,33 +118,51 @@ class AnchoredBlock(nn.Module):
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.regulator = Regulator(channels) if regulator else None
+        self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
         return self.regulator(out) if self.regulator is not None else out
 
 
+def _flat_names(groups: Sequence[int]) -> tuple[tuple[str, str], ...]:
+    """``legacy_keys`` of a net that kept its convs in one flat ``features`` list (a conv-BN-ReLU per
+    layer, a max-pool after each group): ``features.<i>.`` -> ``stem.`` or ``stages.<g>.<j>.``."""
+    pairs, flat = [], 0
+    for g, size in enumerate(groups):
+        for i in range(size):
+            new = "stem." if (g, i) == (0, 0) else f"stages.{g}.{i - 1 if g == 0 else i}."
+            pairs.append((rf"^features\.{flat}\.", new))
+            flat += 1
+        flat += 1  # the group's max-pool
+    return tuple(pairs)
+
+
 class _DACNNBase(ClassifierMixin, nn.Module):
-    """timm's interface: global average pooling (``pool``) and one linear layer (``fc``).
+    """timm's interface over ``stem``, ``stages``, global pooling (``pool``) and ``fc``; shared
+    kernels in ``self.kernels`` (empty for the free twins)."""
 
-    Shared kernels live in ``self.kernels`` (empty for the free twins), the classifier is ``self.fc``,
-    as in every family; weights saved under the names before 2026-12 (``anchor.``, ``head.fc.``)
-    still load (:attr:`legacy_keys`)."""
+    legacy_keys: tuple[tuple[str, str], ...] = _OLD_NAMES
 
-    legacy_keys = ((r"^anchor\.", "kernels.anchor."), (r"^head\.fc\.", "fc."))
+    def _stages(self) -> list[Stage]:
+        return [self.stem, *self.stages]
 
-    def _set_head(self, channels: int, num_classes: int) -> None:
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        self.num_classes, self.num_features = num_classes, channels
+    def _group_patterns(self, coarse: bool) -> tuple[str, str]:
+        return r"^stem\.", (r"^stages\.(\d+)\." if coarse else r"^stages\.(\d+)\.(\d+)\.")
+
+    def _levels(self, channels: Sequence[int], reductions: Sequence[int]) -> None:
+        """``feature_info``: the stem, then one level per stage."""
+        self.feature_info = [dict(num_chs=c, reduction=r, module="stem" if i == 0 else f"stages.{i - 1}")
+                             for i, (c, r) in enumerate(zip(channels, reductions))]
 
 
 class PlainDACNN(_DACNNBase):
     """VGG-style DACNN of ``depth`` weight layers (``depth - 1`` convs + FC), paper eq. 2-3.
 
     The ``depth - 1`` convolutions fall into ``min(5, depth - 1)`` groups (VGG-16's 2,2,3,3,3 for
-    depth 14), each followed by 2x2 max-pooling. ``shared=False`` gives the free-weight twin.
+    depth 14), each followed by 2x2 max-pooling; the stem is the first group's first conv. ``shared=False``
+    gives the free-weight twin.
     """
 
     def __init__(
@@ -139,37 +174,37 @@ class PlainDACNN(_DACNNBase):
         batchnorm: bool = True,
         num_classes: int = 100,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if depth < 3:
             raise ValueError(f"PlainDACNN depth must be >= 3 (stem, one anchored conv, FC), got {depth}")
+        check_drop_path("a plain DACNN", drop_path_rate, "no residual branch")
         bias = not batchnorm  # without BN a conv keeps its bias (Table 1 ablation)
         self.kernels = nn.ModuleDict({"anchor": SharedKernel(width, width, 3, bias=bias)} if shared else {})
         anchor = self.kernels["anchor"] if shared else None
-        layers: list[nn.Module] = []
         groups = split_evenly(depth - 1, min(5, depth - 1))
+        self.legacy_keys = _OLD_NAMES + _flat_names(groups)
+        self.stem = ConvBNReLU(conv3x3(in_chans, width, bias=bias), width, batchnorm)  # eq. 2, W_1
+        stages = []
         for g, size in enumerate(groups):
-            for i in range(size):
-                if g == 0 and i == 0:
-                    conv = conv3x3(in_chans, width, bias=bias)  # eq. 2, the stem W_1
-                else:
-                    conv = conv_use(anchor, width, width, bias=bias)  # eq. 3, W_G
-                layers.append(ConvBNReLU(conv, width, batchnorm))
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        self._set_head(width, num_classes)
+            layers = [ConvBNReLU(conv_use(anchor, width, width, bias=bias), width, batchnorm)  # eq. 3, W_G
+                      for _ in range(size - (g == 0))]
+            stages.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
+        self.stages = nn.Sequential(*stages)
+        self._levels([width] * (len(groups) + 1), [2**g for g in range(len(groups) + 1)])
+        self._set_head(width, num_classes, global_pool, drop_rate)
         init_weights(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
 
 class ResidualDACNN(_DACNNBase):
     """DACNN with residual learning (eq. 6): stem, four equal-width sections of anchored blocks.
 
     ``depth - 2`` must be even (two convs per block); 18 and 34 use ResNet-18/34's block layouts,
-    other depths split the blocks evenly (24 -> 2,3,3,3). Three 2x2 max-pools cut the sections
-    (Table 4). ``regulators`` lists the sections whose blocks get a :class:`Regulator`.
+    other depths split the blocks evenly (24 -> 2,3,3,3). Three 2x2 max-pools end the first three
+    sections (Table 4). ``regulators`` lists the sections whose blocks get a :class:`Regulator`.
     """
 
     def __init__(
@@ -182,11 +217,16 @@ class ResidualDACNN(_DACNNBase):
         regulators: Sequence[int] | str | None = None,
         num_classes: int = 100,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if depth < 4 or (depth - 2) % 2:
             raise ValueError(f"ResidualDACNN depth must be even and >= 4, got {depth}")
+        self.legacy_keys = (*_OLD_NAMES, (r"^sections\.", "stages."))
         blocks = RESNET_BLOCKS.get(depth) or split_evenly((depth - 2) // 2, 4)
+        rates = iter(drop_path_rates(drop_path_rate, sum(blocks)))
         self.regulator_sections = parse_sections(regulators)
         self.stem = ConvBNReLU(conv3x3(in_chans, width, bias=not batchnorm), width, batchnorm)
         self.kernels = nn.ModuleDict(
@@ -201,18 +241,17 @@ class ResidualDACNN(_DACNNBase):
                     width,
                     regulator=s in self.regulator_sections,
                     batchnorm=batchnorm,
+                    drop_path_rate=next(rates),
                 )
                 for _ in range(n)
             ]
             if s < len(blocks):
                 stage.append(nn.MaxPool2d(2))
             stages.append(nn.Sequential(*stage))
-        self.sections = nn.Sequential(*stages)
-        self._set_head(width, num_classes)
+        self.stages = nn.Sequential(*stages)
+        self._levels([width] * 5, [1, 2, 4, 8, 8])
+        self._set_head(width, num_classes, global_pool, drop_rate)
         init_weights(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sections(self.stem(x))
 
 
 class MixedDACNN(_DACNNBase):
@@ -222,7 +261,7 @@ class MixedDACNN(_DACNNBase):
     (both 8w wide) share one kernel, so 8 kernels in all as the paper counts (4 for expansion,
     4 shared). ``template="resnet"`` (DACNN-18/34 MIX): ResNet-18/34 block layouts; the first block
     of sections 2-4 replaces its first conv by the free transition conv and projects the shortcut
-    with a free 1x1 conv + BN; three max-pools cut the sections.
+    with a free 1x1 conv + BN; three max-pools, each at the start of sections 2-4, cut the sections.
     """
 
     def __init__(
@@ -235,6 +274,9 @@ class MixedDACNN(_DACNNBase):
         regulators: Sequence[int] | str | None = None,
         num_classes: int = 100,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width]
@@ -243,24 +285,31 @@ class MixedDACNN(_DACNNBase):
         )
         kernel = (lambda c: self.kernels[str(c)]) if shared else (lambda c: None)
         self.regulator_sections = parse_sections(regulators)
+        stages: list[nn.Module] = []
         if template == "vgg":
             if self.regulator_sections:
                 raise ValueError("regulators need residual blocks: use template='resnet'")
             if depth != 14:
                 raise ValueError(f"the VGG template of MixedDACNN has depth 14, got {depth}")
-            layers: list[nn.Module] = []
-            cin = in_chans
-            for c, n in zip(widths + [widths[-1]], (2, 2, 3, 3, 3)):
-                for _ in range(n):
-                    conv = conv_use(kernel(c), c, c) if cin == c else conv3x3(cin, c)
-                    layers.append(ConvBNReLU(conv, c))
+            check_drop_path("the VGG template of MixedDACNN", drop_path_rate, "no residual branch")
+            groups = (2, 2, 3, 3, 3)
+            self.legacy_keys = _OLD_NAMES + _flat_names(groups)
+            self.stem = ConvBNReLU(conv3x3(in_chans, widths[0]), widths[0])
+            cin = widths[0]
+            for g, (c, n) in enumerate(zip(widths + [widths[-1]], groups)):
+                layers = []
+                for _ in range(n - (g == 0)):
+                    layers.append(ConvBNReLU(conv_use(kernel(c), c, c) if cin == c else conv3x3(cin, c), c))
                     cin = c
-                layers.append(nn.MaxPool2d(2))
-            self.features = nn.Sequential(*layers)
+                stages.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
+            self._levels([widths[0], *widths, widths[-1]], [1, 2, 4, 8, 16, 32])
         elif template == "resnet":
             if depth not in RESNET_BLOCKS:
                 raise ValueError(f"the ResNet template of MixedDACNN has depth 18 or 34, got {depth}")
-            stages: list[nn.Module] = [ConvBNReLU(conv3x3(in_chans, widths[0]), widths[0])]
+            self.legacy_keys = (*_OLD_NAMES, (r"^features\.0\.", "stem."),
+                                *((rf"^features\.{k}\.", f"stages.{k - 1}.") for k in range(1, 5)))
+            rates = iter(drop_path_rates(drop_path_rate, sum(RESNET_BLOCKS[depth])))
+            self.stem = ConvBNReLU(conv3x3(in_chans, widths[0]), widths[0])
             cin = widths[0]
             for s, (c, n) in enumerate(zip(widths, RESNET_BLOCKS[depth]), start=1):
                 stage: list[nn.Module] = [] if s == 1 else [nn.MaxPool2d(2)]
@@ -273,21 +322,20 @@ class MixedDACNN(_DACNNBase):
                             c,
                             shortcut=nn.Sequential(conv1x1(cin, c), nn.BatchNorm2d(c)) if expand else None,
                             regulator=s in self.regulator_sections,
+                            drop_path_rate=next(rates),
                         )
                     )
                     cin = c
                 stages.append(nn.Sequential(*stage))
-            self.features = nn.Sequential(*stages)
+            self._levels([widths[0], *widths], [1, 1, 2, 4, 8])
         else:
             raise ValueError(f"MixedDACNN template must be 'vgg' or 'resnet', got {template!r}")
-        self._set_head(widths[-1], num_classes)
+        self.stages = nn.Sequential(*stages)
+        self._set_head(widths[-1], num_classes, global_pool, drop_rate)
         init_weights(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
-
-def dacnn(
+def _dacnn(
     depth: int = 14,
     width: int = 128,
     *,
@@ -295,26 +343,22 @@ def dacnn(
     batchnorm: bool = True,
     residual: bool | None = None,
     regulators: Sequence[int] | str | None = None,
-    num_classes: int = 100,
-    in_chans: int = 3,
+    **kwargs: Any,
 ) -> nn.Module:
     """Plain DACNN of any depth and width; residual learning for depth > 17 unless told otherwise."""
     if residual is None:
         residual = depth > 17
     if residual:
-        return ResidualDACNN(
-            depth, width, shared=shared, batchnorm=batchnorm, regulators=regulators,
-            num_classes=num_classes, in_chans=in_chans,
-        )
+        return ResidualDACNN(depth, width, shared=shared, batchnorm=batchnorm, regulators=regulators,
+                             **kwargs)
     if regulators not in (None, "none", "", ()):
         raise ValueError("regulators are appended to residual blocks: use a residual DACNN")
-    return PlainDACNN(
-        depth, width, shared=shared, batchnorm=batchnorm, num_classes=num_classes, in_chans=in_chans
-    )
+    return PlainDACNN(depth, width, shared=shared, batchnorm=batchnorm, **kwargs)
 
 
 # name -> (paper row, builder kwargs, free-weight twin): one per row of the paper's Table 6.
 _CFGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "dacnn": ("Table 2 (any depth/width)", {}, None),
     "dacnn14": ("Table 6: DACNN-14 (plain)", {"depth": 14}, None),
     "dacnn18": ("Table 6: DACNN-18 (plain)", {"depth": 18}, None),
     "dacnn34": ("Table 6: DACNN-34 (plain)", {"depth": 34}, None),
@@ -331,21 +375,94 @@ _CFGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 }
 
 
-def _create_dacnn(variant: str, /, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, regulators...; not the
-    depth or template the row fixes)."""
+def _build(variant: str, /, **kwargs: Any) -> nn.Module:
+    """``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, regulators...; not the depth or
+    template the row fixes)."""
     fixed = dict(_CFGS[variant][1])
     defaults = {k: fixed.pop(k) for k in ("regulators",) if k in fixed}  # REG rows: "all" unless told
     cfg = variant_args(variant, fixed, kwargs, defaults)
-    return MixedDACNN(**cfg) if cfg.pop("mixed", False) else dacnn(**cfg)
+    return MixedDACNN(**cfg) if cfg.pop("mixed", False) else _dacnn(**cfg)
 
 
-def _info(name: str, row: str, cfg: dict[str, Any], twin: str | None = None) -> ModelInfo:
-    plain = cfg.get("mixed") or cfg.get("depth", 14) <= 17  # a plain stack: no stem module
-    return ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin,
-                     first_conv="features.0.0" if plain else "stem.0", classifier="fc")
+def _create_dacnn(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return build_model_with_cfg(partial(_build, variant), variant, pretrained, **kwargs)
 
 
-register_model(_info("dacnn", "Table 2 (any depth/width)", {}))(dacnn)
-for _name, (_row, _cfg, _twin) in _CFGS.items():
-    register_model(_info(_name, _row, _cfg, _twin))(partial(_create_dacnn, _name))
+default_cfgs: dict[str, ModelInfo] = {
+    name: ModelInfo(name, "dacnn", paper=PAPER, table_row=row, shared_twin=twin, first_conv="stem.0",
+                    classifier="fc")
+    for name, (row, _, twin) in _CFGS.items()
+}
+
+
+@register_model
+def dacnn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """DACNN of any ``depth`` and ``width`` (Table 2): plain up to 17 layers, residual beyond
+    (``residual=``), ``shared=False`` for the free twin, ``regulators=`` for a residual one."""
+    return _create_dacnn("dacnn", pretrained, **kwargs)
+
+
+@register_model
+def dacnn14(pretrained: bool = False, **kwargs: Any) -> PlainDACNN:
+    """DACNN-14, plain: a stem and 12 uses of one shared kernel in VGG-16's five groups (Table 6)."""
+    return _create_dacnn("dacnn14", pretrained, **kwargs)
+
+
+@register_model
+def dacnn18(pretrained: bool = False, **kwargs: Any) -> ResidualDACNN:
+    """DACNN-18: residual, ResNet-18's 2,2,2,2 blocks, one shared kernel (Table 6)."""
+    return _create_dacnn("dacnn18", pretrained, **kwargs)
+
+
+@register_model
+def dacnn34(pretrained: bool = False, **kwargs: Any) -> ResidualDACNN:
+    """DACNN-34: residual, ResNet-34's 3,4,6,3 blocks, one shared kernel (Table 6)."""
+    return _create_dacnn("dacnn34", pretrained, **kwargs)
+
+
+@register_model
+def dacnn18_reg(pretrained: bool = False, **kwargs: Any) -> ResidualDACNN:
+    """DACNN-18 with a regulator after every block (Table 6, REG)."""
+    return _create_dacnn("dacnn18_reg", pretrained, **kwargs)
+
+
+@register_model
+def dacnn24_reg(pretrained: bool = False, **kwargs: Any) -> ResidualDACNN:
+    """DACNN-24 (blocks 2,3,3,3) with regulators (Table 6, REG)."""
+    return _create_dacnn("dacnn24_reg", pretrained, **kwargs)
+
+
+@register_model
+def dacnn34_reg(pretrained: bool = False, **kwargs: Any) -> ResidualDACNN:
+    """DACNN-34 with regulators (Table 6, REG)."""
+    return _create_dacnn("dacnn34_reg", pretrained, **kwargs)
+
+
+@register_model
+def dacnn14_mix(pretrained: bool = False, **kwargs: Any) -> MixedDACNN:
+    """DACNN-14 (MIX): VGG-16's layout, one shared kernel per width (Table 6)."""
+    return _create_dacnn("dacnn14_mix", pretrained, **kwargs)
+
+
+@register_model
+def dacnn18_mix(pretrained: bool = False, **kwargs: Any) -> MixedDACNN:
+    """DACNN-18 (MIX): ResNet-18's layout, one shared kernel per section width (Table 6)."""
+    return _create_dacnn("dacnn18_mix", pretrained, **kwargs)
+
+
+@register_model
+def dacnn34_mix(pretrained: bool = False, **kwargs: Any) -> MixedDACNN:
+    """DACNN-34 (MIX): ResNet-34's layout, one shared kernel per section width (Table 6)."""
+    return _create_dacnn("dacnn34_mix", pretrained, **kwargs)
+
+
+@register_model
+def dacnn18_mix_reg(pretrained: bool = False, **kwargs: Any) -> MixedDACNN:
+    """DACNN-18 (MIX, REG): the mixed ResNet-18 layout with regulators (Table 6)."""
+    return _create_dacnn("dacnn18_mix_reg", pretrained, **kwargs)
+
+
+@register_model
+def dacnn34_mix_reg(pretrained: bool = False, **kwargs: Any) -> MixedDACNN:
+    """DACNN-34 (MIX, REG): the mixed ResNet-34 layout with regulators (Table 6)."""
+    return _create_dacnn("dacnn34_mix_reg", pretrained, **kwargs)

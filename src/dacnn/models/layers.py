@@ -1,12 +1,15 @@
-"""Small building blocks shared by the model families (torchvision's ``conv3x3`` habit)."""
+"""Small building blocks shared by the model families (torchvision's ``conv3x3`` habit; timm's
+``SelectAdaptivePool2d`` pool types and ``DropPath``)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
-__all__ = ["conv3x3", "conv1x1", "conv_use", "split_evenly", "init_weights"]
+__all__ = ["conv3x3", "conv1x1", "conv_use", "split_evenly", "init_weights", "make_pool", "pooled_features",
+           "DropPath", "drop_path_rates"]
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -49,3 +52,64 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, SharedKernel):
             m.reset_parameters()
+
+
+class AvgMaxPool(nn.Module):
+    """timm's ``avgmax`` (mean of global average and max) or, with ``cat``, ``catavgmax`` (both,
+    concatenated: twice the channels)."""
+
+    def __init__(self, cat: bool = False) -> None:
+        super().__init__()
+        self.cat = cat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, peak = x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+        return torch.cat((avg, peak), 1) if self.cat else 0.5 * (avg + peak)
+
+
+def make_pool(kind: str) -> nn.Module:
+    """Global pooling of timm's type ``kind``: ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``, or
+    ``""`` (none: ``nn.Identity``). Maps keep their two spatial dims (``1 x 1``)."""
+    pools = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "max": lambda: nn.AdaptiveMaxPool2d(1),
+             "avgmax": lambda: AvgMaxPool(), "catavgmax": lambda: AvgMaxPool(cat=True), "": nn.Identity}
+    if kind not in pools:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, pools))}, got {kind!r}")
+    return pools[kind]()
+
+
+def pooled_features(channels: int, kind: str) -> int:
+    """Features a classifier reads after pool ``kind`` over ``channels`` channels."""
+    return 2 * channels if kind == "catavgmax" else channels
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., arXiv 1603.09382; timm's ``DropPath``): in training, zero a
+    residual branch per sample with probability ``p`` and scale the kept ones by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Per-block drop-path probabilities rising linearly from 0 to ``rate`` (timm's ResNet rule)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    return [rate * i / max(blocks - 1, 1) for i in range(blocks)]
+
+
+def drop_path(p: float) -> nn.Module:
+    """``DropPath(p)``, or ``nn.Identity`` for ``p == 0`` (the block's forward is then unchanged)."""
+    return DropPath(p) if p > 0 else nn.Identity()

@@ -25,6 +25,7 @@ residual merged into one grouped 3x3 conv. ``benchmarks/lrunet_speed.py`` measur
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,15 +35,12 @@ from torch.nn.modules import module as torch_module
 
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.hub import PretrainedCfg
-from dacnn.models.base import ClassifierMixin
+from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
 from dacnn.models.lrunet_ops import LruIteration, _nchw, _nhwc, shuffle_duplicate
-from dacnn.registry import ModelInfo, register_model, register_pretrained
+from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, register_pretrained
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
-__all__ = [
-    "LruBlock", "LruNet", "channel_shuffle", "lrunet_1x", "lrunet_2x", "checkpoint_filter_fn",
-    "config_from_state",
-]
+__all__ = ["LruBlock", "LruNet", "channel_shuffle", "checkpoint_filter_fn", "config_from_state"]
 
 PAPER = "arXiv 1901.09615"
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -245,12 +243,22 @@ class LruNet(ClassifierMixin, nn.Module):
     ``fast=False`` runs the reference's op sequence in every block (``--model-kwargs fast=false``
     on the command line); the default computes the same function faster (:class:`LruBlock`).
 
-    timm's interface: :meth:`forward_features` ends after stage 4 (``(B, 512w, 2, 2)`` at 32x32);
-    :meth:`forward_head` is the grouped 1x1 head: ``pre_logits`` (conv, BN, ReLU, dropout), then the
-    logits conv ``fc``, ReLU and 2x2 average pooling; ``pre_logits=True`` stops before ``fc``, so the
-    features are ``(B, 256w, H, W)``: the reference pools *after* its ReLU on the logits, so there is
-    no pooled pre-logits vector. A block's kernels are ``stage<k>.kernels.dw`` / ``.pw``.
+    timm's interface: :meth:`forward_features` ends after stage 4 (``(B, 512w, 2, 2)`` at 32x32,
+    ``num_features = 512w``); :meth:`forward_head` is the grouped 1x1 head: ``pre_logits`` (conv, BN,
+    ReLU, dropout ``drop_rate``, the paper's 0.5), then the logits conv ``fc``, ReLU and 2x2 average
+    pooling; ``pre_logits=True`` stops before ``fc``, so the features are ``(B, 256w, H, W)``
+    (``head_hidden_size = 256w``): the reference pools *after* its ReLU on the logits, so there is no
+    pooled pre-logits vector. ``global_pool="avg"`` is that 2x2 average pooling (global on the 2x2 map of
+    its 32x32 and 28x28 inputs), ``""`` none (the head returns the logit maps). A block's kernels are
+    ``stage<k>.kernels.dw`` / ``.pw``. The feature levels are the stem and the four stages (each with
+    the max-pool after it). ``drop_path_rate`` must be 0: the fused iteration has no stochastic depth.
+
+    timm's ``train.py`` always passes ``drop_rate`` (0 unless ``--drop``): pass ``--drop 0.5`` there for
+    the paper's dropout.
     """
+
+    global_pool = "avg"
+    pool_types = ("avg", "")
 
     # names before 2026-12 (still loaded): stage<k>.dw/.pw, classifier.0-3 and classifier.4
     legacy_keys = ((r"^(stage\d)\.(dw|pw)\.", r"\1.kernels.\2."), (r"^classifier\.4\.", "fc."),
@@ -265,8 +273,11 @@ class LruNet(ClassifierMixin, nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.5,
         fast: bool = True,
+        global_pool: str = "avg",
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        check_drop_path("LruNet", drop_path_rate, "its fused reuse iterations have none")
         if isinstance(width_mult, float) and width_mult.is_integer():
             width_mult = int(width_mult)
         if not isinstance(width_mult, int) or width_mult < 1:
@@ -286,14 +297,19 @@ class LruNet(ClassifierMixin, nn.Module):
         self.stage1, self.stage2, self.stage3, self.stage4 = (LruBlock(c, layer_reuse, fast) for c in widths)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         head = 256 * width_mult
-        self.num_features = head
+        self.num_features, self.drop_rate = widths[-1], drop_rate
+        self._set_pool(global_pool)
+        self.head_hidden_size = head
+        self.feature_info = [dict(num_chs=STEM_WIDTH * width_mult, reduction=2, module="stem")] + [
+            dict(num_chs=c, reduction=r, module=f"stage{k}")
+            for k, c, r in zip(range(1, 5), widths, (4, 8, 8, 16))]
         self.pre_logits = nn.Sequential(
             nn.Conv2d(widths[-1], head, 1, groups=PW_GROUPS, bias=False),
             nn.BatchNorm2d(head),
             nn.ReLU(inplace=True),
             nn.Dropout(drop_rate),
         )
-        self.fc = nn.Conv2d(head, num_classes, 1)
+        self.fc = nn.Conv2d(head, num_classes, 1) if num_classes else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -309,28 +325,59 @@ class LruNet(ClassifierMixin, nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem(x)
-        if self.width_mult > 1:
-            out = torch.cat([out] * self.width_mult, 1)
-        out = self.pool(self.stage1(out))
-        out = self.pool(self.stage2(torch.cat([out, out], 1)))
-        out = self.stage3(torch.cat([out, out], 1))
-        return self.pool(self.stage4(torch.cat([out, out], 1)))
+        return torch.cat([out] * self.width_mult, 1) if self.width_mult > 1 else out
+
+    def _stage1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stage1(x))
+
+    def _stage2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stage2(torch.cat([x, x], 1)))
+
+    def _stage3(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage3(torch.cat([x, x], 1))
+
+    def _stage4(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stage4(torch.cat([x, x], 1)))
+
+    def _stages(self) -> list[Stage]:
+        return [self._stem, self._stage1, self._stage2, self._stage3, self._stage4]
+
+    def _group_patterns(self, coarse: bool) -> tuple[str, str]:
+        fine = r"^stage(\d)\.(?:dw_uses|pw_uses|dw_bns|pw_bns)\.(\d+)\."  # one group per reuse iteration
+        return r"^stem\.", (r"^stage(\d)\." if coarse else fine)
+
+    def _set_pool(self, global_pool: str) -> None:
+        """The global pool is a function in :meth:`forward_head` (after the logits conv and its ReLU);
+        ``self.pool`` is the max-pool between stages."""
+        if global_pool not in self.pool_types:
+            raise ConfigError(f"LruNet: global_pool must be 'avg' (the reference's 2x2 average pooling) or "
+                              f"'', got {global_pool!r}")
+        self.global_pool = global_pool
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.contiguous()  # dropout masks follow memory order: keep the reference's
         x = self.pre_logits(x)
         if pre_logits:
             return x
-        out = F.avg_pool2d(F.relu(self.fc(x), inplace=True), 2, stride=1)  # the reference's ReLU on logits
-        return out.reshape(out.shape[0], -1)
+        out = F.relu(self.fc(x), inplace=True)  # the reference's ReLU on the logits
+        if not self.global_pool:
+            return out
+        return F.avg_pool2d(out, 2, stride=1).flatten(1)  # flatten(1): a batch size no export bakes in
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def _prune_head(self) -> None:
+        """The whole grouped head goes: ``pre_logits`` reads stage 4, which a pruned net may not have."""
+        self.pre_logits = nn.Identity()
+        self.reset_classifier(0, "")
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new logits conv ``256w -> num_classes`` (``0``: identity, the head then returns the
-        ReLU'd, pooled ``256w`` features)."""
+        ReLU'd, pooled ``256w`` features; ``global_pool=""``: unpooled maps)."""
+        if global_pool is not None:
+            self._set_pool(global_pool)
         self.num_classes = num_classes
-        self.fc = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
+        self.fc = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes else nn.Identity()
 
 
 _KEY_RENAMES = ((r"^features\.", "stem."), (r"\.dw_bn_list\.", ".dw_bns."), (r"\.pw_bn_list\.", ".pw_bns."))
@@ -392,35 +439,40 @@ def checkpoint_filter_fn(
     return converted
 
 
-def _info(name: str, width: int) -> ModelInfo:
-    return ModelInfo(
+_VARIANTS = {"lrunet_1x": 1, "lrunet_2x": 2}  # name -> width_mult
+
+
+def _build(variant: str, /, layer_reuse: int = 8, **kwargs: Any) -> LruNet:
+    return LruNet(layer_reuse, _VARIANTS[variant], **kwargs)
+
+
+def _create_lrunet(variant: str, pretrained: bool = False, **kwargs: Any) -> LruNet:
+    """``N``-LruNet-``w``x (``layer_reuse=N``, default 8 as the reference code)."""
+    return build_model_with_cfg(partial(_build, variant), variant, pretrained, **kwargs)
+
+
+default_cfgs: dict[str, ModelInfo] = {
+    name: ModelInfo(
         name, "lrunet", num_classes=10, paper=PAPER,
         table_row=f"SPEC 2.1: N-LruNet-{width}x (layer_reuse=N, default 8 as the reference code)",
         notes="CIFAR-10 by default; in_chans=1 for Fashion-MNIST (28x28); no input normalisation",
         extra={"width_mult": width}, first_conv="stem.0", classifier="fc",
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
     )
+    for name, width in _VARIANTS.items()
+}
 
 
-def _create_lrunet(variant: str, layer_reuse: int = 8, **kwargs: Any) -> nn.Module:
-    return LruNet(layer_reuse, _VARIANTS[variant], **kwargs)
+@register_model
+def lrunet_1x(pretrained: bool = False, **kwargs: Any) -> LruNet:
+    """``N``-LruNet-1x (``layer_reuse=N``)."""
+    return _create_lrunet("lrunet_1x", pretrained, **kwargs)
 
 
-_VARIANTS = {"lrunet_1x": 1, "lrunet_2x": 2}  # name -> width_mult
-
-
-def lrunet_1x(layer_reuse: int = 8, **kwargs: Any) -> nn.Module:
-    """``N``-LruNet-1x (``N = layer_reuse``)."""
-    return _create_lrunet("lrunet_1x", layer_reuse, **kwargs)
-
-
-def lrunet_2x(layer_reuse: int = 8, **kwargs: Any) -> nn.Module:
-    """``N``-LruNet-2x (``N = layer_reuse``)."""
-    return _create_lrunet("lrunet_2x", layer_reuse, **kwargs)
-
-
-for _name, _fn in (("lrunet_1x", lrunet_1x), ("lrunet_2x", lrunet_2x)):
-    register_model(_info(_name, _VARIANTS[_name]))(_fn)
+@register_model
+def lrunet_2x(pretrained: bool = False, **kwargs: Any) -> LruNet:
+    """``N``-LruNet-2x (``layer_reuse=N``)."""
+    return _create_lrunet("lrunet_2x", pretrained, **kwargs)
 
 
 # The six checkpoints the authors released (their MANIFEST.json, under lrunet/ of the weights path):

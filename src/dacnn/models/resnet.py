@@ -13,15 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dacnn.models.base import ClassifierMixin
-from dacnn.models.layers import conv1x1, conv3x3, init_weights
-from dacnn.registry import ModelInfo, register_model, variant_args
+from dacnn.models.base import ClassifierMixin, Stage
+from dacnn.models.layers import conv1x1, conv3x3, drop_path, drop_path_rates, init_weights
+from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 
 __all__ = ["BasicBlock", "ResNet"]
 
 
 class BasicBlock(nn.Module):
-    """``relu(BN(conv(relu(BN(conv(x))))) + shortcut(x))``."""
+    """``relu(BN(conv(relu(BN(conv(x))))) + shortcut(x))``; ``drop_path_rate`` drops the residual
+    branch per sample in training (stochastic depth)."""
 
     expansion = 1
 
@@ -33,6 +34,7 @@ class BasicBlock(nn.Module):
         *,
         conv1: nn.Module | None = None,
         conv2: nn.Module | None = None,
+        drop_path_rate: float = 0.0,
     ) -> None:
         """``conv1``/``conv2`` replace the default free 3x3 convs (e.g. by uses of a shared kernel)."""
         super().__init__()
@@ -44,10 +46,11 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return self.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
 
 
 class ResNet(ClassifierMixin, nn.Module):
@@ -60,37 +63,60 @@ class ResNet(ClassifierMixin, nn.Module):
         width: int = 64,
         num_classes: int = 100,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(conv3x3(in_chans, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         stages, cin = [], width
+        self.feature_info = [dict(num_chs=width, reduction=1, module="stem")]
         for i, n in enumerate(layers):
             cout = width * 2**i
-            blocks = [BasicBlock(cin, cout, 1 if i == 0 else 2)]
-            blocks += [BasicBlock(cout, cout) for _ in range(n - 1)]
+            blocks = [BasicBlock(cin, cout, 1 if i == 0 else 2, drop_path_rate=next(rates))]
+            blocks += [BasicBlock(cout, cout, drop_path_rate=next(rates)) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=cout, reduction=2**i, module=f"stages.{i}"))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        self.num_classes, self.num_features = num_classes, cin
+        self._set_head(cin, num_classes, global_pool, drop_rate)
         init_weights(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
+    def _stages(self) -> list[Stage]:
+        return [self.stem, *self.stages]
+
+    def _group_patterns(self, coarse: bool) -> tuple[str, str]:
+        return r"^stem\.", (r"^stages\.(\d+)\." if coarse else r"^stages\.(\d+)\.(\d+)\.")
 
 
 # name -> (blocks per stage, paper row)
 _CFGS = {"resnet18": ((2, 2, 2, 2), "Table 6: ResNet18"), "resnet34": ((3, 4, 6, 3), "Table 6: ResNet34")}
 
 
-def _create_resnet(variant: str, /, **kwargs: Any) -> nn.Module:
-    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, input channels)."""
+def _build(variant: str, /, **kwargs: Any) -> ResNet:
     return ResNet(**variant_args(variant, {"layers": _CFGS[variant][0]}, kwargs))
 
 
-for _name, (_, _row) in _CFGS.items():
-    register_model(ModelInfo(
-        _name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=_row,
-        first_conv="stem.0", classifier="fc",
-    ))(partial(_create_resnet, _name))
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """Build ``variant`` of :data:`_CFGS` with ``kwargs`` (width, classes, input channels...)."""
+    return build_model_with_cfg(partial(_build, variant), variant, pretrained, **kwargs)
+
+
+default_cfgs: dict[str, ModelInfo] = {
+    name: ModelInfo(name, "resnet", paper="arXiv 1512.03385 (baseline of arXiv 1904.09764)", table_row=row,
+                    first_conv="stem.0", classifier="fc")
+    for name, (_, row) in _CFGS.items()
+}
+
+
+@register_model
+def resnet18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """CIFAR ResNet-18 (blocks 2,2,2,2), the free twin of DACNN-18 (MIX)."""
+    return _create_resnet("resnet18", pretrained, **kwargs)
+
+
+@register_model
+def resnet34(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """CIFAR ResNet-34 (blocks 3,4,6,3), the free twin of DACNN-34 (MIX)."""
+    return _create_resnet("resnet34", pretrained, **kwargs)

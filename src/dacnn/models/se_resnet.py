@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from dacnn.errors import ConfigError
-from dacnn.models.base import ClassifierMixin
-from dacnn.models.layers import conv3x3
+from dacnn.models.base import ClassifierMixin, Stage
+from dacnn.models.layers import conv3x3, drop_path_rates
 from dacnn.models.resnet import BasicBlock
-from dacnn.registry import ModelInfo, register_model, variant_args
+from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["SqueezeExcitation", "SEBasicBlock", "SEResNet", "se_resnet"]
@@ -54,15 +54,16 @@ class SEBasicBlock(BasicBlock):
     """``relu(SE(BN(conv2(relu(BN(conv1(x)))))) + shortcut(x))``; convs are free or shared uses."""
 
     def __init__(
-        self, conv1: nn.Module, conv2: nn.Module, cin: int, cout: int, stride: int, reduction: int
+        self, conv1: nn.Module, conv2: nn.Module, cin: int, cout: int, stride: int, reduction: int,
+        drop_path_rate: float = 0.0,
     ) -> None:
-        super().__init__(cin, cout, stride, conv1=conv1, conv2=conv2)
+        super().__init__(cin, cout, stride, conv1=conv1, conv2=conv2, drop_path_rate=drop_path_rate)
         self.se = SqueezeExcitation(cout, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.se(self.bn2(self.conv2(out)))
-        return self.relu(out + self.shortcut(x))
+        return self.relu(self.drop_path(out) + self.shortcut(x))
 
 
 class SEResNet(ClassifierMixin, nn.Module):
@@ -84,6 +85,9 @@ class SEResNet(ClassifierMixin, nn.Module):
         reduction: int = 16,
         num_classes: int = 10,
         in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if blocks < 1:
@@ -106,6 +110,8 @@ class SEResNet(ClassifierMixin, nn.Module):
         )
         stages: list[nn.Module] = []
         cin = STEM_WIDTH
+        rates = iter(drop_path_rates(drop_path_rate, blocks * len(widths)))
+        self.feature_info = [dict(num_chs=STEM_WIDTH, reduction=1, module="stem")]
         for s, cout in enumerate(widths):
             kernel = self.kernels[str(s)] if share_stages[s] else None
             stage = []
@@ -114,13 +120,12 @@ class SEResNet(ClassifierMixin, nn.Module):
                 free_conv1 = kernel is None or cin != cout or stride != 1
                 conv1 = conv3x3(cin, cout, stride) if free_conv1 else AnchoredConv2d(kernel, padding=1)
                 conv2 = conv3x3(cout, cout) if kernel is None else AnchoredConv2d(kernel, padding=1)
-                stage.append(SEBasicBlock(conv1, conv2, cin, cout, stride, reduction))
+                stage.append(SEBasicBlock(conv1, conv2, cin, cout, stride, reduction, next(rates)))
                 cin = cout
             stages.append(nn.Sequential(*stage))
+            self.feature_info.append(dict(num_chs=cout, reduction=2**s, module=f"stages.{s}"))
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        self.num_classes, self.num_features = num_classes, cin
+        self._set_head(cin, num_classes, global_pool, drop_rate)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -134,8 +139,11 @@ class SEResNet(ClassifierMixin, nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
+    def _stages(self) -> list[Stage]:
+        return [self.stem, *self.stages]
+
+    def _group_patterns(self, coarse: bool) -> tuple[str, str]:
+        return r"^stem\.", (r"^stages\.(\d+)\." if coarse else r"^stages\.(\d+)\.(\d+)\.")
 
 
 def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Module:
@@ -148,19 +156,100 @@ def se_resnet(blocks: int = 2, *, shared: bool = False, **kw: object) -> nn.Modu
 _DEPTHS = (2, 3, 4, 6, 8, 10)  # blocks per stage of the registered variants (SPEC 1.3)
 
 
-def _create_se_resnet(blocks: int, /, *, shared: bool = False, **kwargs: Any) -> nn.Module:
+def _build(variant: str, /, **kwargs: Any) -> nn.Module:
+    blocks, shared = _CFGS[variant]
+    return se_resnet(**variant_args(variant, {"blocks": blocks, "shared": shared}, kwargs))
+
+
+def _create_se_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``se_resnet_d_<blocks>`` (``_shared``: every stage shares one kernel) with ``kwargs``."""
-    cfg = variant_args(f"se_resnet_d_{blocks}", {"blocks": blocks, "shared": shared}, kwargs)
-    return se_resnet(**cfg)
+    return build_model_with_cfg(partial(_build, variant), variant, pretrained, **kwargs)
 
 
-for _blocks in _DEPTHS:
-    for _shared in (False, True):
-        _name = f"se_resnet_d_{_blocks}" + ("_shared" if _shared else "")
-        register_model(ModelInfo(
-            _name, "se_resnet", num_classes=10, paper=PAPER,
-            table_row=f"SPEC 1.3: se_resnet_d_{_blocks}" + (" (all stages shared)" if _shared else " (free)"),
-            shared_twin=f"se_resnet_d_{_blocks}" if _shared else None,
-            notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
-            extra={"blocks": _blocks}, first_conv="stem.0", classifier="fc",
-        ))(partial(_create_se_resnet, _blocks, shared=_shared))
+# name -> (blocks per stage, all stages shared)
+_CFGS: dict[str, tuple[int, bool]] = {
+    f"se_resnet_d_{b}" + ("_shared" if shared else ""): (b, shared)
+    for b in _DEPTHS for shared in (False, True)
+}
+default_cfgs: dict[str, ModelInfo] = {
+    name: ModelInfo(
+        name, "se_resnet", num_classes=10, paper=PAPER,
+        table_row=f"SPEC 1.3: se_resnet_d_{b}" + (" (all stages shared)" if shared else " (free)"),
+        shared_twin=f"se_resnet_d_{b}" if shared else None,
+        notes="CIFAR-10 by default (num_classes=100 for CIFAR-100)",
+        extra={"blocks": b}, first_conv="stem.0", classifier="fc",
+    )
+    for name, (b, shared) in _CFGS.items()
+}
+
+
+@register_model
+def se_resnet_d_2(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 2 blocks per stage, every conv free."""
+    return _create_se_resnet("se_resnet_d_2", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_2_shared(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 2 blocks per stage, one shared 3x3 kernel per stage."""
+    return _create_se_resnet("se_resnet_d_2_shared", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_3(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 3 blocks per stage, every conv free."""
+    return _create_se_resnet("se_resnet_d_3", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_3_shared(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 3 blocks per stage, one shared 3x3 kernel per stage."""
+    return _create_se_resnet("se_resnet_d_3_shared", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_4(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 4 blocks per stage, every conv free."""
+    return _create_se_resnet("se_resnet_d_4", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_4_shared(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 4 blocks per stage, one shared 3x3 kernel per stage."""
+    return _create_se_resnet("se_resnet_d_4_shared", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_6(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 6 blocks per stage, every conv free."""
+    return _create_se_resnet("se_resnet_d_6", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_6_shared(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 6 blocks per stage, one shared 3x3 kernel per stage."""
+    return _create_se_resnet("se_resnet_d_6_shared", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_8(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 8 blocks per stage, every conv free."""
+    return _create_se_resnet("se_resnet_d_8", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_8_shared(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 8 blocks per stage, one shared 3x3 kernel per stage."""
+    return _create_se_resnet("se_resnet_d_8_shared", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_10(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 10 blocks per stage, every conv free."""
+    return _create_se_resnet("se_resnet_d_10", pretrained, **kwargs)
+
+
+@register_model
+def se_resnet_d_10_shared(pretrained: bool = False, **kwargs: Any) -> SEResNet:
+    """SE-ResNet with 10 blocks per stage, one shared 3x3 kernel per stage."""
+    return _create_se_resnet("se_resnet_d_10_shared", pretrained, **kwargs)
