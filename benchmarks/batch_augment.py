@@ -10,7 +10,7 @@ the training step of the model it feeds. Ratios are to the baseline's rate per C
 figure to read on a loaded machine; wall-clock rates are printed beside it).
 Data: CIFAR-10 train from $DACNN_DATA or ../shared/data when present, else random images.
 
-    .venv/bin/python benchmarks/batch_augment.py [--quick] [--batches 30] [--threads 1]
+    .venv/bin/python benchmarks/batch_augment.py [--quick] [--batches 30] [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def load_train(limit: int) -> tuple[object, str]:
     return random_split("cifar10", "train", limit, (32, 32, 3), 10), f"{limit:,} random 32x32x3 images"
 
 
-def rate(fn: Callable[[int], object], batches: int, repeats: int) -> tuple[float, float]:
+def rate(fn: Callable[[int], object], batches: int, repeats: int,
+         device: torch.device) -> tuple[float, float]:
     """Best images/s over ``repeats`` runs of ``batches`` calls ``fn(b)`` (after one warm-up call):
     by wall clock and per CPU second."""
     fn(0)
@@ -55,6 +56,8 @@ def rate(fn: Callable[[int], object], batches: int, repeats: int) -> tuple[float
         start, cpu = time.perf_counter(), time.process_time()
         for b in range(batches):
             fn(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seen = batches * BATCH
         best_wall = max(best_wall, seen / (time.perf_counter() - start))
         best_cpu = max(best_cpu, seen / max(time.process_time() - cpu, 1e-9))
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30, help="batches per timed pass (default 30)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--step-model", default="convmixer_256_16_shared",
                         help="model whose training step is timed for scale ('' to skip)")
     parser.add_argument("--quick", action="store_true", help="10 batches, 2 repeats, no training step")
@@ -74,6 +78,7 @@ def main() -> None:
     if args.quick:
         args.batches, args.repeats, args.step_model = 10, 2, ""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     import kornia
     import kornia.augmentation as K
     from kornia.augmentation.auto import RandAugment as KorniaRandAugment
@@ -81,24 +86,25 @@ def main() -> None:
     split, source = load_train(args.batches * BATCH)
     mean, std = split_mean_std(split)
     print(f"data: {source}; batch {BATCH}; {args.batches} batches x best of {args.repeats}; "
-          f"{torch.get_num_threads()} thread(s); torch {torch.__version__}, kornia {kornia.__version__}\n")
+          f"{torch.get_num_threads()} thread(s), {device}; torch {torch.__version__}, "
+          f"kornia {kornia.__version__}\n")
 
-    base = DeviceLoader(split, batch_size=BATCH, shuffle=True, drop_last=True,
+    base = DeviceLoader(split, batch_size=BATCH, shuffle=True, drop_last=True, device=device,
                         augment=Augment(crop_padding=4, flip=True))
-    recipe = DeviceLoader(split, batch_size=BATCH, shuffle=True, drop_last=True, mix=MixSpec(
+    recipe = DeviceLoader(split, batch_size=BATCH, shuffle=True, drop_last=True, device=device, mix=MixSpec(
         mixup=0.5, cutmix=0.5, num_classes=10, label_smoothing=0.1), augment=Augment(
         crop_padding=4, flip=True, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25))
-    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(split.labels)
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous().to(device)
+    labels = torch.from_numpy(split.labels).to(device)
 
     def batch01(b: int) -> torch.Tensor:  # what kornia takes: float in [0, 1]
         return images[b * BATCH: (b + 1) * BATCH].float().div_(255.0)
 
-    normalised = [(batch01(b) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-                  for b in range(args.batches)]
+    m, sd = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    normalised = [(batch01(b) - m) / sd for b in range(args.batches)]
     ready = [batch01(b) for b in range(args.batches)]
     kornia_crop_flip = K.AugmentationSequential(K.RandomCrop((32, 32), padding=4), K.RandomHorizontalFlip(),
-                                                K.Normalize(torch.tensor(mean), torch.tensor(std)))
+                                                K.Normalize(torch.tensor(mean), torch.tensor(std))).to(device)
     kornia_ra = KorniaRandAugment(n=2, m=27)  # m of 30: timm's 9 of 10
     ours_ra = RandAugment(RandAugmentSpec.parse("rand-m9-mstd0.5-inc1"), mean)
     kornia_erase = K.RandomErasing(p=0.25)
@@ -106,7 +112,7 @@ def main() -> None:
     kornia_cutmix = K.RandomCutMixV2(beta=0.5, data_keys=["input", "class"], use_correct_lambda=True)
     mix = MixSpec(mixup=0.5, cutmix=0.5, num_classes=10, label_smoothing=0.1)
     rng = np.random.default_rng(0)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def loader_pass(loader: DeviceLoader) -> Callable[[int], object]:
         state: dict[str, object] = {}
@@ -134,24 +140,26 @@ def main() -> None:
          lambda b: mix_batch(normalised[b], labels[b * BATCH: (b + 1) * BATCH], mix, rng)),
         ("DeviceLoader: the whole ks-convmixer augmentation", loader_pass(recipe)),
     ]
-    rows = [(name, *rate(fn, args.batches, args.repeats)) for name, fn in cases]
+    rows = [(name, *rate(fn, args.batches, args.repeats, device)) for name, fn in cases]
     if args.step_model:
         import dacnn
         from dacnn.train.engine import StepRunner
-        model = dacnn.create_model(args.step_model, num_classes=10)
-        runner = StepRunner(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.device("cpu"))
-        small = 16  # a training step of a 1.4 M-multiply-per-pixel model is slow on one thread
+        model = dacnn.create_model(args.step_model, num_classes=10).to(device)
+        runner = StepRunner(model, torch.optim.AdamW(model.parameters(), lr=1e-3), device)
+        small = 16 if device.type == "cpu" else BATCH  # slow on one CPU thread
         x, y = normalised[0][:small], labels[:small]
         runner.step(x, y)
         start, cpu = time.perf_counter(), time.process_time()
         runner.step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         rows.append((f"training step of {args.step_model} (batch {small}, for scale)",
                      small / (time.perf_counter() - start), small / max(time.process_time() - cpu, 1e-9)))
     baseline = rows[0][2]
     print("| what | images/s | images/s per CPU s | vs baseline (CPU s) |")
     print("|---|---:|---:|---:|")
     for name, wall, cpu_rate in rows:
-        print(f"| {name} | {wall:,.0f} | {cpu_rate:,.0f} | {cpu_rate / baseline:.3f}x |")
+        print(f"| {name} | {wall:,.0f} | {cpu_rate:,.0f} | {cpu_rate / baseline:.3g}x |")
 
 
 if __name__ == "__main__":
