@@ -100,6 +100,13 @@ def test_rand_augment_draws_are_seeded_and_apply_on_8_bit_levels():
     again = ra(x, ra.sample(64, torch.Generator().manual_seed(1)))
     other = ra(x, ra.sample(64, torch.Generator().manual_seed(2)))
     assert torch.equal(out, again) and not torch.equal(out, other)
+    one = RandAugment(RandAugmentSpec.parse("rand-m9-n1-mstd0.5-inc1"), (0.5, 0.5, 0.5))
+    d = one.sample(64, torch.Generator().manual_seed(4))  # the batch applies each image's own operation
+    batched = one(x, d)
+    for i in range(0, 64, 5):
+        alone = one.ops[int(d.op[0, i])](x[i:i + 1], d.level[0, i:i + 1], d.negate[0, i:i + 1])
+        expected = (alone * 255).round() / 255 if d.apply[0, i] else x[i:i + 1]
+        torch.testing.assert_close(batched[i:i + 1], expected, atol=1 / 255 + 1e-6, rtol=0)
     grey = RandAugment(RandAugmentSpec.parse("rand-m9-mstd0.5-inc1"), (0.3,))  # one channel works too
     g = torch.from_numpy(smooth_images(n=16, channels=1)).permute(0, 3, 1, 2).float() / 255
     assert grey(g, grey.sample(16, torch.Generator().manual_seed(0))).shape == g.shape

@@ -38,6 +38,7 @@ _LEVEL_DENOM = 10.0  # timm's magnitude scale: m10 is the full range of every op
 OPERATIONS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add",
               "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x",
               "translate_y")
+GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
 def require_kornia(what: str) -> None:
@@ -125,6 +126,7 @@ class RandAugment:
         self.fill = tuple(float(v) for v in fill)
         self.ops: list[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = [
             getattr(self, f"_{name}") for name in OPERATIONS]
+        self._geometric_ids = torch.tensor([OPERATIONS.index(name) for name in GEOMETRIC])
 
     def sample(self, batch: int, generator: torch.Generator) -> RandAugmentDraws:
         """timm's draws: ``n`` operations per image with replacement, each applied with probability
@@ -146,11 +148,22 @@ class RandAugment:
         for layer in range(draws.op.shape[0]):
             chosen = torch.where(draws.apply[layer], draws.op[layer], -1)
             for k, fn in enumerate(self.ops):
-                rows = (chosen == k).nonzero().flatten()
-                if rows.numel() == 0:
+                if OPERATIONS[k] in GEOMETRIC:
                     continue
-                out = fn(x.index_select(0, rows), draws.level[layer, rows], draws.negate[layer, rows])
-                x.index_copy_(0, rows, out.mul_(255.0).round_().div_(255.0))
+                rows = (chosen == k).nonzero().flatten()
+                if rows.numel():
+                    out = fn(x.index_select(0, rows), draws.level[layer, rows], draws.negate[layer, rows])
+                    x.index_copy_(0, rows, out.mul_(255.0).round_().div_(255.0))
+            geometric = torch.isin(chosen, self._geometric_ids.to(chosen.device)).nonzero().flatten()
+            if geometric.numel():  # one warp for the five affine operations (most of the time is here)
+                op, level = chosen[geometric], draws.level[layer, geometric]
+                negate = draws.negate[layer, geometric]
+                inverse = torch.zeros(geometric.numel(), 2, 3, device=x.device)
+                for name in GEOMETRIC:
+                    mine = op == OPERATIONS.index(name)
+                    inverse[mine] = self._inverse(name, level[mine], negate[mine], x.shape[-2:])
+                out = self._warp(x.index_select(0, geometric), inverse)
+                x.index_copy_(0, geometric, out.mul_(255.0).round_().div_(255.0))
         return x
 
     # -- the operations: (images, level in [0, 1], sign) -> images, per timm's level functions
@@ -225,43 +238,42 @@ class RandAugment:
         return kt.warp_affine(x, forward, tuple(x.shape[-2:]), mode="bicubic", padding_mode="fill",
                               fill_value=fill).clamp(0, 1)
 
-    @staticmethod
-    def _affine(level: torch.Tensor, a: float = 1, b: float = 0, c: float = 0, d: float = 0,
-                e: float = 1, f: float = 0) -> torch.Tensor:
-        m = torch.tensor([[a, b, c], [d, e, f]], dtype=torch.float32, device=level.device)
-        return m.repeat(level.shape[0], 1, 1)
-
     def _rotate(self, x: torch.Tensor, level: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
-        theta = -torch.deg2rad(_signed(level, negate, 30.0))  # PIL: counter-clockwise about the centre
-        h, w = x.shape[-2:]
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        cx, cy = w / 2.0, h / 2.0
-        inverse = self._affine(level)
-        inverse[:, 0, 0], inverse[:, 0, 1] = cos, sin
-        inverse[:, 1, 0], inverse[:, 1, 1] = -sin, cos
-        inverse[:, 0, 2] = cx - cos * cx - sin * cy
-        inverse[:, 1, 2] = cy + sin * cx - cos * cy
-        return self._warp(x, inverse)
+        return self._warp(x, self._inverse("rotate", level, negate, x.shape[-2:]))
 
     def _shear_x(self, x: torch.Tensor, level: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
-        inverse = self._affine(level)
-        inverse[:, 0, 1] = _signed(level, negate, 0.3)
-        return self._warp(x, inverse)
+        return self._warp(x, self._inverse("shear_x", level, negate, x.shape[-2:]))
 
     def _shear_y(self, x: torch.Tensor, level: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
-        inverse = self._affine(level)
-        inverse[:, 1, 0] = _signed(level, negate, 0.3)
-        return self._warp(x, inverse)
+        return self._warp(x, self._inverse("shear_y", level, negate, x.shape[-2:]))
 
     def _translate_x(self, x: torch.Tensor, level: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
-        inverse = self._affine(level)
-        inverse[:, 0, 2] = _signed(level, negate, 0.45) * x.shape[-1]  # timm's TranslateXRel, 45 % at m10
-        return self._warp(x, inverse)
+        return self._warp(x, self._inverse("translate_x", level, negate, x.shape[-2:]))
 
     def _translate_y(self, x: torch.Tensor, level: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
-        inverse = self._affine(level)
-        inverse[:, 1, 2] = _signed(level, negate, 0.45) * x.shape[-2]
-        return self._warp(x, inverse)
+        return self._warp(x, self._inverse("translate_y", level, negate, x.shape[-2:]))
+
+    @staticmethod
+    def _inverse(name: str, level: torch.Tensor, negate: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
+        """PIL's inverse affine map (n, 2, 3) of a geometric operation (timm's level functions)."""
+        h, w = hw
+        inverse = torch.zeros(level.shape[0], 2, 3, device=level.device)
+        inverse[:, 0, 0] = inverse[:, 1, 1] = 1.0
+        if name == "rotate":  # PIL rotates counter-clockwise about the centre; 30 degrees at m10
+            theta = -torch.deg2rad(_signed(level, negate, 30.0))
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            cx, cy = w / 2.0, h / 2.0
+            inverse[:, 0, 0], inverse[:, 0, 1], inverse[:, 0, 2] = cos, sin, cx - cos * cx - sin * cy
+            inverse[:, 1, 0], inverse[:, 1, 1], inverse[:, 1, 2] = -sin, cos, cy + sin * cx - cos * cy
+        elif name == "shear_x":  # about the top-left corner, factor 0.3 at m10
+            inverse[:, 0, 1] = _signed(level, negate, 0.3)
+        elif name == "shear_y":
+            inverse[:, 1, 0] = _signed(level, negate, 0.3)
+        elif name == "translate_x":  # timm's TranslateXRel: 45 % of the width at m10
+            inverse[:, 0, 2] = _signed(level, negate, 0.45) * w
+        else:
+            inverse[:, 1, 2] = _signed(level, negate, 0.45) * h
+        return inverse
 
 
 # ---------------------------------------------------------------------------------- RandomErasing
