@@ -217,7 +217,9 @@ class DeviceLoader:
             if self.world > 1:
                 index = index[mine]
                 params = params.select(mine) if params is not None else None
-                draws = tuple(d.select(mine) if d is not None else None for d in draws)  # type: ignore[assignment]
+                ra, erasing = draws
+                draws = (ra.select(mine) if ra is not None else None,
+                         erasing.select(mine) if erasing is not None else None)
             yield self._batch(index, params, draws, b)
 
     def _batch_draws(self, batch: int, size: int) -> BatchDraws:

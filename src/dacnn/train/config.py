@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dacnn.data.batch_augment import RandAugmentSpec
 from dacnn.errors import ConfigError
 from dacnn.train.recipes import get_recipe
 from dacnn.validation import RULES, check_value
@@ -241,7 +242,6 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.alternate_flip and not cfg.flip:
         raise ConfigError(f"{source}: field 'alternate_flip' changes how 'flip' flips; set flip too")
     if cfg.rand_augment is not None:
-        from dacnn.data.batch_augment import RandAugmentSpec
         try:
             RandAugmentSpec.parse(cfg.rand_augment)
         except ConfigError as exc:
