@@ -48,10 +48,23 @@ def test_unknown_yaml_key_names_the_key_and_the_file(tmp_path):
     ({"ema": 1.5}, "field 'ema'"),
     ({"lr_milestones": 45}, "field 'lr_milestones' must be a list"),
     ({"batch_size": 0}, "field 'batch_size' must be an integer >= 1"),
+    ({"rand_augment": "rand-q3"}, "field 'rand_augment': RandAugment policy 'rand-q3': unknown section"),
+    ({"mixup": 0.0}, "field 'mixup' must be a finite number > 0"),
+    ({"cutmix": -1}, "field 'cutmix'"),
+    ({"random_erasing": 1.5}, r"field 'random_erasing' must be a finite number in \[0, 1\]"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(data)
+
+
+def test_batch_augmentations_default_to_none_so_results_keep_their_config_hashes():
+    defaults = TrainConfig()
+    assert all(getattr(defaults, k) is None for k in ("rand_augment", "random_erasing", "mixup", "cutmix"))
+    cfg = config_from_dict({"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25, "mixup": 0.5,
+                            "cutmix": 1.0})
+    assert (cfg.rand_augment, cfg.random_erasing, cfg.mixup, cfg.cutmix) == ("rand-m9-mstd0.5-inc1", 0.25,
+                                                                             0.5, 1.0)
 
 
 def test_recipe_milestones_scale_with_epochs_unless_given():
@@ -68,7 +81,12 @@ def test_every_recipe_cites_its_source_and_validates():
         config_from_dict({**recipe.settings, "recipe": recipe.name})
         if "model" in recipe.settings:
             assert recipe.settings["model"] in list_models(), recipe.name
-    assert "RandAugment" in RECIPES["ks-convmixer"].doc  # what is out of reach is said
+    convmixer = RECIPES["ks-convmixer"]  # SPEC.md 1.2's augmentation, nothing out of reach
+    assert {k: convmixer.settings[k] for k in ("rand_augment", "mixup", "cutmix", "random_erasing",
+                                                "label_smoothing")} == {
+        "rand_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.5, "cutmix": 0.5, "random_erasing": 0.25,
+        "label_smoothing": 0.1}
+    assert "out of reach" not in convmixer.doc.lower()
     assert RECIPES["lrunet"].settings["normalize"] is False
 
 

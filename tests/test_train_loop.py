@@ -132,6 +132,49 @@ def test_recipes_run_scaled_down(recipe, fashion_mnist_root, tmp_path):
     assert result.history[0]["step"] == 4 and math.isfinite(result.history[0]["train_loss"])
 
 
+CONVMIXER = {"recipe": "ks-convmixer", "dataset": "fashion_mnist", "model": "dacnn", "depth": 4, "width": 8,
+             "train_subset": 256, "val_size": 64, "batch_size": 32, "epochs": 2, "eval_test": False,
+             "threads": 1, "deterministic": True, "ckpt_every_steps": 1}
+
+
+def test_convmixer_recipe_augmentation_trains_and_resumes_bitwise(fashion_mnist_root, tmp_path, monkeypatch):
+    """ks-convmixer's RandAugment, RandomErasing, mixup and CutMix with soft targets (SPEC.md 1.2) on a tiny
+    model: a run stopped mid-epoch (epoch 2, batch 3) and resumed ends with bitwise the weights and the
+    logged losses of the uninterrupted run (the draws are functions of seed, epoch and batch)."""
+    pytest.importorskip("kornia")
+    from safetensors.torch import load_file
+
+    from dacnn import checkpoint as ckpt
+    from dacnn.train import loop as loop_module
+
+    base = {**CONVMIXER, "data_dir": fashion_mnist_root, "out_dir": str(tmp_path)}
+    whole = train(resolve_config({**base, "run_name": "whole"}), verbose=False)
+    assert all(math.isfinite(r["train_loss"]) for r in whole.history)
+    original = loop_module._Run.save
+
+    def stop_mid_epoch_2(self, epoch, batches_done, step, *args, **kwargs):
+        original(self, epoch, batches_done, step, *args, **kwargs)
+        if step == 8 + 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module._Run, "save", stop_mid_epoch_2)
+    cfg = resolve_config({**base, "run_name": "split"})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, verbose=False)
+    monkeypatch.setattr(loop_module._Run, "save", original)
+    resumed = train(cfg, resume=tmp_path / "split", verbose=False)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+    def weights(run: str) -> dict[str, torch.Tensor]:
+        pointer = ckpt.read_pointer(tmp_path / run / "checkpoints", "last")
+        return load_file(tmp_path / run / "checkpoints" / pointer["weights"])
+
+    a, b = weights("whole"), weights("split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = resolve_config({**base, "run_name": "seed", "seed": 1, "epochs": 1})
+    assert train(changed, verbose=False).history[0]["train_loss"] != whole.history[0]["train_loss"]
+
+
 FAST = {"recipe": "fast-cifar10", "dataset": "fashion_mnist", "model": "airbench94", "width": 4,
         "train_subset": 512, "val_size": 128, "batch_size": 64, "epochs": 3, "eval_batch_size": 256,
         "threads": 1, "deterministic": True, "seed": 1}

@@ -98,6 +98,7 @@ RULES: dict[str, Rule] = {
     "threads": _int(1), "ckpt_every_steps": _int(0), "keep_checkpoints": _int(1),
     "translate": _int(0), "lr_triangle": Rule(float, 0.0), "norm_bias_lr_scale": _pos(),
     "whiten_bias_epochs": _int(0), "tta": _int(0, 2), "bn_momentum": Rule(float, 0.0, 1.0, low_open=True),
+    "random_erasing": Rule(float, 0.0, 1.0), "mixup": _pos(), "cutmix": _pos(),
     # other commands
     "workers": _int(1), "jobs": _int(1), "timeout": _pos(), "shard_size": _int(1), "limit": _int(1),
     "ratio": _frac(), "prune.epochs": _int(0),

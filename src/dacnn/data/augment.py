@@ -8,7 +8,9 @@ RandomRotation(+-degrees, nearest, fill 0) -> RandomHorizontalFlip. airbench's t
 same crop from reflect-padded images, and its alternating flip flips a seeded half of the images in
 even epochs and the other half in odd ones (:meth:`DeviceLoader`). Cutout (DeVries & Taylor
 2017, square of zeros centred anywhere, clipped at the border) comes after normalisation, as in
-airbench, so it fills with the dataset mean.
+airbench, so it fills with the dataset mean. timm's RandAugment (after the crop and flip, as
+timm's ``create_transform``) and RandomErasing (after normalisation) are in
+:mod:`dacnn.data.batch_augment`.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ class Augment:
     cutout: int = 0
     translate: int = 0  # a random crop as crop_padding, from reflect-padded images (airbench)
     alternate_flip: bool = False  # with flip: each image flips every other epoch (airbench)
+    rand_augment: str | None = None  # timm policy, e.g. "rand-m9-mstd0.5-inc1" (dacnn.data.batch_augment)
+    random_erasing: float = 0.0  # probability of timm's RandomErasing per image (after normalisation)
 
     def __post_init__(self) -> None:
         if self.crop_padding < 0 or self.cutout < 0 or self.rotate_degrees < 0 or self.translate < 0:
             raise ConfigError(f"Augment values must be >= 0, got {self}")
         if self.translate and self.crop_padding:
             raise ConfigError(f"Augment: translate and crop_padding are two random crops; set one: {self}")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ConfigError(f"Augment: random_erasing is a probability, got {self.random_erasing}")
 
     @property
     def padding(self) -> int:
@@ -56,7 +62,7 @@ class Augment:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.spatial or self.cutout)
+        return not (self.spatial or self.cutout or self.rand_augment or self.random_erasing)
 
 
 @dataclass

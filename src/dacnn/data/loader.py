@@ -3,7 +3,8 @@
 No worker processes and no per-image Python (airbench's design, STYLE.md): each batch is an
 ``index_select`` of a seeded permutation, one pixel gather for crop/flip/rotation, one cast and
 one fused per-channel affine for normalisation. The order and the augmentation of epoch ``e`` depend
-only on ``(seed, e)``; ``set_epoch(e)`` picks the epoch, otherwise each pass advances by one, and
+only on ``(seed, e)`` (RandAugment, RandomErasing and Mixup/CutMix, :mod:`dacnn.data.batch_augment`,
+on ``(seed, e, batch)``); ``set_epoch(e)`` picks the epoch, otherwise each pass advances by one, and
 ``set_epoch(e, start_batch=b)`` starts that pass at batch ``b`` with the batches of a whole pass (a
 resumed run continues mid-epoch without building the batches it skips).
 """
@@ -24,11 +25,21 @@ from dacnn.data.augment import (
     sample_params,
     spatial_index,
 )
+from dacnn.data.batch_augment import (
+    ErasingDraws,
+    MixSpec,
+    RandAugment,
+    RandAugmentDraws,
+    RandAugmentSpec,
+    mix_batch,
+    random_erasing,
+    sample_erasing,
+)
 from dacnn.data.catalog import DATASETS
 from dacnn.data.split import DatasetSplit
 from dacnn.errors import ConfigError
 
-_ORDER_STREAM, _AUGMENT_STREAM, _FLIP_STREAM = 0, 1, 2
+_ORDER_STREAM, _AUGMENT_STREAM, _FLIP_STREAM, _BATCH_STREAM, _MIX_STREAM = 0, 1, 2, 3, 4
 
 
 def reflect_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
@@ -46,9 +57,14 @@ def reflect_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
     return images.index_select(-2, index(h)).index_select(-1, index(w))
 
 
-def _generator(seed: int, epoch: int, stream: int, device: torch.device | None = None) -> torch.Generator:
-    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]
+def _generator(seed: int, epoch: int, stream: int, device: torch.device | None = None,
+               batch: int | None = None) -> torch.Generator:
+    key = [seed, epoch, stream] + ([] if batch is None else [batch])
+    state = np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
     return torch.Generator(device=device or "cpu").manual_seed(int(state) & ((1 << 63) - 1))
+
+
+BatchDraws = tuple[RandAugmentDraws | None, ErasingDraws | None]
 
 
 def split_mean_std(split: DatasetSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -76,6 +92,7 @@ class DeviceLoader:
     ``rank``/``world`` (DDP): each batch is this rank's part ``[rank::world]`` of the global batch of
     ``batch_size`` images; the draws are those of the global batch, so the images a rank gets do
     not depend on the number of ranks, and each rank gathers and augments only its own images.
+    ``mix`` (Mixup/CutMix) mixes each rank's part within itself and yields (B, K) soft targets.
     """
 
     def __init__(self, split: DatasetSplit, batch_size: int = 256, shuffle: bool = False,
@@ -83,7 +100,7 @@ class DeviceLoader:
                  augment: Augment | None = None, normalize: bool = True, pad_to: int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  dtype: torch.dtype = torch.float32, cpu_threads: int | None = 1, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, mix: MixSpec | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world:
@@ -135,8 +152,12 @@ class DeviceLoader:
             gen = _generator(seed, 0, _FLIP_STREAM, self.device)
             self._flip_base = torch.rand(len(split), generator=gen, device=self.device) < 0.5
         self.labels = torch.from_numpy(split.labels).to(self.device)
+        self.mix = mix
+        m, s = (mean, std) if mean is not None and std is not None else split_mean_std(split)
+        policy = self.augment.rand_augment if self.augment is not None else None
+        # timm fills RandAugment's geometric operations with the normalisation mean (its img_mean)
+        self._rand_augment = RandAugment(RandAugmentSpec.parse(policy), m) if policy else None
         if normalize:
-            m, s = (mean, std) if mean is not None and std is not None else split_mean_std(split)
             if len(m) != channels or len(s) != channels:
                 raise ConfigError(f"mean/std have {len(m)}/{len(s)} values for {channels}-channel images")
             scale = [1.0 / (255.0 * v) for v in s]
@@ -192,10 +213,27 @@ class DeviceLoader:
                     params.flip = self._flip_base.index_select(0, index) ^ bool(self.epoch % 2)
             if b < skip:  # positioned past this batch: its draws are made, its pixels are not
                 continue
+            draws = self._batch_draws(b, index.shape[0])
             if self.world > 1:
                 index = index[mine]
                 params = params.select(mine) if params is not None else None
-            yield self._batch(index, params), self.labels.index_select(0, index)
+                ra, erasing = draws
+                draws = (ra.select(mine) if ra is not None else None,
+                         erasing.select(mine) if erasing is not None else None)
+            yield self._batch(index, params, draws, b)
+
+    def _batch_draws(self, batch: int, size: int) -> BatchDraws:
+        """RandAugment's and RandomErasing's draws for the global batch ``batch``: a function of
+        (seed, epoch, batch) only, so a resumed run needs none of the batches before it."""
+        augment = self.augment
+        if self._rand_augment is None and (augment is None or not augment.random_erasing):
+            return None, None
+        gen = _generator(self.seed, self.epoch, _BATCH_STREAM, self.device, batch=batch)
+        ra = self._rand_augment.sample(size, gen) if self._rand_augment is not None else None
+        erasing = None
+        if augment is not None and augment.random_erasing:
+            erasing = sample_erasing(augment.random_erasing, (size, *self.output_shape), gen)
+        return ra, erasing
 
     def plain_images(self, count: int) -> torch.Tensor:
         """The first ``count`` images of the split as the model sees them, without augmentation."""
@@ -204,17 +242,19 @@ class DeviceLoader:
         pixels = self.images[:count, :, top: top + self.out_hw[0], left: left + self.out_hw[1]]
         return pixels.to(self.dtype).mul_(self._scale).add_(self._shift)
 
-    def _batch(self, index: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
+    def _batch(self, index: torch.Tensor, params: AugmentParams | None, draws: BatchDraws,
+               batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         threads = torch.get_num_threads()
         if self.device.type != "cpu" or not self.cpu_threads or self.cpu_threads == threads:
-            return self._make_batch(index, params)
+            return self._make_batch(index, params, draws, batch)
         torch.set_num_threads(self.cpu_threads)
         try:
-            return self._make_batch(index, params)
+            return self._make_batch(index, params, draws, batch)
         finally:
             torch.set_num_threads(threads)
 
-    def _make_batch(self, index: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
+    def _make_batch(self, index: torch.Tensor, params: AugmentParams | None, draws: BatchDraws,
+                    batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = self.images.index_select(0, index)
         augment = self.augment
         if augment is not None:
@@ -225,8 +265,18 @@ class DeviceLoader:
             else:
                 (top, _), (left, _) = self._ranges
                 pixels = pixels[:, :, top: top + self.out_hw[0], left: left + self.out_hw[1]]
+        ra_draws, erasing = draws
+        if self._rand_augment is not None:  # on [0, 1] images; its output is on 8-bit levels again
+            assert ra_draws is not None
+            pixels = self._rand_augment(pixels.to(self.dtype).div_(255.0), ra_draws).mul_(255.0)
         x = pixels.to(self.dtype).mul_(self._scale).add_(self._shift)
         if augment is not None and augment.cutout:
             assert params is not None
             x.masked_fill_(cutout_mask(params, augment.cutout, self.out_hw, self.device), 0.0)
-        return x
+        if erasing is not None:
+            x = random_erasing(x, erasing)
+        y = self.labels.index_select(0, index)
+        if self.mix is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, _MIX_STREAM, batch]))
+            x, y = mix_batch(x, y, self.mix, rng)
+        return x, y

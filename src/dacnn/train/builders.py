@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dacnn.data import DATASETS, Augment, DeviceLoader, load_dataset
+from dacnn.data.batch_augment import MixSpec
 from dacnn.errors import ConfigError
 from dacnn.registry import create_model, model_info
 from dacnn.train.config import TrainConfig
@@ -85,7 +86,8 @@ def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None,
     Under DDP (``ctx``) the training loader yields this rank's part of each global batch.
 
     The validation split and the subset use seed 0 whatever ``cfg.seed`` is, so runs with different
-    seeds see the same data; ``cfg.seed`` sets the order and augmentation.
+    seeds see the same data; ``cfg.seed`` sets the order and augmentation. With mixup/CutMix the
+    training loader yields soft targets with the label smoothing in them (timm's ``Mixup``).
     """
 
     info = dataset_info(cfg.dataset)
@@ -106,11 +108,14 @@ def build_data(cfg: TrainConfig, device: torch.device, model_hw: int | None,
         raise ConfigError(f"field 'batch_size' {cfg.batch_size} exceeds the {len(train)} training images")
     pad_to = info.pad_for(model_hw, cfg.pad_to)
     augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip, rotate_degrees=cfg.rotate_degrees,
-                      cutout=cfg.cutout, translate=cfg.translate, alternate_flip=cfg.alternate_flip)
+                      cutout=cfg.cutout, translate=cfg.translate, alternate_flip=cfg.alternate_flip,
+                      rand_augment=cfg.rand_augment, random_erasing=cfg.random_erasing or 0.0)
+    mix = (MixSpec(mixup=cfg.mixup, cutmix=cfg.cutmix, num_classes=info.num_classes,
+                   label_smoothing=cfg.label_smoothing) if cfg.mixup or cfg.cutmix else None)
     common = {"device": device, "normalize": cfg.normalize, "pad_to": pad_to}
     ctx = ctx or DistContext()
     train_loader = DeviceLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                                augment=augment, rank=ctx.rank, world=ctx.world, **common)
+                                augment=augment, rank=ctx.rank, world=ctx.world, mix=mix, **common)
 
     def eval_loader(split: Any) -> Any:
         return DeviceLoader(split, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, seed=0,

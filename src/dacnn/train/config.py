@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dacnn.data.batch_augment import RandAugmentSpec
 from dacnn.errors import ConfigError
 from dacnn.train.recipes import get_recipe
 from dacnn.validation import RULES, check_value
@@ -58,6 +59,15 @@ class TrainConfig:
                            "crop_padding is the zero-padded crop)")
     alternate_flip: bool = _f(False, "with flip: every image is flipped in every other epoch, starting "
                                      "from a seeded random half (airbench's derandomised flip)")
+    rand_augment: str | None = _f(None, "timm RandAugment policy per training image after crop and flip, "
+                                        "e.g. rand-m9-mstd0.5-inc1 (ConvMixer, SPEC 1.2); needs the `aug` "
+                                        "extra (kornia)")
+    random_erasing: float | None = _f(None, "probability of timm's RandomErasing per training image: one "
+                                            "box of N(0, 1) noise after normalisation (ConvMixer: 0.25)")
+    mixup: float | None = _f(None, "mixup alpha: each batch blended with its mirror, lambda ~ Beta(a, a), "
+                                   "trained on soft targets (timm's Mixup, batch mode; ConvMixer 0.5)")
+    cutmix: float | None = _f(None, "CutMix alpha: a box of the mirrored batch pasted in, area ~ Beta(alpha, "
+                                    "alpha); with mixup each batch takes one of the two, each half the time")
     normalize: bool = _f(True, "per-channel mean/std normalisation")
     pad_to: int | None = _f(None, "zero-pad images to this size (default: the model's input size)")
     # optimisation
@@ -231,6 +241,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
                           "set one of them")
     if cfg.alternate_flip and not cfg.flip:
         raise ConfigError(f"{source}: field 'alternate_flip' changes how 'flip' flips; set flip too")
+    if cfg.rand_augment is not None:
+        try:
+            RandAugmentSpec.parse(cfg.rand_augment)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: field 'rand_augment': {exc}") from None
     if cfg.lookahead and cfg.ema is not None:
         raise ConfigError(f"{source}: fields 'lookahead' and 'ema' both average the weights; set one")
     if cfg.lookahead and cfg.ckpt_every_steps:

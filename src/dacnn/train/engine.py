@@ -56,14 +56,18 @@ class StepRunner:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and gradients of one batch; the weights are not changed yet."""
+        """Loss and gradients of one batch; the weights are not changed yet.
+
+        ``y`` holds class indices, or (B, K) soft targets (mixup/CutMix): then the loss is timm's
+        ``SoftTargetCrossEntropy`` and "correct" counts the dominant target."""
         x = self.prepare(x)
+        soft = y.is_floating_point()  # mixup/CutMix soft targets, label smoothing already in them
         with autocast_context(self.device, self.amp):
             logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.0 if soft else self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        correct = (logits.detach().argmax(1) == y).sum()
+        correct = (logits.detach().argmax(1) == (y.argmax(1) if soft else y)).sum()
         return loss.detach(), correct
 
     def apply(self) -> None:

@@ -272,7 +272,7 @@ class _Run:
                     self.check_finite(loss, running, epoch, batch, step)
                 self.runner.apply()
                 self.average(step + 1)
-                running.add(loss, correct, y.numel())  # this rank's images; summed over ranks once
+                running.add(loss, correct, y.shape[0])  # this rank's images; summed over ranks once
                 batch, step = batch + 1, step + 1
                 if will_save and batch < self.steps_per_epoch:  # the epoch's end saves anyway
                     running.seconds += time.perf_counter() - tick

@@ -118,17 +118,20 @@ def ks_convmixer() -> dict[str, Any]:
 
     AdamW lr 0.01, eps 1e-3, betas (0.9, 0.999), weight decay 0.01 on tensors with more than one
     dimension only, cosine per iteration to 1e-6 without warm-up, 200 epochs, batch 128, gradient
-    norm clipped at 1.0, label smoothing 0.1, fp16 mixed precision on GPU (the reference's AMP;
-    plain fp32 on CPU); random crop (padding 4) + horizontal flip.
-    **Out of reach here** (no timm): RandAugment rand-m9-mstd0.5-inc1, mixup (alpha 0.5) and CutMix
-    (alpha 0.5) with their soft-target loss, and RandomErasing (p 0.25); without them expect lower
-    accuracy than the reference. Normalisation uses our dataset mean/std rather than ImageNet's.
+    norm clipped at 1.0, fp16 mixed precision on GPU (the reference's AMP; plain fp32 on CPU).
+    Augmentation as timm 0.5.4's ``create_transform`` and ``Mixup`` build it there: random crop
+    (padding 4) + horizontal flip, RandAugment rand-m9-mstd0.5-inc1, normalisation, RandomErasing
+    (p 0.25, pixel mode, one box); mixup (alpha 0.5) and CutMix (alpha 0.5), one of the two per batch,
+    with label smoothing 0.1 folded into the soft targets and the soft-target cross-entropy
+    (:mod:`dacnn.data.batch_augment`; RandAugment needs the ``aug`` extra, kornia). Normalisation
+    and RandAugment's fill use our dataset mean/std rather than ImageNet's.
     """
     return {"model": "convmixer_256_16_shared", "dataset": "cifar10", "optimizer": "adamw", "lr": 0.01,
             "eps": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01, "decay_norm_and_bias": False,
             "lr_schedule": "cosine", "min_lr": 1e-6, "warmup_epochs": 0.0, "epochs": 200,
             "batch_size": 128, "clip_grad": 1.0, "label_smoothing": 0.1, "amp": "fp16",
-            "crop_padding": 4, "flip": True, "normalize": True}
+            "crop_padding": 4, "flip": True, "rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
+            "mixup": 0.5, "cutmix": 0.5, "normalize": True}
 
 
 @_recipe("fast-cifar10")
