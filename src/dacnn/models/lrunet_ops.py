@@ -21,8 +21,8 @@ over memory, with its backward written out:
   and ``t1 = b1 - mu1 s1`` from the batch statistics; BN1's output is never written. Its backward
   follows from the pw conv's weight gradient ``sum_n gc a^T`` (``sum_n gb (a - mu1)`` is
   ``W^T`` of it), so BN1 costs one statistics pass forward and one fused elementwise pass backward.
-* BN2, the residual add and the ReLU are one ``addcmul`` and one in-place ``_add_relu_``; the backward
-  uses ATen's BatchNorm backward.
+* BN2, the residual add and the ReLU are one ``addcmul`` and one in-place :func:`add_relu_`; the
+  backward uses ATen's BatchNorm backward.
 * Where a pw group reads at most 16 channels (stage 1 of LruNet-1x) the pw conv's forward and input
   gradient run as a conv with half the groups and block-diagonal weights (:func:`_paired_groups`);
   where it reads at most 32 (stages 1-2) its weight gradient is one ``bmm`` over the pixel rows.
@@ -30,6 +30,10 @@ over memory, with its backward written out:
 Saved for backward per iteration: ``d``, ``a``, ``c``, ``y`` (the op-by-op graph also keeps BN1's
 output). ``tests/test_lrunet.py`` checks it against the reference op sequence (float64
 ``gradcheck`` and float32 step, running statistics included).
+
+Every op here has kernels for every device and floating dtype except ATen's private ``_add_relu_``
+(CPU, float32/float64 only: no CUDA, bf16 or fp16 kernel): :func:`add_relu_` reaches it only where
+:func:`cpu_fused_add_relu` says so, and takes ``add_`` + ``relu_`` everywhere else.
 """
 
 from __future__ import annotations
@@ -41,7 +45,26 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["LruIteration", "shuffle_duplicate", "shuffle_duplicate_backward"]
+__all__ = ["LruIteration", "add_relu_", "cpu_fused_add_relu", "shuffle_duplicate",
+           "shuffle_duplicate_backward"]
+
+_FUSED_DTYPES = (torch.float32, torch.float64)  # where ATen's _add_relu_ has a (CPU) kernel
+
+
+def cpu_fused_add_relu(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``relu(out + x)`` may run as ATen's one-pass ``_add_relu_``: both tensors on the CPU,
+    of one dtype among float32/float64, and no gradient to record (it has no autograd formula)."""
+    return (out.device.type == "cpu" and x.device.type == "cpu" and out.dtype in _FUSED_DTYPES
+            and x.dtype == out.dtype
+            and not (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)))
+
+
+def add_relu_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``relu(out + x)`` written into ``out``: one pass on a CPU fp32/fp64 tensor
+    (:func:`cpu_fused_add_relu`), else ``add_`` then ``relu_`` (every device and dtype)."""
+    if cpu_fused_add_relu(out, x):
+        return torch.ops.aten._add_relu_(out, x)
+    return torch.relu_(out.add_(x))
 
 _conv_backward = torch.ops.aten.convolution_backward
 _bn_backward = torch.ops.aten.native_batch_norm_backward
@@ -157,7 +180,7 @@ class LruIteration(torch.autograd.Function):
         r2 = torch.rsqrt(var2 + eps2)
         s2 = g2 * r2
         y = torch.addcmul(_per_channel(be2 - mu2 * s2), c, _per_channel(s2))
-        y = torch.ops.aten._add_relu_(y, s)  # relu(y + s), one pass
+        y = add_relu_(y, s)  # relu(y + s), one pass on a CPU
         ctx.save_for_backward(d, a, c, y, w_dw, w_pw, w_eff, w_wide, g2, mu1, r1, s1, t1, mu2, r2)
         ctx.shuffle, ctx.eps2, ctx.groups, ctx.wide_groups = shuffle, eps2, groups, wide_groups
         ctx.dw_bias, ctx.pw_bias = b_dw is not None, b_pw is not None
