@@ -132,6 +132,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     start = _Start(init_weights, on_optimizer, dict(meta or {}))
     run, clean_exit = None, False
     try:
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
         del run
         cleanup(ctx, clean_exit=clean_exit)
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 OptimizerHook = Callable[[nn.Module, torch.optim.Optimizer], Any]
@@ -173,7 +174,7 @@ class _Run:
         # made atomically and locked before any work; a resume is checked (rundir.resume_point)
         self.run_dir, self.lock, self.resume_state = open_run(cfg.to_dict(), resume, ctx, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        set_deterministic(cfg.deterministic)
+        set_deterministic(cfg.deterministic, self.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         elif device.type == "cpu" and not cfg.deterministic:  # a bitwise resume needs a fixed count
