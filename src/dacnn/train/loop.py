@@ -120,20 +120,21 @@ class _Running:
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool = True,
           init_weights: str | Path | None = None, on_optimizer: OptimizerHook | None = None,
-          meta: dict[str, Any] | None = None) -> TrainResult:
+          meta: dict[str, Any] | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset``; ``resume`` (a run directory) continues a run.
 
     ``init_weights`` (a weights file of the same model) starts from trained weights instead of the
     random init (fine-tuning, e.g. ``dacnn prune``); ``on_optimizer(model, optimizer)`` is called once
     the optimizer exists, also on resume (e.g. to register a step hook); ``meta`` is added to every
-    saved weights file's sidecar. Process-wide torch settings the run changes (threads,
-    deterministic mode) are restored after it.
+    saved weights file's sidecar; ``on_epoch(history)`` is called (on rank 0) after each epoch's
+    checkpoint with the per-epoch records so far (e.g. to write a partial result). Process-wide
+    torch settings the run changes (threads, deterministic mode) are restored after it.
     """
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    start = _Start(init_weights, on_optimizer, dict(meta or {}))
+    start = _Start(init_weights, on_optimizer, dict(meta or {}), on_epoch)
     run, clean_exit = None, False
     try:
         run = _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose, start)
@@ -150,6 +151,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
 
 
 OptimizerHook = Callable[[nn.Module, torch.optim.Optimizer], Any]
+EpochHook = Callable[[list[dict[str, Any]]], Any]
 
 
 @dataclass
@@ -159,6 +161,7 @@ class _Start:
     init_weights: str | Path | None = None
     on_optimizer: OptimizerHook | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    on_epoch: EpochHook | None = None
 
 
 class _Run:
@@ -167,6 +170,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, device: torch.device, ctx: DistContext,
                  resume: str | Path | None, verbose: bool, given: _Start | None = None) -> None:
         given = given or _Start()
+        self.on_epoch = given.on_epoch
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.elapsed_before, self.cpu_before = 0.0, 0.0  # of the run's earlier parts (resume)
         self.cfg, self.device, self.ctx = cfg, device, ctx
@@ -346,6 +350,8 @@ class _Run:
         self.log.log_epoch(record)
         self.say(self.epoch_line(record))
         self.save(epoch, self.steps_per_epoch, step, running, epoch_done=True, is_best=is_best)
+        if self.on_epoch is not None and self.ctx.is_main:
+            self.on_epoch(list(self.log.records))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, batches_done: int, step: int, running: _Running, *, epoch_done: bool,
