@@ -16,7 +16,8 @@ import pytest
 
 from dacnn.cli import main
 from dacnn.experiments.merge import source_hash_at
-from dacnn.experiments.store import RECORD_FIELDS, source_files, source_hash
+from dacnn.experiments.provenance import source_files, source_hash
+from dacnn.experiments.store import RECORD_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,15 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.errors import ConfigError
+from dacnn.experiments.provenance import PACKAGE_DIR, REPO_ROOT
 from dacnn.experiments.spec import SPEC_DIR, SpecError, get_spec
-from dacnn.experiments.store import (
-    PACKAGE_DIR,
-    RECORD_FIELDS,
-    REPO_ROOT,
-    ResultsStore,
-    is_partial,
-    record_key,
-)
+from dacnn.experiments.store import RECORD_FIELDS, ResultsStore, is_partial, record_key
 
 __all__ = ["MergeResult", "merge_records", "source_hash_at"]
 
