@@ -174,13 +174,14 @@ def plan_pair(pair: Sequence[CampaignRow], timings: dict[CampaignRow, RowTiming]
 class Planner:
     """Serves :data:`PRIORITY` in order against a deadline (``budget`` seconds from now by ``clock``).
 
-    :meth:`next_runs` measures the next pair (``measure(row) -> RowTiming``, or ``None`` when it
-    could not be measured; its own time counts) and plans it in the time then left minus
-    ``reserve_s``; pairs that cannot finish are logged as not started and the next is tried.
+    :meth:`next_runs` measures the next pair (``measure(rows) -> {row: RowTiming}``, one process
+    for both rows on the device; a row missing from the answer could not be measured; the
+    measurement's own time counts) and plans it in the time then left minus ``reserve_s``; pairs
+    that cannot finish are logged as not started and the next is tried.
     """
 
     budget: float
-    measure: Callable[[CampaignRow], RowTiming | None]
+    measure: Callable[[Sequence[CampaignRow]], dict[CampaignRow, RowTiming]]
     clock: Callable[[], float] = time.monotonic
     pairs: list[tuple[CampaignRow, ...]] = field(default_factory=lambda: list(PRIORITY))
     reserve_s: float = 10.0
@@ -205,14 +206,14 @@ class Planner:
             if self.left() < self.min_row_s:
                 self._not_started(pair, f"{self.left():.0f} s left, too little to measure a row")
                 continue
-            for row in pair:
-                if row not in self.timings:
-                    timing = self.measure(row)
-                    if timing is None:
+            todo = [row for row in pair if row not in self.timings]
+            if todo:
+                measured = self.measure(todo)
+                self.timings.update({row: measured[row] for row in todo if row in measured})
+                for row in todo:
+                    if row not in measured:
                         self.say(f"plan: {row.name} could not be measured, not started")
                         self.not_started.append(row.name)
-                        continue
-                    self.timings[row] = timing
             runs = plan_pair(pair, self.timings, self.left(), max_epochs=self.max_epochs,
                              allow_compile=self.allow_compile)
             planned = {run.row for run in runs}

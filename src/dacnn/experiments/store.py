@@ -152,7 +152,8 @@ class ResultsStore:
         ``drop`` remove that line (the file goes when it has none left)."""
         path = self.partial_path(record["experiment"], record["scale"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
+        lock = os.open(path.parent, os.O_RDONLY)  # the folder itself: no lock file to bring back
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
             kept = []
@@ -169,6 +170,8 @@ class ResultsStore:
                 atomic_write_text(path, "\n".join(kept) + "\n")
             elif path.is_file():
                 path.unlink()
+        finally:
+            os.close(lock)
         return path
 
     def records(self, experiment: str, scale: str | None = None) -> list[dict[str, Any]]:
