@@ -26,6 +26,21 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dacnn.experiments.planning import RunOptions, plan
+from dacnn.experiments.spec import get_spec
+from dacnn.train.builders import (
+    build_data,
+    build_model,
+    build_optimizer,
+    dataset_info,
+    model_input_hw,
+    model_kwargs,
+    resolve_device,
+)
+from dacnn.train.config import config_from_dict
+from dacnn.train.engine import StepRunner, evaluate
+from dacnn.train.speed import resolve_speed
+
 __all__ = ["CampaignRow", "PRIORITY", "RowTiming", "PlannedRun", "plan_pair", "Planner", "measure_row",
            "scaled_milestones", "assumed_timing"]
 
@@ -265,21 +280,6 @@ def measure_row(row: CampaignRow, scale: str, device_name: str, *, compile_backe
     first and the steady compiled ones. Returns :class:`RowTiming`'s fields but ``startup_s``, with
     ``setup_s`` (what the caller adds its process start to)."""
     import torch
-
-    from dacnn.experiments.planning import RunOptions, plan
-    from dacnn.experiments.spec import get_spec
-    from dacnn.train.builders import (
-        build_data,
-        build_model,
-        build_optimizer,
-        dataset_info,
-        model_input_hw,
-        model_kwargs,
-        resolve_device,
-    )
-    from dacnn.train.config import config_from_dict
-    from dacnn.train.engine import StepRunner, evaluate
-    from dacnn.train.speed import resolve_speed
 
     tick = time.perf_counter()
     device = resolve_device(device_name)
