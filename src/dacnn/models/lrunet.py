@@ -58,9 +58,13 @@ def channel_shuffle(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_tracing() -> bool:
+    """Whether a tracer or a ``torch.func`` transform (``vmap``, ``grad``) sees this call: they get
+    the reference op sequence (the fast paths ask for memory formats and run autograd Functions
+    without functorch rules)."""
     return bool(
         torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch._C._functorch.maybe_current_level() is not None
     )
 
 
