@@ -331,3 +331,32 @@ def test_a_record_is_reused_only_by_the_source_that_made_it(tmp_path, data_dir, 
     assert "skipped" not in capsys.readouterr().out
     lines = [json.loads(line) for line in store_file.read_text().splitlines()]
     assert [r["source_hash"] for r in lines] == ["0" * 16, source_hash()]
+
+
+def test_record_every_epoch_keeps_a_partial_record_until_the_full_one(tmp_path, data_dir, monkeypatch):
+    """``--record-every-epoch``: after each epoch the run's record so far replaces its line in
+    ``partial/``; a partial record never counts as done; the full record supersedes it."""
+    seen: list[list[dict]] = []
+    original = ResultsStore.write_partial
+
+    def spy(self, record, *, drop=False):
+        path = original(self, record, drop=drop)
+        seen.append([json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else [])
+        return path
+
+    monkeypatch.setattr(ResultsStore, "write_partial", spy)
+    args = ("table2", "--scale", "smoke", "--rows", "d3-shared", "--override", "epochs=2",
+            "--record-every-epoch", "--note", "two epochs")
+    assert reproduce(tmp_path, data_dir, *args) == 0
+    assert [[r["extra"]["partial"] for r in lines] for lines in seen] == [
+        [{"epochs_done": 1, "epochs": 2}], [{"epochs_done": 2, "epochs": 2}], []]
+    first = seen[0][0]
+    assert list(first) == list(RECORD_FIELDS) and first["test_acc"] is None and len(first["curve"]) == 1
+    assert first["extra"]["note"] == "two epochs" and first["unique_params"] and first["flops"]
+    store = ResultsStore(tmp_path / "results")
+    assert not store.partial_path("table2", "smoke").exists()
+    [record] = store.records("table2", "smoke")
+    assert record["extra"]["note"] == "two epochs" and "--record-every-epoch" in record["command"]
+    store.append({**record, "extra": {**record["extra"], "partial": first["extra"]["partial"]}})
+    found = store.find("table2", "d3-shared", "smoke", record["config_hash"])
+    assert found is not None and not found["extra"].get("partial")

@@ -24,27 +24,6 @@ from dacnn import AnchoredConv2d, count_params, list_models
 from dacnn.models import lrunet_ops
 
 MODELS = list_models()
-LRUNET_OPS = "private aten op, fixed in the GPU-path change"  # lrunet.py / lrunet_ops.py call aten._add_relu_
-LRUNET_VMAP = ("LruNet's eval fast path (channels-last kernels in lrunet_ops) asks for a memory format "
-               "inside vmap, fixed in the GPU-path change")
-LRUNET_EXPORT = ("lrunet_ops caches its channel-order index tensors (functools.lru_cache): torch.export "
-                 "leaves FakeTensors in that cache and the eager model is broken afterwards; for the "
-                 "GPU-path change")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_lrunet_cache():
-    """No test here leaves traced tensors in LruNet's index cache for the tests after it."""
-    yield
-    lrunet_ops._channel_orders.cache_clear()
-
-
-def _lrunet_xfail(name: str, reason: str) -> list:
-    return [pytest.mark.xfail(reason=reason, strict=True)] if name.startswith("lrunet") else []
-
-
-def _params(names: list[str], reason: str) -> list:
-    return [pytest.param(n, marks=_lrunet_xfail(n, reason)) for n in names]
 
 
 def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -52,7 +31,7 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, small_input(model)
 
 
-@pytest.mark.parametrize("name", _params(MODELS, LRUNET_EXPORT))
+@pytest.mark.parametrize("name", MODELS)
 def test_torch_export(name: str) -> None:
     model, x = _model(name)
     with torch.no_grad():
@@ -102,7 +81,7 @@ def test_functional_call(name: str) -> None:
         assert torch.equal(model(x), functional_call(model, state, (x,)))  # and the model is untouched
 
 
-@pytest.mark.parametrize("name", _params(MODELS, LRUNET_VMAP))
+@pytest.mark.parametrize("name", MODELS)
 def test_vmap_over_the_batch(name: str) -> None:
     model, x = _model(name)
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -125,7 +104,7 @@ def _calibrated(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", _params(MODELS, LRUNET_OPS))
+@pytest.mark.parametrize("name", MODELS)
 def test_half_precision_inference(name: str, dtype: torch.dtype) -> None:
     """The model cast to ``dtype`` agrees with float32 to the dtype's precision: a rounding error of
     at most a few ``eps`` per layer applied, relative to the largest logit."""
@@ -139,7 +118,7 @@ def test_half_precision_inference(name: str, dtype: torch.dtype) -> None:
     assert error <= 16 * torch.finfo(dtype).eps * layers
 
 
-@pytest.mark.parametrize("name", _params(MODELS, LRUNET_OPS))
+@pytest.mark.parametrize("name", MODELS)
 def test_bfloat16_autocast_inference(name: str) -> None:
     """timm's ``--amp bf16`` validation path."""
     model, x = _calibrated(name)
@@ -158,7 +137,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", _params(MODELS, LRUNET_OPS))
+@pytest.mark.parametrize("name", MODELS)
 def test_no_private_aten_op_on_the_forward_or_backward_path(name: str) -> None:
     """A private ``aten._*`` op has no promise of autograd, dtype or device coverage (``_add_relu_``:
     no bfloat16/float16, no CUDA kernel): none is called in train or eval mode."""
@@ -221,7 +200,7 @@ def test_which_export_path_keeps_a_shared_kernel_once(name: str, tmp_path) -> No
     model, x = _calibrated(name)
     unique = len(list(model.parameters()))
     assert len(torch.export.export(model, (x,)).graph_signature.parameters) == unique
-    lrunet_ops._channel_orders.cache_clear()  # see LRUNET_EXPORT
+    lrunet_ops._channel_orders.cache_clear()  # as in a fresh process
     assert len(list(torch.jit.trace(model, x, check_trace=False).parameters())) == unique
     assert len(list(torch.fx.symbolic_trace(model).parameters())) == unique
 

@@ -244,3 +244,36 @@ def test_tta_logits_average_the_views():
     views = [padded[..., :8, :8], padded[..., 2:, 2:]]
     shifted = sum(0.5 * net(v) + 0.5 * net(v.flip(-1)) for v in views) / 2
     assert torch.allclose(tta_logits(net, x, 2), 0.5 * mirror + 0.5 * shifted, atol=1e-6)
+
+
+def test_deterministic_on_cuda_warns_and_sets_what_it_can_instead_of_raising_at_the_first_backward():
+    from dacnn.train.builders import deterministic_mode
+
+    assert deterministic_mode(False, "cuda") == deterministic_mode(False, "cpu")
+    assert not deterministic_mode(False, "cuda").enabled
+    cpu = deterministic_mode(True, "cpu")
+    assert cpu.enabled and not cpu.warn_only and cpu.warning is None
+    cuda = deterministic_mode(True, "cuda")
+    assert cuda.enabled and cuda.warn_only  # deterministic kernels where they exist, a warning elsewhere
+    assert "AdaptiveAvgPool2d" in cuda.warning and "not bitwise reproducible" in cuda.warning
+
+
+def test_set_deterministic_applies_the_mode_of_the_device():
+    import warnings
+
+    from dacnn.train.builders import set_deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert set_deterministic(True, "cpu").enabled and not caught
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            set_deterministic(True, torch.device("cuda"))  # needs no GPU: only torch's flags are set
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert [str(w.message) for w in caught if "on CUDA" in str(w.message)]
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from dacnn import __version__
-from dacnn.cli import data, export, models, publish, reproduce, share, train, weights
+from dacnn.cli import data, export, models, publish, reproduce, results, share, train, weights
 from dacnn.errors import DacnnError
 from dacnn.runtime import tune_malloc
 
@@ -19,7 +19,7 @@ from dacnn.runtime import tune_malloc
 COMPUTE_COMMANDS = ("train", "eval", "reproduce", "publish")
 
 # each has register(subparsers)
-SUBCOMMAND_MODULES = (models, data, train, weights, export, reproduce, publish, share)
+SUBCOMMAND_MODULES = (models, data, train, weights, export, reproduce, results, publish, share)
 
 
 def build_parser() -> argparse.ArgumentParser:

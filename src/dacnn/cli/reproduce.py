@@ -74,6 +74,10 @@ def register(subparsers: Any) -> None:
                    help="record even though src/ has uncommitted changes (the record stores the diff's hash "
                         "and the report marks it)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines from training")
+    p.add_argument("--record-every-epoch", action="store_true",
+                   help="after every epoch keep the run's record so far (curve, no test accuracy) in "
+                        "<results>/partial/<experiment>.jsonl, so a killed run still leaves its curve")
+    p.add_argument("--note", help="text stored in each record's extra.note (e.g. why the epochs differ)")
     p.set_defaults(func=run_reproduce)
 
     r = subparsers.add_parser("report", help="rebuild docs/results.md and its plots from the results store",
@@ -121,7 +125,7 @@ def _options(args: argparse.Namespace, scale: str) -> Any:
                       data_dir=args.data_dir, device=args.device, force=args.force, verbose=not args.quiet,
                       rows=rows, threads=args.threads, spec_dir=_spec_dir(args), resume=args.resume,
                       allow_dirty=args.allow_dirty, command=command_line(args), jobs=args.jobs, seeds=seeds,
-                      overrides=overrides)
+                      overrides=overrides, partial_records=args.record_every_epoch, note=args.note)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -137,7 +141,7 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [option, str(value)]
     for item in args.override:
         parts += ["--override", item]
-    for flag in ("force", "resume", "allow_dirty", "quiet"):
+    for flag in ("force", "resume", "allow_dirty", "quiet", "record_every_epoch"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     return shlex.join(parts)

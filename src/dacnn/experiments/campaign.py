@@ -62,7 +62,10 @@ def _child_argv(p: PlannedRow, opts: RunOptions) -> list[str]:
         argv += ["--spec-dir", str(opts.spec_dir)]
     for key, value in opts.overrides.items():
         argv += ["--override", f"{key}={json.dumps(value)}"]  # JSON is YAML
-    for flag, on in (("--resume", opts.resume), ("--allow-dirty", opts.allow_dirty), ("--force", opts.force)):
+    if opts.note:
+        argv += ["--note", opts.note]
+    for flag, on in (("--resume", opts.resume), ("--allow-dirty", opts.allow_dirty), ("--force", opts.force),
+                     ("--record-every-epoch", opts.partial_records)):
         if on:
             argv.append(flag)
     return argv

@@ -54,15 +54,16 @@ def _machine_config(p: PlannedRow, opts: RunOptions) -> TrainConfig:
     return config_from_dict(settings, source=f"{p.spec.name}/{p.row.id}")
 
 
-def _train(p: PlannedRow, cfg: TrainConfig, opts: RunOptions) -> dict[str, Any]:
+def _train(p: PlannedRow, cfg: TrainConfig, opts: RunOptions, on_epoch: Any = None) -> dict[str, Any]:
     """Train (or resume, or read back) the row's run under its slot's lock (a second process on the
     same run fails at once instead of clearing it); returns the TrainResult as a dict."""
     assert p.run_dir is not None
     with RunLock.slot(p.run_dir):
-        return _train_locked(p, cfg, opts)
+        return _train_locked(p, cfg, opts, on_epoch)
 
 
-def _train_locked(p: PlannedRow, cfg: TrainConfig, opts: RunOptions) -> dict[str, Any]:
+def _train_locked(p: PlannedRow, cfg: TrainConfig, opts: RunOptions,
+                  on_epoch: Any = None) -> dict[str, Any]:
 
     run_dir = p.run_dir
     if is_finished(run_dir):
@@ -71,13 +72,13 @@ def _train_locked(p: PlannedRow, cfg: TrainConfig, opts: RunOptions) -> dict[str
     interrupted = has_checkpoint(run_dir)
     if interrupted and opts.resume:
         opts.say(f"  resuming the interrupted run in {run_dir}")
-        return train(cfg, resume=run_dir, verbose=opts.verbose).to_dict()
+        return train(cfg, resume=run_dir, verbose=opts.verbose, on_epoch=on_epoch).to_dict()
     if interrupted and not opts.force:
         raise ConfigError(f"{p.spec.name}/{p.row.id}: an interrupted run is in {run_dir}; pass --resume to "
                           "continue it (or --force to start it again)")
     if run_dir.exists():
         shutil.rmtree(run_dir)  # no checkpoint yet (nothing to resume), or --force
-    return train(cfg, verbose=opts.verbose).to_dict()
+    return train(cfg, verbose=opts.verbose, on_epoch=on_epoch).to_dict()
 
 
 def _diverged_result(p: PlannedRow, cfg: TrainConfig) -> dict[str, Any]:
@@ -152,13 +153,58 @@ def base_record(p: PlannedRow, opts: RunOptions) -> dict[str, Any]:
     }
 
 
+def _partial_writer(p: PlannedRow, cfg: TrainConfig, opts: RunOptions, store: ResultsStore) -> Any:
+    """``on_epoch`` of a run with ``opts.partial_records``: after every epoch its record so far (curve,
+    best validation epoch, no test accuracy, ``extra.partial``) replaces its line in the store's
+    partial file. A failed write is said and training goes on."""
+    fixed: dict[str, Any] = {}
+
+    def write(history: list[dict[str, Any]]) -> None:
+        if not fixed:
+            figures = model_figures(cfg)
+            info = dataset_info(cfg.dataset)
+            model = build_model(cfg.model, model_kwargs(cfg, info.num_classes, info.image_size[2]))
+            n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
+            fixed.update({
+                "model": cfg.model, "model_kwargs": figures["model_kwargs"], "dataset": cfg.dataset,
+                "dataset_checksum": _checksum(cfg.dataset, cfg.data_dir), "train_images": n_train,
+                "val_images": n_val, "test_images": n_test,
+                "device": device_description(str(resolve_device(cfg.device))),
+                "torch_version": _torch_version(), "epochs": cfg.epochs, "test_acc": None, "test_error": None,
+                "unique_params": count_params(model).unique, "per_use_params": figures["per_use_params"],
+                "flops": figures["flops"], "run_dir": str(p.run_dir),
+                "config": {k: v for k, v in p.train.items() if k not in MACHINE_KEYS},
+            })
+        scored = [h for h in history if h.get("val_acc") is not None]
+        best = max(scored, key=lambda h: h["val_acc"]) if scored else None
+        record = base_record(p, opts)
+        record.update(fixed)
+        record.update({"best_epoch": best["epoch"] if best else None,
+                       "best_val_acc": best["val_acc"] if best else None,
+                       "wall_time": history[-1].get("wall_time") if history else None,
+                       "curve": _curve(history)})
+        record["extra"]["partial"] = {"epochs_done": len(history), "epochs": cfg.epochs}
+        if opts.note:
+            record["extra"]["note"] = opts.note
+        try:
+            path = store.write_partial(record)
+        except OSError as exc:
+            opts.say(f"  could not write the partial record ({exc.filename or ''}: {exc.strerror or exc}); "
+                     "training goes on")
+            return
+        opts.say(f"  partial record ({len(history)}/{cfg.epochs} epochs) -> {path}")
+
+    return write
+
+
 def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> dict[str, Any]:
 
     cfg = _machine_config(p, opts)
     start = time.perf_counter()
     diverged = None
+    on_epoch = _partial_writer(p, cfg, opts, store) if opts.partial_records else None
     try:
-        result = _train(p, cfg, opts)
+        result = _train(p, cfg, opts, on_epoch)
     except TrainingDiverged as exc:  # a result in itself (Table 1 without BatchNorm): keep the best model
         diverged = str(exc)
         opts.say(f"  diverged: {diverged}")
@@ -185,6 +231,8 @@ def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> di
     })
     if diverged:
         record["extra"]["diverged"] = diverged
+    if opts.note:
+        record["extra"]["note"] = opts.note
     record["extra"].update(_best_checkpoint(Path(result["run_dir"])))
     if result.get("cpu_time") is not None:  # CPU seconds of the training process (all threads)
         record["extra"]["cpu_time"] = result["cpu_time"]

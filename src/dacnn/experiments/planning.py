@@ -40,6 +40,8 @@ class RunOptions:
     command: str | None = None  # the command line stored in each record
     seeds: list[int] | None = None  # run only these seeds of rows that run over several
     overrides: dict[str, Any] = field(default_factory=dict)  # training settings over the spec's (hashed)
+    partial_records: bool = False  # keep each run's record so far in <results>/partial/ after every epoch
+    note: str | None = None  # free text stored in each record's extra.note (e.g. why the epochs differ)
     spec_dir: Path = SPEC_DIR
     say: Any = field(default=print, repr=False)
 

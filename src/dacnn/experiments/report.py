@@ -9,7 +9,9 @@ carried over (``summary`` at the top, one block per experiment).
 A row run over several seeds shows mean ± standard deviation; a comparison of two such rows says
 whether it is *resolved* (the difference of the means exceeds twice its standard error,
 ``sqrt(sd_a^2/n_a + sd_b^2/n_b)``) and in which direction, beside the paper's figure. Records from
-an older protocol (config hash) are marked †, records made from a dirty tree ‡.
+an older protocol (config hash) are marked †, records made from a dirty tree ‡, records run with
+``--override`` settings (a lent GPU's shortened schedule) §, and a run stopped before its last epoch
+(a partial record: curve so far, no test error) says so in its label and its epochs cell.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dacnn.errors import ConfigError
 from dacnn.experiments import plots
 from dacnn.experiments.planning import RunOptions, plan
 from dacnn.experiments.spec import SPEC_DIR, Spec, get_spec, load_specs, rows_at_scale
-from dacnn.experiments.store import ResultsStore
+from dacnn.experiments.store import ResultsStore, is_partial
 from dacnn.train.runlog import format_duration
 
 __all__ = ["build_report", "read_blocks"]
@@ -83,6 +85,11 @@ def is_dirty(record: dict[str, Any]) -> bool:
     return bool(record.get("dirty")) or str(record.get("git_commit", "")).endswith("+dirty")
 
 
+def is_overridden(record: dict[str, Any]) -> bool:
+    """Run with ``--override`` settings over the spec's (its command says which)."""
+    return "--override" in str(record.get("command") or "")
+
+
 def _errors(recs: Sequence[dict[str, Any]]) -> list[float]:
     return [r["test_error"] for r in recs if r.get("test_error") is not None]
 
@@ -125,7 +132,7 @@ def _relative(row: Any, records: dict[str, dict[str, Any]]) -> tuple[float | Non
 
 
 def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]], stale: set[str],
-           dirty: set[str]) -> list[str]:
+           dirty: set[str], overridden: set[str] = frozenset(), partial: set[str] = frozenset()) -> list[str]:
     records = {row_id: recs[0] for row_id, recs in runs.items()}
     has_extra = any("extra_params" in r.paper for r in rows)
     has_drop = any("acc_drop" in r.paper for r in rows)
@@ -141,6 +148,7 @@ def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]
         rec = records.get(row.id)
         label = row.label + (" (quoted)" if row.kind == "quoted" else "") + (" †" if row.id in stale else "")
         label += " ‡" if row.id in dirty else ""
+        label += (" §" if row.id in overridden else "") + (" (partial)" if row.id in partial else "")
         drop, ratio, extra = _relative(row, records)
         cells = [label, _num(row.paper.get("error")), _error_cell(runs.get(row.id, []))]
         cells += [_num(row.paper.get("accuracy")), _error_cell(runs.get(row.id, []), accuracy=True)] \
@@ -155,7 +163,10 @@ def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]
             sizes = "/".join(str(rec.get(k)) for k in ("train_images", "val_images", "test_images"))
             data = f"{rec['dataset']} {sizes}"
             flops = None if rec.get("flops") is None else rec["flops"] / 1e9
-            cells += [_count(rec.get("per_use_params")), _num(flops, 3), str(rec.get("epochs")), data,
+            epochs = str(rec.get("epochs"))
+            if is_partial(rec):
+                epochs = f"{rec['extra']['partial'].get('epochs_done')} of {epochs}"
+            cells += [_count(rec.get("per_use_params")), _num(flops, 3), epochs, data,
                       _duration(rec.get("wall_time"))]
         else:
             cells += ["—"] * 5
@@ -261,17 +272,25 @@ def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, d
     if not records:
         return lines + [f"Not run at {scale} scale yet (`dacnn reproduce {spec.name} --scale {scale}`).", ""]
     hashes = _current_hashes(source, scale)
+    overridden = {i for i, recs in runs.items() if any(is_overridden(r) for r in recs)}
     stale = {i for i, recs in runs.items() if i in hashes and any(r.get("config_hash") not in hashes[i]
-                                                                   for r in recs)}
+                                                                   for r in recs)} - overridden
     dirty = {i for i, recs in runs.items() if any(is_dirty(r) for r in recs)}
+    partial = {i for i, recs in runs.items() if any(is_partial(r) for r in recs)}
     datasets = sorted({r["dataset"] for r in records.values() if r.get("dataset")})
     caption = f"ours, {scale} scale ({', '.join(datasets)})"
     if spec.from_spec is None or not spec.plots:
-        lines += _table(source, rows, runs, stale, dirty) + [""]
+        lines += _table(source, rows, runs, stale, dirty, overridden, partial) + [""]
     if stale:
         lines += ["† result of an earlier protocol (its config hash differs from the spec's now).", ""]
     if dirty:
         lines += ["‡ recorded from a tree with uncommitted source changes (`--allow-dirty`).", ""]
+    if overridden:
+        lines += ["§ run with `--override` settings over the protocol (the record's command and `extra.note` "
+                  "say which: e.g. the epochs a lent GPU affords, the paper's schedule scaled to them).", ""]
+    if partial:
+        lines += ["(partial): stopped before its last epoch; the curve and best validation epoch so far, "
+                  "no test error.", ""]
     if not spec.from_spec:
         lines += _comparisons(source, runs, scale) + ([""] if source.comparisons else [])
         if source.budgets:
@@ -291,7 +310,7 @@ def _runs_done(spec: Spec, scale: str, store: ResultsStore) -> str:
     target, planned = plan(spec, RunOptions(scale=scale, spec_dir=spec.path.parent))
     planned = [p for p in planned if p.row.kind != "quoted"]
     recorded = {(r["row"], r.get("config_hash"))
-                for recs in store.runs(target.name, scale).values() for r in recs}
+                for recs in store.runs(target.name, scale).values() for r in recs if not is_partial(r)}
     return f"{sum((p.row.id, p.chash) in recorded for p in planned)}/{len(planned)}"
 
 

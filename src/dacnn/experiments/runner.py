@@ -88,6 +88,8 @@ def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dic
         else:
             record = run_training_row(p, opts, store)
         store.append(record)
+        if opts.partial_records and p.row.kind != "prune":
+            store.write_partial(record, drop=True)  # the full record supersedes it
         written.append(record)
         say(f"{head}: finished ({_summary(record)})")
     return written

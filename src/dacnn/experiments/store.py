@@ -5,6 +5,12 @@ and nothing is ever edited by hand. Smoke-scale records go to ``results/smoke/``
 so tests and CI never touch the committed store. Files produced by a run beside its record (Figure
 7's optimised images) live under ``<store>/artifacts/`` and are named in the record.
 
+A run started with ``--record-every-epoch`` also keeps its record so far (curve, best validation
+epoch, no test accuracy; ``extra.partial``) in ``<store>/partial/<experiment>.jsonl``, one line per
+run, rewritten atomically after every epoch and dropped when the full record is appended: a run
+killed mid-way still leaves its curve. :meth:`ResultsStore.find` never takes a partial record for a
+finished run.
+
 A record is keyed by ``(row, scale, config_hash, source_hash)``: :meth:`ResultsStore.find` answers
 "has this exact configuration already run with exactly this source?", in this experiment or, for a
 shared run (the same model trained the same way in two tables), in any other.
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dacnn.experiments.provenance import source_hash
+from dacnn.fileio import atomic_write_text
 
 __all__ = [
     "ResultsStore",
@@ -32,6 +39,8 @@ __all__ = [
     "MACHINE_KEYS",
     "config_hash",
     "round_floats",
+    "is_partial",
+    "record_key",
 ]
 
 # Every record has these keys, in this order (values may be null where they do not apply).
@@ -55,6 +64,23 @@ FORMER_DEFAULTS = {"channels_last": (None, False), "compile": (None, False), "am
 ADDED_SETTINGS = {"translate": 0, "alternate_flip": False, "lr_triangle": [0.2, 0.23, 0.07],
                   "decoupled_weight_decay": False, "norm_bias_lr_scale": 1.0, "freeze_norm_scale": False,
                   "lookahead": False, "whiten": False, "whiten_bias_epochs": 3, "tta": 0}
+
+
+def is_partial(record: dict[str, Any]) -> bool:
+    """A record of a run that had not finished when it was written (``extra.partial``)."""
+    return bool((record.get("extra") or {}).get("partial"))
+
+
+def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What names one run's record: experiment, row, scale, seed, config and source hash."""
+    return tuple(record.get(k) for k in ("experiment", "row", "scale", "seed", "config_hash", "source_hash"))
+
+
+def _record_line(record: dict[str, Any]) -> str:
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"record lacks {missing}")
+    return json.dumps(round_floats({k: record[k] for k in RECORD_FIELDS}), separators=(", ", ": "))
 
 
 def round_floats(value: Any, digits: int = 4) -> Any:
@@ -103,10 +129,7 @@ class ResultsStore:
 
     def append(self, record: dict[str, Any]) -> Path:
         """Append one record (one line, fsynced) to its experiment's file."""
-        missing = [k for k in RECORD_FIELDS if k not in record]
-        if missing:
-            raise ValueError(f"record lacks {missing}")
-        line = json.dumps(round_floats({k: record[k] for k in RECORD_FIELDS}), separators=(", ", ": "))
+        line = _record_line(record)
         path = self.path(record["experiment"], record["scale"])
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+b") as f:
@@ -119,6 +142,36 @@ class ResultsStore:
             f.write(line.encode("utf-8") + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        return path
+
+    def partial_path(self, experiment: str, scale: str) -> Path:
+        return self.scale_dir(scale) / "partial" / f"{experiment}.jsonl"
+
+    def write_partial(self, record: dict[str, Any], *, drop: bool = False) -> Path:
+        """Put ``record`` in place of its run's line in the partial file (atomically), or with
+        ``drop`` remove that line (the file goes when it has none left)."""
+        path = self.partial_path(record["experiment"], record["scale"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.parent, os.O_RDONLY)  # the folder itself: no lock file to bring back
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+            kept = []
+            for line in lines:
+                try:
+                    other = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(other, dict) and record_key(other) != record_key(record):
+                    kept.append(line)
+            if not drop:
+                kept.append(_record_line(record))
+            if kept:
+                atomic_write_text(path, "\n".join(kept) + "\n")
+            elif path.is_file():
+                path.unlink()
+        finally:
+            os.close(lock)
         return path
 
     def records(self, experiment: str, scale: str | None = None) -> list[dict[str, Any]]:
@@ -155,11 +208,12 @@ class ResultsStore:
         return {row: list(by_seed.values()) for row, by_seed in out.items()}
 
     def find(self, experiment: str, row: str, scale: str, chash: str) -> dict[str, Any] | None:
-        """The latest record of this row with this config hash and this :func:`source_hash`, if any."""
+        """The latest record of this row with this config hash and this :func:`source_hash`, if any
+        (a partial record does not count)."""
         src = source_hash()
         for record in reversed(self.records(experiment, scale)):
             if (record.get("row") == row and record.get("config_hash") == chash
-                    and record.get("source_hash") == src):
+                    and record.get("source_hash") == src and not is_partial(record)):
                 return record
         return None
 
@@ -171,6 +225,7 @@ class ResultsStore:
         src = source_hash()
         for path in sorted(directory.glob("*.jsonl")):
             for record in reversed(self.records(path.stem, scale)):
-                if record.get("config_hash") == chash and record.get("source_hash") == src:
+                if (record.get("config_hash") == chash and record.get("source_hash") == src
+                        and not is_partial(record)):
                     return record
         return None

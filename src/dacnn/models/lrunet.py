@@ -36,7 +36,7 @@ from torch.nn.modules import module as torch_module
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.hub import PretrainedCfg
 from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
-from dacnn.models.lrunet_ops import LruIteration, _nchw, _nhwc, shuffle_duplicate
+from dacnn.models.lrunet_ops import LruIteration, _nchw, _nhwc, add_relu_, shuffle_duplicate
 from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, register_pretrained
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
@@ -58,9 +58,13 @@ def channel_shuffle(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_tracing() -> bool:
+    """Whether a tracer or a ``torch.func`` transform (``vmap``, ``grad``) sees this call: they get
+    the reference op sequence (the fast paths ask for memory formats and run autograd Functions
+    without functorch rules)."""
     return bool(
         torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch._C._functorch.maybe_current_level() is not None
     )
 
 
@@ -118,14 +122,6 @@ def _merge_dw_pw(
     identity[torch.arange(q), torch.arange(q) % (k // 2), 1, 1] = 1.0
     bias = b_pw + torch.bmm(pw, b_dw.reshape(PW_GROUPS, k, 1)).reshape(q)
     return weight + identity, bias
-
-
-def _add_relu_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``relu(out + x)`` in place: one pass (ATen's ``_add_relu_``) when no gradient is recorded
-    (it has no autograd formula), else ``add_`` then ``relu_``."""
-    if torch.is_grad_enabled() and (out.requires_grad or x.requires_grad):
-        return torch.relu_(out.add_(x))
-    return torch.ops.aten._add_relu_(out, x)
 
 
 def _shuffle_rows(x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +221,7 @@ class LruBlock(nn.Module):
             else:
                 x, x2 = shuffle_duplicate(x, i > 0)
                 out = F.conv2d(F.conv2d(x2, w_dw, b_dw, 1, 1, 1, q2), w_pw, b_pw, 1, 0, 1, PW_GROUPS)
-                x = _add_relu_(out, x)
+                x = add_relu_(out, x)
         return x
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,8 @@ from dacnn.train.config import TrainConfig
 from dacnn.train.distributed import DistContext
 from dacnn.train.optim import param_groups
 
-__all__ = ["dataset_info", "resolve_device", "seed_everything", "set_deterministic", "RunData", "build_data",
+__all__ = ["dataset_info", "resolve_device", "seed_everything", "set_deterministic",
+           "deterministic_mode", "DeterministicMode", "RunData", "build_data",
            "build_model", "build_optimizer", "LRSchedule"]
 
 
@@ -47,13 +49,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Deterministic algorithms (bitwise-reproducible runs on CPU) or cuDNN autotuning."""
-    if enabled:
+@dataclass(frozen=True)
+class DeterministicMode:
+    """What ``--deterministic`` sets on a device: ``torch.use_deterministic_algorithms(enabled,
+    warn_only=warn_only)``, cuDNN's deterministic flag, and the warning to show (or ``None``)."""
+
+    enabled: bool
+    warn_only: bool = False
+    warning: str | None = None
+
+
+# Ops a registered model runs whose CUDA backward has no deterministic kernel (torch raises there
+# under use_deterministic_algorithms(True)): every classifier head's global average pooling.
+CUDA_NONDETERMINISTIC_OPS = ("AdaptiveAvgPool2d backward (adaptive_avg_pool2d_backward_cuda)",)
+
+
+def deterministic_mode(enabled: bool, device_type: str) -> DeterministicMode:
+    """The deterministic settings of a run on ``device_type``: on a CPU every op is deterministic;
+    on CUDA torch would raise at the first backward through :data:`CUDA_NONDETERMINISTIC_OPS`, so
+    deterministic kernels are used wherever they exist and the others only warn (a warning says the
+    run is then not bitwise reproducible)."""
+    if not enabled:
+        return DeterministicMode(False)
+    if device_type != "cuda":
+        return DeterministicMode(True)
+    return DeterministicMode(True, warn_only=True, warning=(
+        "--deterministic on CUDA: deterministic kernels and cuDNN algorithms are used where they exist, "
+        f"but {', '.join(CUDA_NONDETERMINISTIC_OPS)} (and any other op without one) has none, so torch "
+        "warns there instead of stopping, and the run is not bitwise reproducible (it is on a CPU)"))
+
+
+def set_deterministic(enabled: bool, device: torch.device | str = "cpu") -> DeterministicMode:
+    """Deterministic algorithms (bitwise-reproducible runs on CPU; on CUDA see
+    :func:`deterministic_mode`) or cuDNN autotuning; returns what was set (its warning is issued)."""
+    mode = deterministic_mode(enabled, torch.device(device).type)
+    if mode.enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
+    torch.use_deterministic_algorithms(mode.enabled, warn_only=mode.warn_only)
+    torch.backends.cudnn.deterministic = mode.enabled
+    torch.backends.cudnn.benchmark = not mode.enabled
+    if mode.warning:
+        warnings.warn(mode.warning, stacklevel=2)
+    return mode
 
 
 @dataclass

@@ -120,19 +120,21 @@ class _Running:
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool = True,
           init_weights: str | Path | None = None, on_optimizer: OptimizerHook | None = None,
-          meta: dict[str, Any] | None = None) -> TrainResult:
+          meta: dict[str, Any] | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset``; ``resume`` (a run directory) continues a run.
 
     ``init_weights`` (a weights file of the same model) starts from trained weights instead of the
     random init (fine-tuning, e.g. ``dacnn prune``); ``on_optimizer(model, optimizer)`` is called once
     the optimizer exists, also on resume (e.g. to register a step hook); ``meta`` is added to every
-    saved weights file's sidecar. Process-wide torch settings the run changes (threads,
-    deterministic mode) are restored after it.
+    saved weights file's sidecar; ``on_epoch(history)`` is called (on rank 0) after each epoch's
+    checkpoint with the per-epoch records so far (e.g. to write a partial result). Process-wide
+    torch settings the run changes (threads, deterministic mode) are restored after it.
     """
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    start = _Start(init_weights, on_optimizer, dict(meta or {}))
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    start = _Start(init_weights, on_optimizer, dict(meta or {}), on_epoch)
     run, clean_exit = None, False
     try:
         run = _Run(cfg, device_for_rank(device, ctx), ctx, resume, verbose, start)
@@ -145,10 +147,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, verbose: bool =
         del run
         cleanup(ctx, clean_exit=clean_exit)
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 OptimizerHook = Callable[[nn.Module, torch.optim.Optimizer], Any]
+EpochHook = Callable[[list[dict[str, Any]]], Any]
 
 
 @dataclass
@@ -158,6 +161,7 @@ class _Start:
     init_weights: str | Path | None = None
     on_optimizer: OptimizerHook | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    on_epoch: EpochHook | None = None
 
 
 class _Run:
@@ -166,6 +170,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, device: torch.device, ctx: DistContext,
                  resume: str | Path | None, verbose: bool, given: _Start | None = None) -> None:
         given = given or _Start()
+        self.on_epoch = given.on_epoch
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.elapsed_before, self.cpu_before = 0.0, 0.0  # of the run's earlier parts (resume)
         self.cfg, self.device, self.ctx = cfg, device, ctx
@@ -173,7 +178,7 @@ class _Run:
         # made atomically and locked before any work; a resume is checked (rundir.resume_point)
         self.run_dir, self.lock, self.resume_state = open_run(cfg.to_dict(), resume, ctx, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        set_deterministic(cfg.deterministic)
+        set_deterministic(cfg.deterministic, self.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         elif device.type == "cpu" and not cfg.deterministic:  # a bitwise resume needs a fixed count
@@ -345,6 +350,8 @@ class _Run:
         self.log.log_epoch(record)
         self.say(self.epoch_line(record))
         self.save(epoch, self.steps_per_epoch, step, running, epoch_done=True, is_best=is_best)
+        if self.on_epoch is not None and self.ctx.is_main:
+            self.on_epoch(list(self.log.records))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, batches_done: int, step: int, running: _Running, *, epoch_done: bool,
