@@ -6,10 +6,13 @@ every use of a kernel given its own copy, :func:`dacnn.untie`) in one run:
 * latency at batch 1 and throughput at batch 64: eval mode, ``torch.inference_mode``, float32,
   random input; the shared model and its twin are timed in alternation (round robin) after warm-up
   and the medians are reported, so machine noise hits both alike;
-* peak memory: each model is built in a fresh subprocess; Linux's peak-RSS counter (``VmHWM``) is
-  reset through ``/proc/self/clear_refs`` after the model is built and one warm-up pass ran, then
-  one batch-64 forward runs and the new peak minus the RSS before it is reported (activations and
-  workspace; torch allocations are invisible to tracemalloc). Weights are reported separately;
+* peak memory: each model is built in a fresh subprocess whose glibc maps every allocation of 64 KiB
+  or more on its own and unmaps it when freed (``MALLOC_MMAP_THRESHOLD_=65536``: otherwise the heap
+  keeps the warm-up's freed blocks resident and the measured forward allocates nothing new, which
+  read as 0.0 MB); Linux's peak-RSS counter (``VmHWM``) is reset through ``/proc/self/clear_refs``
+  after the model is built and one warm-up pass ran, then one batch-64 forward runs and the new peak
+  minus the RSS before it is reported (activations and workspace; torch allocations are invisible to
+  tracemalloc). Weights are reported separately;
 * checkpoint size: bytes of the compact fp32 export (:func:`dacnn.export.export_safetensors`).
 
     .venv/bin/python benchmarks/inference.py --threads 1    # all models, ~5 minutes
@@ -137,6 +140,7 @@ def memory_child(name: str, kwargs: dict, variant: str, attrs: dict) -> None:
 def measure_memory(name: str, kwargs: dict, variant: str, attrs: dict) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", json.dumps([name, kwargs, variant, attrs])],
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "DACNN_TUNE_MALLOC": "0"},
         check=True,
         capture_output=True,
         text=True,
