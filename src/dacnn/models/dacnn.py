@@ -37,15 +37,15 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
 from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
 from dacnn.models.layers import (
+    BasicBlock,
+    Regulator,
     conv1x1,
     conv3x3,
     conv_use,
-    drop_path,
     drop_path_rates,
     init_weights,
     split_evenly,
@@ -53,7 +53,7 @@ from dacnn.models.layers import (
 from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 from dacnn.shared_kernel import SharedKernel
 
-__all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator", "AnchoredBlock"]
+__all__ = ["PlainDACNN", "ResidualDACNN", "MixedDACNN", "Regulator"]
 
 PAPER = "arXiv 1904.09764"
 RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # He et al.'s layouts for the two templates
@@ -84,46 +84,6 @@ class ConvBNReLU(nn.Sequential):
 
     def __init__(self, conv: nn.Module, channels: int, batchnorm: bool = True) -> None:
         super().__init__(conv, _norm(channels, batchnorm), nn.ReLU(inplace=True))
-
-
-class Regulator(nn.Sequential):
-    """Free 1x1 conv + BN + ReLU appended to a residual block (paper Figure 3, right)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(conv1x1(channels, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-
-
-class AnchoredBlock(nn.Module):
-    """Residual block of eq. 6: ``relu(x + BN2(W2 * relu(BN1(W1 * x))))`` then an optional regulator.
-
-    ``conv1``/``conv2`` are uses of the section's shared kernel, or free convs. For the first block
-    of a mixed section ``conv1`` is the free transition conv and the shortcut a free 1x1 projection.
-    ``drop_path_rate`` drops the residual branch per sample in training (stochastic depth).
-    """
-
-    def __init__(
-        self,
-        conv1: nn.Module,
-        conv2: nn.Module,
-        channels: int,
-        *,
-        shortcut: nn.Module | None = None,
-        regulator: bool = False,
-        batchnorm: bool = True,
-        drop_path_rate: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = conv1, _norm(channels, batchnorm)
-        self.conv2, self.bn2 = conv2, _norm(channels, batchnorm)
-        self.shortcut = shortcut if shortcut is not None else nn.Identity()
-        self.relu = nn.ReLU(inplace=True)
-        self.regulator = Regulator(channels) if regulator else None
-        self.drop_path = drop_path(drop_path_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
-        return self.regulator(out) if self.regulator is not None else out
 
 
 def _flat_names(groups: Sequence[int]) -> tuple[tuple[str, str], ...]:
@@ -235,12 +195,13 @@ class ResidualDACNN(_DACNNBase):
         stages: list[nn.Module] = []
         for s, n in enumerate(blocks, start=1):
             stage = [
-                AnchoredBlock(
-                    conv_use(anchor, width, width, bias=not batchnorm),
-                    conv_use(anchor, width, width, bias=not batchnorm),
+                BasicBlock(
                     width,
+                    width,
+                    conv1=conv_use(anchor, width, width, bias=not batchnorm),
+                    conv2=conv_use(anchor, width, width, bias=not batchnorm),
+                    norm_layer=nn.BatchNorm2d if batchnorm else nn.Identity,
                     regulator=s in self.regulator_sections,
-                    batchnorm=batchnorm,
                     drop_path_rate=next(rates),
                 )
                 for _ in range(n)
@@ -316,10 +277,11 @@ class MixedDACNN(_DACNNBase):
                 for b in range(n):
                     expand = b == 0 and cin != c
                     stage.append(
-                        AnchoredBlock(
-                            conv3x3(cin, c) if expand else conv_use(kernel(c), c, c),
-                            conv_use(kernel(c), c, c),
+                        BasicBlock(
+                            cin,
                             c,
+                            conv1=conv3x3(cin, c) if expand else conv_use(kernel(c), c, c),
+                            conv2=conv_use(kernel(c), c, c),
                             shortcut=nn.Sequential(conv1x1(cin, c), nn.BatchNorm2d(c)) if expand else None,
                             regulator=s in self.regulator_sections,
                             drop_path_rate=next(rates),

@@ -1,7 +1,10 @@
 """Small building blocks shared by the model families (torchvision's ``conv3x3`` habit; timm's
-``SelectAdaptivePool2d`` pool types and ``DropPath``)."""
+``SelectAdaptivePool2d`` pool types and ``DropPath``), the one residual block and the one
+BatchNorm-folding rule."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -9,7 +12,7 @@ from torch import nn
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 
 __all__ = ["conv3x3", "conv1x1", "conv_use", "split_evenly", "init_weights", "make_pool", "pooled_features",
-           "DropPath", "drop_path_rates"]
+           "DropPath", "drop_path_rates", "Regulator", "BasicBlock", "fold_bn"]
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -113,3 +116,73 @@ def drop_path_rates(rate: float, blocks: int) -> list[float]:
 def drop_path(p: float) -> nn.Module:
     """``DropPath(p)``, or ``nn.Identity`` for ``p == 0`` (the block's forward is then unchanged)."""
     return DropPath(p) if p > 0 else nn.Identity()
+
+
+class Regulator(nn.Sequential):
+    """Free 1x1 conv + BN + ReLU appended to a residual block (DACNN, arXiv 1904.09764, Figure 3
+    right)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(conv1x1(channels, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    """The residual basic block (He et al., arXiv 1512.03385; DACNN eq. 6):
+    ``relu(drop_path(norm2(conv2(relu(norm1(conv1(x)))))) + shortcut(x))``, then an optional
+    :class:`Regulator`.
+
+    ``conv1``/``conv2`` replace the default free 3x3 convs (uses of a shared kernel, a free
+    transition conv); ``shortcut`` replaces the default (identity, or a 1x1 projection + norm when
+    ``stride != 1`` or ``cin != cout``); ``norm_layer`` builds the two norms (``nn.Identity`` for a
+    net without BatchNorm); ``drop_path_rate`` drops the residual branch per sample in training
+    (stochastic depth).
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int = 1,
+        *,
+        conv1: nn.Module | None = None,
+        conv2: nn.Module | None = None,
+        shortcut: nn.Module | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        regulator: bool = False,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(cin, cout, stride) if conv1 is None else conv1
+        self.bn1 = norm_layer(cout)
+        self.conv2 = conv3x3(cout, cout) if conv2 is None else conv2
+        self.bn2 = norm_layer(cout)
+        self.relu = nn.ReLU(inplace=True)
+        if shortcut is None and (stride != 1 or cin != cout):
+            shortcut = nn.Sequential(conv1x1(cin, cout, stride), norm_layer(cout))
+        self.shortcut = nn.Identity() if shortcut is None else shortcut
+        self.regulator = Regulator(cout) if regulator else None
+        self.drop_path = drop_path(drop_path_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
+        return self.regulator(out) if self.regulator is not None else out
+
+
+def fold_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode ``BN(conv(x, W, b))`` as one conv ``(W * a, (b - mean) * a + beta)`` with
+    ``a = gamma / sqrt(var + eps)`` (Ioffe & Szegedy, arXiv 1502.03167, Algorithm 2); ``gamma``
+    and ``beta`` default to 1 and 0 for a BatchNorm without affine parameters. Differentiable."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = bn.bias + shift
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.view(-1, *([1] * (weight.ndim - 1))), shift

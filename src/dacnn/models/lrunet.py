@@ -36,6 +36,7 @@ from torch.nn.modules import module as torch_module
 from dacnn.errors import CheckpointError, ConfigError
 from dacnn.hub import PretrainedCfg
 from dacnn.models.base import ClassifierMixin, Stage, check_drop_path
+from dacnn.models.layers import fold_bn
 from dacnn.models.lrunet_ops import LruIteration, _nchw, _nhwc, add_relu_, shuffle_duplicate
 from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, register_pretrained
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
@@ -92,17 +93,6 @@ def _kernel_of(use: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight and bias an (anchored or, after :func:`dacnn.untie`, free) conv applies."""
     owner = use.kernel if isinstance(use, AnchoredConv2d) else use
     return owner.weight, owner.bias
-
-
-def _folded(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode ``BN(conv(x, W, b))`` as one conv: ``W * a``, ``(b - mean) * a + beta``."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    if bias is not None:
-        shift = shift + bias * scale
-    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 def _merge_dw_pw(
@@ -213,8 +203,8 @@ class LruBlock(nn.Module):
         merge = q // PW_GROUPS <= 16
         for i in range(self.layer_reuse):
             (w_dw, b_dw), (w_pw, b_pw) = _kernel_of(self.dw_uses[i]), _kernel_of(self.pw_uses[i])
-            w_dw, b_dw = _folded(w_dw, b_dw, self.dw_bns[i])
-            w_pw, b_pw = _folded(w_pw, b_pw, self.pw_bns[i])
+            w_dw, b_dw = fold_bn(w_dw, b_dw, self.dw_bns[i])
+            w_pw, b_pw = fold_bn(w_pw, b_pw, self.pw_bns[i])
             if merge:
                 x = _shuffle_rows(x) if i > 0 else x.contiguous(memory_format=torch.channels_last)
                 x = torch.relu_(F.conv2d(x, *_merge_dw_pw(w_dw, b_dw, w_pw, b_pw), 1, 1, 1, PW_GROUPS))

@@ -10,47 +10,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
 from dacnn.models.base import ClassifierMixin, Stage
-from dacnn.models.layers import conv1x1, conv3x3, drop_path, drop_path_rates, init_weights
+from dacnn.models.layers import BasicBlock, conv3x3, drop_path_rates, init_weights
 from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 
-__all__ = ["BasicBlock", "ResNet"]
-
-
-class BasicBlock(nn.Module):
-    """``relu(BN(conv(relu(BN(conv(x))))) + shortcut(x))``; ``drop_path_rate`` drops the residual
-    branch per sample in training (stochastic depth)."""
-
-    expansion = 1
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        stride: int = 1,
-        *,
-        conv1: nn.Module | None = None,
-        conv2: nn.Module | None = None,
-        drop_path_rate: float = 0.0,
-    ) -> None:
-        """``conv1``/``conv2`` replace the default free 3x3 convs (e.g. by uses of a shared kernel)."""
-        super().__init__()
-        self.conv1 = conv3x3(cin, cout, stride) if conv1 is None else conv1
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = conv3x3(cout, cout) if conv2 is None else conv2
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-        self.drop_path = drop_path(drop_path_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.drop_path(self.bn2(self.conv2(out))) + self.shortcut(x))
+__all__ = ["ResNet"]
 
 
 class ResNet(ClassifierMixin, nn.Module):

@@ -21,8 +21,7 @@ from torch import nn
 
 from dacnn.errors import ConfigError
 from dacnn.models.base import ClassifierMixin, Stage
-from dacnn.models.layers import conv3x3, drop_path_rates
-from dacnn.models.resnet import BasicBlock
+from dacnn.models.layers import BasicBlock, conv3x3, drop_path_rates
 from dacnn.registry import ModelInfo, build_model_with_cfg, register_model, variant_args
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel
 

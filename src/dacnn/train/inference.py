@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from dacnn.models.layers import fold_bn
 from dacnn.shared_kernel import AnchoredConv2d
 
 __all__ = ["fold_batchnorm"]
@@ -40,21 +41,13 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 @torch.no_grad()
 def _folded_conv(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Conv2d:
     owner = conv.kernel if isinstance(conv, AnchoredConv2d) else conv
-    weight, bias = owner.weight, owner.bias
-    scale = bn.running_var.add(bn.eps).rsqrt_()
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    if bias is not None:
-        shift = shift + bias * scale
+    weight, bias = fold_bn(owner.weight, owner.bias, bn)
     out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                     device=weight.device, dtype=weight.dtype)
-    out.weight.copy_(weight * scale.view(-1, 1, 1, 1))
-    out.bias.copy_(shift)
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+    out.weight.copy_(weight)
+    out.bias.copy_(bias)
+    if owner.weight.is_contiguous(memory_format=torch.channels_last) and not owner.weight.is_contiguous():
         out.weight.data = out.weight.data.contiguous(memory_format=torch.channels_last)
     return out.requires_grad_(False)
 
