@@ -165,7 +165,7 @@ def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights_dir: str | Pat
 # optional ones are written by today's `dacnn publish` (older entries may lack them).
 TRAINED_FIELDS = ("model", "tag", "file", "sha256", "bytes", "dataset", "accuracy", "model_kwargs",
                   "normalize", "pad_to", "trained_by")
-TRAINED_OPTIONAL = ("input_size", "unique_params", "tta", "train_cpu_seconds", "notes")
+TRAINED_OPTIONAL = ("input_size", "unique_params", "tta", "accuracy_no_tta", "train_cpu_seconds", "notes")
 
 
 def trained_entry(**fields: Any) -> dict[str, Any]:

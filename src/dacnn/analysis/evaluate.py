@@ -38,12 +38,14 @@ def evaluate_checkpoint(
     device: str = "auto",
     which: str = "best",
     weights_dir: str | Path | None = None,
+    tta: int | None = None,
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Top-1 accuracy and loss of saved weights on a dataset split; returns ``(result, meta)``.
 
     Preprocessing follows the weights' description: ``normalize`` (default true) and ``pad_to``
     (absent: pad to the model's input size when images are smaller; ``null``: no padding); ``tta`` (the
-    run's test-time augmentation level, default 0) is applied as the run measured its test accuracy.
+    run's test-time augmentation level, default 0) is applied as the run measured its test accuracy,
+    unless ``tta`` is given.
     """
     dev = resolve_device(device)
     model, meta = load_source(target, which=which, device=dev, weights_dir=weights_dir)
@@ -52,7 +54,8 @@ def evaluate_checkpoint(
     meta = {**meta, "weights": meta["source"], "dataset": dataset or meta["dataset"], "split": split,
             "unique_params": count_params(model).unique}
     with torch.inference_mode():
-        return evaluate(model, loader, dev, tta=int(meta.get("tta") or 0)), meta
+        level = int(meta.get("tta") or 0) if tta is None else tta
+        return evaluate(model, loader, dev, tta=level), {**meta, "tta": level}
 
 
 def test_loader(

@@ -106,6 +106,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--which", default="best", choices=("best", "last"), help="for a run: which checkpoint")
     e.add_argument("--batch-size", type=option_type("eval_batch_size"), default=500, metavar="N")
     e.add_argument("--device", default="auto")
+    e.add_argument("--tta", type=option_type("tta"), default=None, metavar="N",
+                   help="test-time augmentation level (default: the one the weights were measured with; "
+                        "0 = none)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=run_eval)
 
@@ -158,14 +161,16 @@ def run_eval(args: argparse.Namespace) -> int:
                           f"{', '.join(list_pretrained())}")
     result, meta = evaluate_checkpoint(args.checkpoint or args.model, dataset=args.dataset,
                                        data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
-                                       device=args.device, which=args.which, weights_dir=args.weights_dir)
+                                       device=args.device, which=args.which, weights_dir=args.weights_dir,
+                                       tta=args.tta)
     params = meta["unique_params"]
     if args.json:
         print(json.dumps({"weights": meta["weights"], "model": meta["model"], "dataset": meta["dataset"],
                           "split": args.split, "accuracy": result.acc, "loss": result.loss, "n": result.n,
-                          "unique_params": params}))
+                          "tta": meta["tta"], "unique_params": params}))
     else:
+        views = f", test-time augmentation level {meta['tta']}" if meta["tta"] else ""
         print(f"{Path(meta['weights']).name}: {meta['model']} on {meta['dataset']}/{args.split}: "
-              f"accuracy {result.acc:.2f} % (loss {result.loss:.4f}, {result.n:,} images) | "
+              f"accuracy {result.acc:.2f} % (loss {result.loss:.4f}, {result.n:,} images{views}) | "
               f"unique params {params:,}")
     return 0

@@ -121,10 +121,13 @@ def _split_sizes(cfg: TrainConfig, test_subset: int | None) -> tuple[int, int, i
     return train, cfg.val_size, min(n_test, test_subset) if test_subset else n_test
 
 
-def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> float:
-
+def _test_subset_accuracy(run_dir: Path, data_dir: str | None, n: int) -> tuple[float, float | None]:
+    """Test accuracy of a run's selected model on the first ``n`` test images, with the run's
+    test-time augmentation, and without it (``None`` when the run has none)."""
     model, meta = load_source(run_dir)
-    return test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=n), int(meta.get("tta", 0)))
+    loader = test_loader(meta, data_dir=data_dir, limit=n)
+    tta = int(meta.get("tta") or 0)
+    return test_accuracy(model, loader, tta), (test_accuracy(model, loader, 0) if tta else None)
 
 
 def _curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,10 +212,10 @@ def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> di
         diverged = str(exc)
         opts.say(f"  diverged: {diverged}")
         result = _diverged_result(p, cfg)
-    test_acc = result.get("test_acc")
+    test_acc, test_acc_no_tta = result.get("test_acc"), result.get("test_acc_no_tta")
     if p.resolved.test_subset or (diverged and result.get("best_epoch") is not None):
         n = p.resolved.test_subset or 10**9
-        test_acc = _test_subset_accuracy(Path(result["run_dir"]), cfg.data_dir, n)
+        test_acc, test_acc_no_tta = _test_subset_accuracy(Path(result["run_dir"]), cfg.data_dir, n)
     figures = model_figures(cfg)
     n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
     record = base_record(p, opts)
@@ -237,7 +240,7 @@ def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> di
     if result.get("cpu_time") is not None:  # CPU seconds of the training process (all threads)
         record["extra"]["cpu_time"] = result["cpu_time"]
     if result.get("tta"):
-        record["extra"].update(tta=result["tta"], test_acc_no_tta=result.get("test_acc_no_tta"))
+        record["extra"].update(tta=result["tta"], test_acc_no_tta=test_acc_no_tta)
     if p.row.kind == "filters":
         record["extra"].update(_run_filters(p, figures, opts, store))
     record["extra"]["reproduce_seconds"] = time.perf_counter() - start

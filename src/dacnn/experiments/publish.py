@@ -81,6 +81,14 @@ def publish(
             f"{source}: today's code measures {acc:.2f} % on the test split, the record "
             f"says {record['test_acc']:.2f} %; not published"
         )
+    plain = None  # the accuracy without test-time augmentation, where the run used it (6x cheaper to check)
+    if tta and extra.get("test_acc_no_tta") is not None:
+        plain = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")), 0)
+        if abs(plain - float(extra["test_acc_no_tta"])) > ACCURACY_TOLERANCE:
+            raise CheckpointError(
+                f"{source}: today's code measures {plain:.2f} % without test-time augmentation, the "
+                f"record says {extra['test_acc_no_tta']:.2f} %; not published"
+            )
     name = f"{record['model']}.{tag}"
     rel = f"trained/{name}.safetensors"
     out = Path(weights_root) / rel
@@ -122,6 +130,7 @@ def publish(
         input_size=list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))), trained_by=trained_by,
         unique_params=record.get("unique_params"), tta=tta,
         train_cpu_seconds=(record.get("extra") or {}).get("cpu_time"), notes=notes,
+        **({"accuracy_no_tta": round(float(extra["test_acc_no_tta"]), 2)} if plain is not None else {}),
     )
     entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]
     entries.append(entry)
