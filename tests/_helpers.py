@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dacnn import create_model, model_info
+from dacnn import AnchoredConv2d, create_model, list_models, model_info
 from dacnn.train import loop as loop_module
 
 
@@ -73,3 +73,10 @@ def small_input(model, batch: int = 2, seed: int = 1):
     side = SMALL[model.info.family][1]
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, chans, side or height, side or width, generator=gen)
+
+
+def shared_model_names() -> list[str]:
+    """The registered models that apply a shared kernel (an ``AnchoredConv2d``), built on the meta device."""
+    with torch.device("meta"):
+        models = {n: create_model(n) for n in list_models()}
+    return [n for n, m in models.items() if any(isinstance(u, AnchoredConv2d) for u in m.modules())]
