@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import shared_model_names
 from dacnn import count_flops, count_params, create_model, list_models, model_info
 from dacnn.models.layers import split_evenly
 
@@ -166,14 +167,6 @@ def test_flops_count_the_defined_network_not_an_inference_rewrite() -> None:
 
 
 # ---------------------------------------------------------------- users' counters: thop, fvcore
-def _shared_models() -> list[str]:
-    from dacnn import AnchoredConv2d
-
-    with torch.device("meta"):
-        models = {n: create_model(n) for n in list_models()}
-    return [n for n, m in models.items() if any(isinstance(u, AnchoredConv2d) for u in m.modules())]
-
-
 def _tied_and_free(name: str):
     import copy
 
@@ -186,7 +179,7 @@ def _tied_and_free(name: str):
     return model, free, small_input(model)
 
 
-@pytest.mark.parametrize("name", _shared_models())
+@pytest.mark.parametrize("name", shared_model_names())
 def test_thop_with_the_rule_counts_unique_parameters_and_every_use(name: str) -> None:
     """``dacnn.counting.thop_custom_ops()``: thop's MACs of the tied model are its free twin's (one
     ``nn.Conv2d`` per use, which thop knows), its parameters the unique count."""
@@ -204,7 +197,7 @@ def test_thop_with_the_rule_counts_unique_parameters_and_every_use(name: str) ->
     assert plain_macs < macs  # what thop says without the rule
 
 
-@pytest.mark.parametrize("name", _shared_models())
+@pytest.mark.parametrize("name", shared_model_names())
 def test_fvcore_books_each_use_where_it_is_applied(name: str) -> None:
     """``dacnn.counting.fvcore_flops``: per module, the tied model's FLOPs are its free twin's (same
     names: ``untie`` puts a conv in each use's place), and a kernel's owner books none."""
