@@ -279,6 +279,19 @@ def test_fused_block_is_deterministic() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_lrunet_fast_path_keeps_firing_hooks_on_each_use() -> None:
+    """The fused LruBlock path skips the AnchoredConv2d uses; with a hook on one it must step aside."""
+    torch.manual_seed(0)
+    net = LruNet(2, 1)
+    calls = []
+    net.stage1.dw_uses[1].register_forward_hook(lambda *a: calls.append(1))
+    for train_mode in (True, False):
+        net.train(train_mode)
+        with torch.no_grad():
+            net(torch.rand(2, 3, 32, 32))
+    assert calls == [1, 1]
+
+
 def test_lrunet_fast_path_steps_aside_for_a_batchnorm_hook() -> None:
     model = small_model("lrunet_1x").eval()
     seen = []
