@@ -13,6 +13,16 @@ import torch
 from dacnn import AnchoredConv2d, create_model, list_models, model_info
 from dacnn.train import loop as loop_module
 
+# what torch.load's own error advises, and a message of ours must never repeat
+UNSAFE_ADVICE = ("weights_only set to False", "Re-running", "weights_only=False")
+
+
+class Evil:
+    """Unpickling it would run a shell command: what a trusted loader must refuse."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
 
 def read_only_command(path: Path, cmd: list[str]) -> list[str]:
     """``cmd`` run where ``path`` is read-only (a read-only tmpfs in a mount namespace for root)."""
