@@ -1,4 +1,4 @@
-"""Bad input gets a sentence, a non-zero exit and no traceback (issue 13, item 3).
+"""Bad input gets a sentence, a non-zero exit and no traceback.
 
 Every numeric option of every command is checked at parse time by a rule of
 :data:`dacnn.validation.RULES`; this walks the real parser so a new option without a rule fails.
@@ -86,7 +86,7 @@ def test_a_bad_value_of_each_numeric_option_is_refused_at_parse_time(capsys):
     assert tried >= 4 * len(found) - len(found)  # at least 3 per option
 
 
-def test_the_issue_examples_are_refused(capsys):
+def test_zero_negative_infinite_and_out_of_range_values_are_refused(capsys):
     for args in (["--width", "0"], ["--width", "-3"], ["--momentum", "-5"], ["--lr", "inf"],
                  ["--optimizer", "adam", "--betas", "2", "3"]):
         with pytest.raises(SystemExit) as exit_info:

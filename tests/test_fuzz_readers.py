@@ -1,4 +1,4 @@
-"""Fuzz every reader of outside bytes (issue 13, item 7): each input loads or raises a DacnnError.
+"""Fuzz every reader of outside bytes: each input loads or raises a DacnnError.
 
 Inputs are valid files in each format (written by :mod:`dacnn.data.synthetic` and the project's
 own writers, so no ``../shared`` is needed) mutated by hypothesis: bytes replaced, cut, inserted,

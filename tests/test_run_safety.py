@@ -1,4 +1,4 @@
-"""Concurrent runs, failed writes and recovery (issue 13, items 2, 3 and 6).
+"""Concurrent runs, failed writes and recovery, end to end through ``dacnn train`` and ``dacnn eval``.
 
 Data: the project's synthetic Fashion-MNIST in the official IDX format, so no ``../shared`` needed.
 """
@@ -53,7 +53,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / run.name))
 
 
-# ---------------------------------------------------------------- item 2: concurrent runs
+# ---------------------------------------------------------------- concurrent runs
 
 
 def test_run_directories_are_made_atomically_by_concurrent_callers(tmp_path):
@@ -99,7 +99,7 @@ def test_a_second_resume_of_a_run_in_use_is_refused(data, finished, tmp_path, ca
     assert "in use by another training process" in err and str(run) in err
 
 
-# ---------------------------------------------------------------- item 3: failed writes
+# ---------------------------------------------------------------- failed writes
 
 
 def test_a_full_disk_keeps_the_last_good_checkpoint_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
@@ -134,7 +134,7 @@ def test_a_read_only_out_dir_is_reported_before_the_data_is_loaded(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-# ---------------------------------------------------------------- item 6: recovery
+# ---------------------------------------------------------------- recovery
 
 
 def test_the_two_newest_checkpoints_are_kept(finished):
