@@ -146,6 +146,7 @@ def _dacnn(args: list[str], readonly: Path | None = None) -> subprocess.Complete
                           timeout=300)
 
 
+@pytest.mark.integration
 def test_export_to_a_read_only_place_is_a_sentence(tmp_path):
     model = create_model("dacnn", depth=4, width=8, num_classes=10)
     meta = {"model": "dacnn", "model_kwargs": {"depth": 4, "width": 8, "num_classes": 10}}
@@ -156,6 +157,7 @@ def test_export_to_a_read_only_place_is_a_sentence(tmp_path):
     assert f"cannot write --output {out}" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_import_weights_to_a_read_only_place_is_a_sentence(tmp_path):
     released = tmp_path / "x.t7"
     released.write_bytes(b"not read before the output is checked")
@@ -165,6 +167,7 @@ def test_import_weights_to_a_read_only_place_is_a_sentence(tmp_path):
     assert f"cannot write --output {out}" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args", [["models", "--pattern", "dacnn"], ["data", "list"],
                                   ["train", "--list-recipes"]])
 def test_a_command_piped_into_a_closed_reader_exits_quietly(args, tmp_path):

@@ -212,6 +212,7 @@ def _svhn_mat() -> bytes:
         return (Path(tmp) / "train_32x32.mat").read_bytes()
 
 
+@pytest.mark.integration
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 2))  # a reader process per input
 @given(data=st.data())
 def test_svhn_mat(data):

@@ -73,6 +73,7 @@ def test_run_directories_are_made_atomically_by_concurrent_callers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["same"] + [f"same-{n}" for n in range(2, 9)])
 
 
+@pytest.mark.integration
 def test_two_runs_started_at_once_into_one_out_dir_both_finish(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "dacnn", *_train_args(data, tmp_path, "twin", epochs=1), "--no-eval-test"]
@@ -124,6 +125,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_the_run_resumes(data, tm
 
 
 
+@pytest.mark.integration
 def test_a_read_only_out_dir_is_reported_before_the_data_is_loaded(tmp_path):
     readonly = tmp_path / "ro"
     cmd = [sys.executable, "-m", "dacnn", *_train_args(tmp_path / "no-data-here", readonly)]
@@ -212,6 +214,7 @@ def _pages(root: Path) -> int:
     return sum(-(-p.stat().st_size // 4096) for p in root.rglob("*") if p.is_file()) + 8
 
 
+@pytest.mark.integration
 def test_a_real_full_disk_keeps_the_last_good_checkpoint(data, tmp_path):
     """A tmpfs that fills up at a later epoch's checkpoint (root: a mount namespace)."""
     unshare = shutil.which("unshare")

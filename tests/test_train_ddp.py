@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         cleanup(ctx, clean_exit=clean_exit)  # the library's teardown, as train() uses it
 
 
+@pytest.mark.integration
 def test_two_gloo_processes_give_the_single_process_gradients(tmp_path):
     torch.manual_seed(0)
     model = _WithDeadWeight()
@@ -94,6 +95,7 @@ def test_shard_batch_takes_interleaved_slices():
     assert [p[1].tolist() for p in parts] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_torchrun_two_processes_train_and_only_rank0_writes(fashion_mnist_root, tmp_path):
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -151,6 +153,7 @@ def _assert_same_metrics(got: dict, want: dict) -> None:
     assert abs(got["train_acc"] - want["train_acc"]) <= 100.0 / 160 + 1e-9  # one image at most
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_two_processes_report_the_single_process_train_metrics(data, single, tmp_path):
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *_args(tmp_path, "two")]
@@ -202,6 +205,7 @@ def two_hosts():
             subprocess.run([IP, "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.integration
 def test_two_hosts_over_a_veth_pair_report_the_single_process_train_metrics(data, single, tmp_path,
                                                                               two_hosts):
     master = two_hosts[0][2]
