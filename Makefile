@@ -26,7 +26,7 @@ demo: install
 
 test: install
 	$(ENV) $(BIN)/ruff check .
-	$(ENV) $(BIN)/python -m pytest -q
+	$(ENV) $(BIN)/python -m pytest -q --durations=15
 
 bench: install
 	$(ENV) $(BIN)/python benchmarks/run_all.py

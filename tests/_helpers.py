@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from dacnn import create_model, model_info
+from dacnn import AnchoredConv2d, create_model, list_models, model_info
+from dacnn import checkpoint as ckpt
+from dacnn.data.synthetic import idx_bytes
 from dacnn.train import loop as loop_module
+from dacnn.train.config import dump_yaml, resolve_config
+
+# what torch.load's own error advises, and a message of ours must never repeat
+UNSAFE_ADVICE = ("weights_only set to False", "Re-running", "weights_only=False")
+
+
+class Evil:
+    """Unpickling it would run a shell command: what a trusted loader must refuse."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
 
 
 def read_only_command(path: Path, cmd: list[str]) -> list[str]:
@@ -73,3 +88,59 @@ def small_input(model, batch: int = 2, seed: int = 1):
     side = SMALL[model.info.family][1]
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, chans, side or height, side or width, generator=gen)
+
+
+def shared_model_names() -> list[str]:
+    """The registered models that apply a shared kernel (an ``AnchoredConv2d``), built on the meta device."""
+    with torch.device("meta"):
+        models = {n: create_model(n) for n in list_models()}
+    return [n for n, m in models.items() if any(isinstance(u, AnchoredConv2d) for u in m.modules())]
+
+
+def _write_toy_fashion_mnist(root, n_train=96, n_test=40):
+    """Fashion-MNIST IDX files where the class sets the brightness (learnable, tiny)."""
+    rng = np.random.default_rng(0)
+    folder = root / "fashion_mnist"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        images = (rng.integers(0, 60, size=(n, 28, 28)) + labels[:, None, None] * 20).astype(np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(array)))
+
+
+def make_run(tmp_path, monkeypatch):
+    """A run directory as `dacnn train` leaves it (config.yaml + checkpoints, toy data), without training."""
+    monkeypatch.setenv("DACNN_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    _write_toy_fashion_mnist(data)
+    kwargs = {"num_classes": 10, "in_chans": 1, "width": 4}
+    cfg = resolve_config(
+        {
+            "model": "dacnn14",
+            "dataset": "fashion_mnist",
+            "data_dir": str(data),
+            "width": 4,
+            "batch_size": 32,
+            "val_size": 32,
+            "device": "cpu",
+            "epochs": 1,
+        }
+    )
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    torch.manual_seed(0)
+    model = create_model("dacnn14", **kwargs)
+    meta = {
+        "model": "dacnn14",
+        "model_kwargs": kwargs,
+        "dataset": "fashion_mnist",
+        "normalize": True,
+        "pad_to": 32,
+    }
+    state = {"epoch": 0, "batches_done": 4, "global_step": 4}
+    ckpt.save_checkpoint(
+        run / "checkpoints", model=model, ema_model=None, state=state, meta=meta, is_best=True
+    )
+    return run, data

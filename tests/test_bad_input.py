@@ -1,4 +1,4 @@
-"""Bad input gets a sentence, a non-zero exit and no traceback (issue 13, item 3).
+"""Bad input gets a sentence, a non-zero exit and no traceback.
 
 Every numeric option of every command is checked at parse time by a rule of
 :data:`dacnn.validation.RULES`; this walks the real parser so a new option without a rule fails.
@@ -86,7 +86,7 @@ def test_a_bad_value_of_each_numeric_option_is_refused_at_parse_time(capsys):
     assert tried >= 4 * len(found) - len(found)  # at least 3 per option
 
 
-def test_the_issue_examples_are_refused(capsys):
+def test_zero_negative_infinite_and_out_of_range_values_are_refused(capsys):
     for args in (["--width", "0"], ["--width", "-3"], ["--momentum", "-5"], ["--lr", "inf"],
                  ["--optimizer", "adam", "--betas", "2", "3"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -146,6 +146,7 @@ def _dacnn(args: list[str], readonly: Path | None = None) -> subprocess.Complete
                           timeout=300)
 
 
+@pytest.mark.integration
 def test_export_to_a_read_only_place_is_a_sentence(tmp_path):
     model = create_model("dacnn", depth=4, width=8, num_classes=10)
     meta = {"model": "dacnn", "model_kwargs": {"depth": 4, "width": 8, "num_classes": 10}}
@@ -156,6 +157,7 @@ def test_export_to_a_read_only_place_is_a_sentence(tmp_path):
     assert f"cannot write --output {out}" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_import_weights_to_a_read_only_place_is_a_sentence(tmp_path):
     released = tmp_path / "x.t7"
     released.write_bytes(b"not read before the output is checked")
@@ -165,6 +167,7 @@ def test_import_weights_to_a_read_only_place_is_a_sentence(tmp_path):
     assert f"cannot write --output {out}" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args", [["models", "--pattern", "dacnn"], ["data", "list"],
                                   ["train", "--list-recipes"]])
 def test_a_command_piped_into_a_closed_reader_exits_quietly(args, tmp_path):

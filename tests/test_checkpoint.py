@@ -1,7 +1,12 @@
-"""Checkpoint io: atomic writes, shared tensors stored once and tied after loading, weights-only state."""
+"""Checkpoint io (:mod:`dacnn.checkpoint`): atomic writes, shared tensors stored once and tied after
+loading, weights-only state, and what a damaged or untrusted file is called.
+
+End-to-end runs that save, resume and recover are in ``test_train_resume.py`` and ``test_run_safety.py``.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -14,9 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from _helpers import UNSAFE_ADVICE, Evil
 from dacnn import SharedKernel, count_params, create_model
 from dacnn import checkpoint as ckpt
-from dacnn.errors import CheckpointError
+from dacnn.errors import CheckpointError, WriteError
 
 
 def _state_keys(path) -> list[str]:
@@ -36,6 +42,11 @@ def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path):
         ckpt.atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.txt"]  # no temporary left behind
+
+
+def test_a_failed_atomic_write_names_the_file():
+    with pytest.raises(WriteError, match="cannot write /proc/no-such-dir/x"):
+        ckpt.atomic_write_text("/proc/no-such-dir/x", "text")
 
 
 def test_shared_kernel_stored_once_and_tied_after_load(tmp_path):
@@ -130,20 +141,31 @@ def test_old_versions_removed_but_best_kept(tmp_path):
     assert ckpt.read_pointer(tmp_path, "best")["global_step"] == 5
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+def test_loading_never_unpickles_arbitrary_objects_nor_advises_the_unsafe_option(tmp_path):
     path = tmp_path / "evil.state.pt"
-    torch.save({"format": "dacnn.train_state/1", "payload": _Evil()}, path)
-    with pytest.raises(CheckpointError, match="not a trusted dacnn training state"):
+    torch.save({"format": "dacnn.train_state/1", "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a trusted dacnn training state") as info:
         ckpt.load_state(path)
+    assert not any(text in str(info.value) for text in UNSAFE_ADVICE)
     raw = tmp_path / "raw.state.pt"
     raw.write_bytes(pickle.dumps(OrderedDict(a=1), protocol=2))
     with pytest.raises(CheckpointError):
         ckpt.load_state(raw)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_a_damaged_state_file_says_so(tmp_path, damage):
+    buf = io.BytesIO()
+    torch.save({"format": "dacnn.train_state/1", "epoch": torch.zeros(1000)}, buf)
+    data = buf.getvalue()
+    path = tmp_path / "e.state.pt"
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    with pytest.raises(CheckpointError) as info:
+        ckpt.load_state(path)
+    text = str(info.value)
+    assert str(path) in text and "damaged, truncated or not a PyTorch checkpoint" in text
+    for cryptic in ("Errno", "codec", "miniz", "UnpicklingError", "zip archive"):
+        assert cryptic not in text
 
 
 def test_weights_file_without_sidecar_uses_embedded_metadata(tmp_path):

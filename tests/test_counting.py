@@ -1,49 +1,28 @@
-"""Parameter and FLOP accounting: pinned counts of the DACNN/VGG/ResNet families, closed forms,
-free twins, static vs dynamic use counting, and FLOPs that count every use of a shared kernel."""
+"""Parameter and FLOP accounting: the counts of the DACNN/VGG/ResNet families derived from their
+architecture, closed forms, free twins, static vs dynamic use counting, and FLOPs that count every use
+of a shared kernel."""
 
 from __future__ import annotations
+
+import copy
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-from dacnn import count_flops, count_params, create_model, list_models, model_info
+from _helpers import shared_model_names, small_input, small_model
+from dacnn import SharedKernel, count_flops, count_params, create_model, list_models, model_info, untie
+from dacnn.counting import fvcore_flops, thop_custom_ops
 from dacnn.models.layers import split_evenly
 
-# (unique, per_use) at the registered defaults: 100 classes, 3x32x32 input.
-PINNED = {
-    "dacnn": (167_140, 1_789_156),
-    "dacnn14": (167_140, 1_789_156),
-    "dacnn18": (168_164, 2_380_004),
-    "dacnn34": (172_260, 4_743_396),
-    "dacnn18_reg": (301_284, 2_513_124),
-    "dacnn24_reg": (352_740, 3_449_316),
-    "dacnn34_reg": (438_500, 5_009_636),
-    "dacnn14_mix": (4_743_204, 14_770_212),
-    "dacnn18_mix": (4_916_388, 11_220_132),
-    "dacnn34_mix": (4_923_812, 21_328_292),
-    "dacnn18_mix_reg": (5_616_548, 11_920_292),
-    "dacnn34_mix_reg": (6_188_836, 22_593_316),
-    "resnet18": (11_220_132, 11_220_132),
-    "resnet34": (21_328_292, 21_328_292),
-    "vgg16_1fc": (14_770_212, 14_770_212),
-}
 FAMILIES = ("dacnn", "vgg", "resnet")
 DACNN_MODELS = list_models("dacnn*")
 REGULATED_BLOCKS = {18: 8, 24: 11, 34: 16}  # residual blocks of DACNN-18/24/34 (one regulator each)
-
-
-
-@pytest.mark.parametrize("name", sorted(PINNED))
-def test_pinned_counts(name: str) -> None:
-    counts = count_params(create_model(name))
-    assert (counts.unique, counts.per_use) == PINNED[name]
-    assert counts.unique == sum(p.numel() for p in create_model(name).parameters())
-
-
-def test_every_model_of_these_families_is_pinned() -> None:
-    ours = {n for n in list_models() if model_info(n).family in FAMILIES}
-    assert ours == set(PINNED)
+CLASSES = 100  # the registered defaults: 100 classes, 3x32x32 input
+WIDTHS = (64, 128, 256, 512)  # the stages of the ResNet template
+VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (width, 3x3 convs) per pooled section
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # BasicBlocks per stage (He et al.)
 
 
 def _plain_counts(depth: int, width: int, classes: int, regulated_blocks: int = 0) -> tuple[int, int]:
@@ -52,6 +31,87 @@ def _plain_counts(depth: int, width: int, classes: int, regulated_blocks: int = 
     c, uses = width, depth - 2
     common = 27 * c + 2 * c + uses * 2 * c + c * classes + classes + regulated_blocks * (c * c + 2 * c)
     return common + 9 * c * c, common + uses * 9 * c * c
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3) -> int:
+    """A bias-free k x k conv and the BatchNorm after it (scale and shift)."""
+    return cin * cout * k * k + 2 * cout
+
+
+def _fc(cin: int, classes: int = CLASSES) -> int:
+    return cin * classes + classes
+
+
+def _vgg16_1fc() -> tuple[int, Counter]:
+    """VGG-16 with one classifier: 13 bias-free 3x3 convs, each with its BatchNorm, then FC 512 ->
+    classes. With the parameters: how many C x C 3x3 convs each width C has."""
+    params, same, cin = 0, Counter(), 3
+    for c, convs in VGG16:
+        for _ in range(convs):
+            params += _conv_bn(cin, c)
+            same[c] += cin == c
+            cin = c
+    return params + _fc(WIDTHS[-1]), same
+
+
+def _resnet(depth: int, regulated: bool = False) -> tuple[int, Counter]:
+    """CIFAR ResNet-18/34: stem 3x3 conv 3 -> 64 + BN; BasicBlocks of two 3x3 convs + BN each, and a
+    1x1 conv + BN projection where the width grows; ``regulated``: a regulator (1x1 C x C conv + BN)
+    after every block; FC 512 -> classes. With the parameters: the C x C 3x3 convs per width C."""
+    params, same, cin = _conv_bn(3, WIDTHS[0]), Counter(), WIDTHS[0]
+    for c, blocks in zip(WIDTHS, RESNET_BLOCKS[depth]):
+        for _ in range(blocks):
+            params += _conv_bn(cin, c) + _conv_bn(c, c)
+            same[c] += 1 + (cin == c)
+            if cin != c:
+                params += _conv_bn(cin, c, k=1)
+            if regulated:
+                params += _conv_bn(c, c, k=1)
+            cin = c
+    return params + _fc(WIDTHS[-1]), same
+
+
+def _free(template: tuple[int, Counter]) -> tuple[int, int]:
+    return template[0], template[0]
+
+
+def _mixed(template: tuple[int, Counter]) -> tuple[int, int]:
+    """A mixed DACNN (paper section 3, Table 3): its free twin is the template; one C x C 3x3 kernel per
+    width takes the place of the template's C x C 3x3 convs, so n uses save (n - 1) x 9C^2."""
+    per_use, same = template
+    return per_use - sum((n - 1) * 9 * c * c for c, n in same.items()), per_use
+
+
+# (unique, per_use) at the registered defaults, each derived from the architecture
+EXPECTED = {
+    "dacnn": _plain_counts(14, 128, CLASSES),  # the builder's defaults are DACNN-14's
+    "dacnn14": _plain_counts(14, 128, CLASSES),
+    "dacnn18": _plain_counts(18, 128, CLASSES),
+    "dacnn34": _plain_counts(34, 128, CLASSES),
+    "dacnn18_reg": _plain_counts(18, 128, CLASSES, REGULATED_BLOCKS[18]),
+    "dacnn24_reg": _plain_counts(24, 128, CLASSES, REGULATED_BLOCKS[24]),
+    "dacnn34_reg": _plain_counts(34, 128, CLASSES, REGULATED_BLOCKS[34]),
+    "dacnn14_mix": _mixed(_vgg16_1fc()),
+    "dacnn18_mix": _mixed(_resnet(18)),
+    "dacnn34_mix": _mixed(_resnet(34)),
+    "dacnn18_mix_reg": _mixed(_resnet(18, regulated=True)),
+    "dacnn34_mix_reg": _mixed(_resnet(34, regulated=True)),
+    "resnet18": _free(_resnet(18)),
+    "resnet34": _free(_resnet(34)),
+    "vgg16_1fc": _free(_vgg16_1fc()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_counts_follow_the_architecture(name: str) -> None:
+    counts = count_params(create_model(name))
+    assert (counts.unique, counts.per_use) == EXPECTED[name]
+    assert counts.unique == sum(p.numel() for p in create_model(name).parameters())
+
+
+def test_every_model_of_these_families_has_a_formula() -> None:
+    ours = {n for n in list_models() if model_info(n).family in FAMILIES}
+    assert ours == set(EXPECTED)
 
 
 @pytest.mark.parametrize("depth", [3, 5, 7, 9, 11, 14, 18, 24, 34])
@@ -166,34 +226,18 @@ def test_flops_count_the_defined_network_not_an_inference_rewrite() -> None:
 
 
 # ---------------------------------------------------------------- users' counters: thop, fvcore
-def _shared_models() -> list[str]:
-    from dacnn import AnchoredConv2d
-
-    with torch.device("meta"):
-        models = {n: create_model(n) for n in list_models()}
-    return [n for n, m in models.items() if any(isinstance(u, AnchoredConv2d) for u in m.modules())]
-
-
 def _tied_and_free(name: str):
-    import copy
-
-    from _helpers import small_input, small_model
-    from dacnn import untie
-
     model = small_model(name).eval()
     free = copy.deepcopy(model)
     untie(free)
     return model, free, small_input(model)
 
 
-@pytest.mark.parametrize("name", _shared_models())
+@pytest.mark.parametrize("name", shared_model_names())
 def test_thop_with_the_rule_counts_unique_parameters_and_every_use(name: str) -> None:
     """``dacnn.counting.thop_custom_ops()``: thop's MACs of the tied model are its free twin's (one
     ``nn.Conv2d`` per use, which thop knows), its parameters the unique count."""
-    import copy
-
     thop = pytest.importorskip("thop", reason="thop is not installed (pip install 'dacnn[count]')")
-    from dacnn.counting import thop_custom_ops
 
     model, free, x = _tied_and_free(name)
     rules = thop_custom_ops()
@@ -204,13 +248,11 @@ def test_thop_with_the_rule_counts_unique_parameters_and_every_use(name: str) ->
     assert plain_macs < macs  # what thop says without the rule
 
 
-@pytest.mark.parametrize("name", _shared_models())
+@pytest.mark.parametrize("name", shared_model_names())
 def test_fvcore_books_each_use_where_it_is_applied(name: str) -> None:
     """``dacnn.counting.fvcore_flops``: per module, the tied model's FLOPs are its free twin's (same
     names: ``untie`` puts a conv in each use's place), and a kernel's owner books none."""
     fvcore_nn = pytest.importorskip("fvcore.nn", reason="fvcore is not installed (dacnn[count])")
-    from dacnn import SharedKernel
-    from dacnn.counting import fvcore_flops
 
     model, free, x = _tied_and_free(name)
     tied = fvcore_flops(model, (x,))

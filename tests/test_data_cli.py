@@ -71,6 +71,7 @@ def test_convert_then_verify_passes_and_shards_read_back(tmp_path, capsys):
     assert "shards (.tar.gz, manifest)" in out and "test=4 train=12" in out
 
 
+@pytest.mark.integration
 def test_shared_verify_script_accepts_converted_shards(tmp_path):
     script = SHARED / "verify.py"
     if not script.is_file():
@@ -102,6 +103,7 @@ def test_verify_flags_files_that_are_not_the_official_ones(tmp_path, capsys):
     assert "5 samples in test, official 10000" in out
 
 
+@pytest.mark.integration
 def test_verify_without_data_exits_non_zero_without_traceback(tmp_path):
     env = {**os.environ, "DACNN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-m", "dacnn", "data", "verify", "--data-dir", str(tmp_path)],

@@ -339,3 +339,16 @@ def test_set_epoch_with_a_start_batch_yields_the_rest_of_the_pass():
     assert len(list(loader)) == len(whole)  # the next pass is whole again
     with pytest.raises(ConfigError, match="start_batch"):
         loader.set_epoch(0, start_batch=9)
+
+
+def test_each_rank_gathers_its_part_of_the_global_batch():
+    split = random_split(n=64, shape=(28, 28, 1), seed=1)
+    aug = Augment(crop_padding=2, flip=True, rotate_degrees=10.0, cutout=4)
+    kw = {"batch_size": 16, "shuffle": True, "drop_last": True, "seed": 5, "augment": aug, "pad_to": 32}
+    full = list(DeviceLoader(split, **kw))
+    for rank in range(3):
+        shard = list(DeviceLoader(split, rank=rank, world=3, **kw))
+        assert len(shard) == len(full)
+        for (xs, ys), (xf, yf) in zip(shard, full, strict=True):
+            assert torch.equal(ys, yf[rank::3])
+            assert torch.equal(xs, xf[rank::3])

@@ -90,6 +90,7 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
     assert np.array_equal(coarse.labels, wrote["train"][2]) and coarse.classes[3] == "coarse3"
 
 
+@pytest.mark.integration
 def test_svhn_mat_maps_label_10_to_digit_0(tmp_path):
     images, digits = write_svhn(tmp_path / "svhn", "test", n=23)
     got = load_dataset("svhn", "test", tmp_path, cache=False)
@@ -305,6 +306,7 @@ def test_corrupt_and_hostile_cifar_pickles(tmp_path):
         load_dataset("cifar10", "train", tmp_path / "archive", cache=False)
 
 
+@pytest.mark.integration
 def test_bad_svhn_and_idx_files(tmp_path):
     import scipy.io
 

@@ -257,6 +257,7 @@ comparisons:
 """
 
 
+@pytest.mark.integration
 def test_jobs_run_every_seed_in_single_threaded_processes(tmp_path, data_dir, capsys):
     import shutil
 
@@ -294,6 +295,7 @@ def test_a_dirty_tree_is_refused_at_cpu_scale(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.integration
 def test_dirty_means_uncommitted_changes_under_src(tmp_path):
     import subprocess
 

@@ -7,10 +7,10 @@ import json
 import pytest
 
 import dacnn
+from _helpers import make_run
 from dacnn.cli import main
 from dacnn.compact_format import load_exported
 from dacnn.export import inspect_file
-from test_prune import make_run  # a run directory as `dacnn train` leaves it, on toy data
 
 
 def test_export_run_int8_with_accuracy(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Fuzz every reader of outside bytes (issue 13, item 7): each input loads or raises a DacnnError.
+"""Fuzz every reader of outside bytes: each input loads or raises a DacnnError.
 
 Inputs are valid files in each format (written by :mod:`dacnn.data.synthetic` and the project's
 own writers, so no ``../shared`` is needed) mutated by hypothesis: bytes replaced, cut, inserted,
@@ -212,6 +212,7 @@ def _svhn_mat() -> bytes:
         return (Path(tmp) / "train_32x32.mat").read_bytes()
 
 
+@pytest.mark.integration
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 2))  # a reader process per input
 @given(data=st.data())
 def test_svhn_mat(data):

@@ -20,6 +20,8 @@ import pytest
 
 from dacnn.experiments.provenance import dataset_checksum
 
+pytestmark = pytest.mark.integration  # every test here starts a process
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-campaign"
 

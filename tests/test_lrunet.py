@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model
 
+from _helpers import small_input, small_model
 from dacnn import count_params, create_model, untie
 from dacnn.cli import main as cli_main
 from dacnn.errors import CheckpointError, ConfigError
@@ -276,6 +277,28 @@ def test_fused_block_is_deterministic() -> None:
         out.sum().backward()
         results.append([out.detach()] + [p.grad for p in block.parameters()] + list(block.buffers()))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_lrunet_fast_path_keeps_firing_hooks_on_each_use() -> None:
+    """The fused LruBlock path skips the AnchoredConv2d uses; with a hook on one it must step aside."""
+    torch.manual_seed(0)
+    net = LruNet(2, 1)
+    calls = []
+    net.stage1.dw_uses[1].register_forward_hook(lambda *a: calls.append(1))
+    for train_mode in (True, False):
+        net.train(train_mode)
+        with torch.no_grad():
+            net(torch.rand(2, 3, 32, 32))
+    assert calls == [1, 1]
+
+
+def test_lrunet_fast_path_steps_aside_for_a_batchnorm_hook() -> None:
+    model = small_model("lrunet_1x").eval()
+    seen = []
+    model.stage2.dw_bns[1].register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        model(small_input(model, 1))
+    assert seen == [1]
 
 
 def test_untie_keeps_the_function_and_frees_each_use() -> None:

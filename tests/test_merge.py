@@ -70,6 +70,7 @@ def _merge(store: Path, source: Path, *extra: str) -> int:
                  "--output", str(store / "docs" / "results.md"), *extra])
 
 
+@pytest.mark.integration
 def test_source_hash_at_a_commit_is_the_hash_of_that_tree(head):
     commit, at = head
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
@@ -80,6 +81,7 @@ def test_source_hash_at_a_commit_is_the_hash_of_that_tree(head):
     assert source_hash_at("0" * 40, ROOT) is None
 
 
+@pytest.mark.integration
 def test_a_gpu_output_folder_merges_and_the_report_is_regenerated(store, head, tmp_path, capsys):
     commit, src = head
     before = {p.name: p.read_text() for p in (store / "results").glob("*.jsonl")}
@@ -109,6 +111,7 @@ def test_a_gpu_output_folder_merges_and_the_report_is_regenerated(store, head, t
     assert len((store / "results" / "table7.jsonl").read_text().splitlines()) == len(lines)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("change", "field"), [
     ({"dirty": {"diff_sha256": "ab" * 32}}, "dirty"),
     ({"git_commit": "unknown"}, "git_commit"),

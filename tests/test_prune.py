@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dacnn
+from _helpers import make_run
 from dacnn.errors import ConfigError
 from dacnn.prune import count_nonzero, keep_masks, magnitude_prune, prunable_weights, prune_run
 
@@ -84,60 +83,6 @@ def test_bad_ratio_or_scope():
 
 
 # ---------------------------------------------------------------- end to end on a tiny run
-
-
-def _write_toy_fashion_mnist(root, n_train=96, n_test=40):
-    """Fashion-MNIST IDX files where the class sets the brightness (learnable, tiny)."""
-    from dacnn.data.synthetic import idx_bytes
-
-    rng = np.random.default_rng(0)
-    folder = root / "fashion_mnist"
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
-        images = (rng.integers(0, 60, size=(n, 28, 28)) + labels[:, None, None] * 20).astype(np.uint8)
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(array)))
-
-
-def make_run(tmp_path, monkeypatch):
-    """A run directory as `dacnn train` leaves it (config.yaml + checkpoints), without training."""
-    from dacnn import checkpoint as ckpt
-    from dacnn.train.config import dump_yaml, resolve_config
-
-    monkeypatch.setenv("DACNN_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "data"
-    _write_toy_fashion_mnist(data)
-    kwargs = {"num_classes": 10, "in_chans": 1, "width": 4}
-    cfg = resolve_config(
-        {
-            "model": "dacnn14",
-            "dataset": "fashion_mnist",
-            "data_dir": str(data),
-            "width": 4,
-            "batch_size": 32,
-            "val_size": 32,
-            "device": "cpu",
-            "epochs": 1,
-        }
-    )
-    run = tmp_path / "runs" / "tiny"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(dump_yaml(cfg))
-    torch.manual_seed(0)
-    model = dacnn.create_model("dacnn14", **kwargs)
-    meta = {
-        "model": "dacnn14",
-        "model_kwargs": kwargs,
-        "dataset": "fashion_mnist",
-        "normalize": True,
-        "pad_to": 32,
-    }
-    state = {"epoch": 0, "batches_done": 4, "global_step": 4}
-    ckpt.save_checkpoint(
-        run / "checkpoints", model=model, ema_model=None, state=state, meta=meta, is_best=True
-    )
-    return run, data
 
 
 def test_prune_run_end_to_end(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Concurrent runs, failed writes and recovery (issue 13, items 2, 3 and 6).
+"""Concurrent runs, failed writes and recovery, end to end through ``dacnn train`` and ``dacnn eval``.
 
 Data: the project's synthetic Fashion-MNIST in the official IDX format, so no ``../shared`` needed.
 """
@@ -21,7 +21,6 @@ from _helpers import read_only_command
 from dacnn import checkpoint as ckpt
 from dacnn.cli import main
 from dacnn.data.synthetic import write_fashion_mnist
-from dacnn.errors import WriteError
 from dacnn.train import loop
 from dacnn.train.rundir import RunLock, create_run_dir
 
@@ -54,7 +53,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / run.name))
 
 
-# ---------------------------------------------------------------- item 2: concurrent runs
+# ---------------------------------------------------------------- concurrent runs
 
 
 def test_run_directories_are_made_atomically_by_concurrent_callers(tmp_path):
@@ -74,6 +73,7 @@ def test_run_directories_are_made_atomically_by_concurrent_callers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["same"] + [f"same-{n}" for n in range(2, 9)])
 
 
+@pytest.mark.integration
 def test_two_runs_started_at_once_into_one_out_dir_both_finish(data, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "dacnn", *_train_args(data, tmp_path, "twin", epochs=1), "--no-eval-test"]
@@ -100,7 +100,7 @@ def test_a_second_resume_of_a_run_in_use_is_refused(data, finished, tmp_path, ca
     assert "in use by another training process" in err and str(run) in err
 
 
-# ---------------------------------------------------------------- item 3: failed writes
+# ---------------------------------------------------------------- failed writes
 
 
 def test_a_full_disk_keeps_the_last_good_checkpoint_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
@@ -124,12 +124,8 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_the_run_resumes(data, tm
     assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").open()] == [0, 1]
 
 
-def test_a_failed_atomic_write_names_the_file():
-    with pytest.raises(WriteError, match="cannot write /proc/no-such-dir/x"):
-        ckpt.atomic_write_text("/proc/no-such-dir/x", "text")
 
-
-
+@pytest.mark.integration
 def test_a_read_only_out_dir_is_reported_before_the_data_is_loaded(tmp_path):
     readonly = tmp_path / "ro"
     cmd = [sys.executable, "-m", "dacnn", *_train_args(tmp_path / "no-data-here", readonly)]
@@ -140,7 +136,7 @@ def test_a_read_only_out_dir_is_reported_before_the_data_is_loaded(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-# ---------------------------------------------------------------- item 6: recovery
+# ---------------------------------------------------------------- recovery
 
 
 def test_the_two_newest_checkpoints_are_kept(finished):
@@ -218,6 +214,7 @@ def _pages(root: Path) -> int:
     return sum(-(-p.stat().st_size // 4096) for p in root.rglob("*") if p.is_file()) + 8
 
 
+@pytest.mark.integration
 def test_a_real_full_disk_keeps_the_last_good_checkpoint(data, tmp_path):
     """A tmpfs that fills up at a later epoch's checkpoint (root: a mount namespace)."""
     unshare = shutil.which("unshare")

@@ -3,7 +3,7 @@
 
 timm needs a torchvision that imports beside the project's torch, which the project's CPU build does
 not have: where ``import timm`` fails every test here is skipped with the reason. The contract these
-tests rely on is tested without timm in ``tests/test_models_base.py``.
+tests rely on is tested without timm in ``tests/test_models.py``.
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ def test_cli_errors_are_one_line_with_exit_2(argv, message, capsys, tmp_path):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_cli_bad_yaml_key_in_a_real_process(tmp_path):
     path = _yaml(tmp_path, {"model": "dacnn14", "epochs": 1, "lr_sched": "cosine"})
     result = subprocess.run([sys.executable, "-m", "dacnn", "train", "-c", str(path)], capture_output=True,

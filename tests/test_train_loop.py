@@ -92,6 +92,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_pat
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
+def test_the_device_side_nan_check_stops_at_the_epoch_end(fashion_mnist_root, tmp_path, monkeypatch):
+    """nan_check_every=0 is the CUDA default (no host sync per step), run here on the CPU: an inf
+    loss at step 3 is flagged on the device and read at the epoch's end; nothing is saved."""
+    poison_training_forward(monkeypatch, at=3)
+    cfg = resolve_config({"model": "dacnn", "depth": 5, "width": 8, "dataset": "fashion_mnist",
+                          "data_dir": fashion_mnist_root, "train_subset": 640, "val_size": 100, "epochs": 1,
+                          "batch_size": 64, "eval_test": False, "nan_check_every": 0,
+                          "out_dir": str(tmp_path), "run_name": "nan"})
+    with pytest.raises(TrainingDiverged, match=r"nan/inf after the last check, by epoch 1, batch 10/10"):
+        train(cfg, verbose=False)
+    assert not (tmp_path / "nan" / "checkpoints" / "last.json").exists()
+
+
 def test_huge_learning_rate_exits_nonzero_with_a_message(fashion_mnist_root, tmp_path, capsys):
     argv = ["train", "--model", "dacnn", "--depth", "5", "--width", "16", "--dataset", "fashion_mnist",
             "--data-dir", fashion_mnist_root, "--train-subset", "640", "--val-size", "200", "--epochs", "1",
@@ -230,20 +243,6 @@ def test_whitening_of_a_generic_stem_and_of_a_model_without_one():
     assert torch.allclose(conv.weight[:4], filters[:4]) and torch.allclose(conv.weight[4:], filters[27:31])
     with pytest.raises(ConfigError, match="whiten"):
         init_patch_whitening(torch.nn.Sequential(torch.nn.Linear(3, 3)), images)
-
-
-def test_tta_logits_average_the_views():
-    from dacnn.train.engine import tta_logits
-
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
-    x = torch.randn(2, 3, 8, 8)
-    assert torch.equal(tta_logits(net, x, 0), net(x))
-    mirror = 0.5 * net(x) + 0.5 * net(x.flip(-1))
-    assert torch.allclose(tta_logits(net, x, 1), mirror)
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    views = [padded[..., :8, :8], padded[..., 2:, 2:]]
-    shifted = sum(0.5 * net(v) + 0.5 * net(v.flip(-1)) for v in views) / 2
-    assert torch.allclose(tta_logits(net, x, 2), 0.5 * mirror + 0.5 * shifted, atol=1e-6)
 
 
 def test_deterministic_on_cuda_warns_and_sets_what_it_can_instead_of_raising_at_the_first_backward():

@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from dacnn import checkpoint as ckpt
+
+pytestmark = pytest.mark.integration  # every test here starts a process
 
 STEPS_PER_EPOCH = 8  # 512 images / batch 64
 KILL_AT = STEPS_PER_EPOCH + 3  # mid-epoch 2

@@ -10,7 +10,7 @@ matches ``163,500 <= ours <= 164,500``).
 
 Which reading of the architecture we implement, and why only some figures match, is in
 :data:`READING_NOTES` (rendered into ``docs/parameters.md`` by ``dacnn models --paper --markdown``).
-``PaperFigure.matches`` pins, for each figure, whether ours matches; ``tests/test_paper_params.py``
+``PaperFigure.matches`` pins, for each figure, whether ours matches; ``tests/test_paper_figures.py``
 recomputes every comparison so the table cannot drift silently.
 """
 

@@ -1,34 +1,74 @@
-"""timm's model contract (:mod:`dacnn.models.base`, :mod:`dacnn.features`), on every registered model.
+"""Every registered model, generically (timm's ``tests/test_models.py``): the registry API
+(:mod:`dacnn.registry`) and timm's model contract (:mod:`dacnn.models.base`, :mod:`dacnn.features`).
 
-Modelled on timm's ``tests/test_models.py`` (``test_model_forward``, ``test_model_backward``,
-``test_model_default_cfgs``, ``test_model_forward_features``, ``test_model_forward_intermediates``),
-without timm: each check reads the model's own declarations (``feature_info``, ``pretrained_cfg``,
-``group_matcher``) and compares them with what its forward pass does. Models are built small
-(``_helpers.SMALL``); full-size builds are marked ``slow``.
+Parametrised over ``list_models()``, so a model registered later is covered the day it lands. Each
+check reads the model's own declarations (``feature_info``, ``pretrained_cfg``, ``group_matcher``) and
+compares them with what its forward pass does. Models are built small (``_helpers.SMALL``); the
+full-size builds are marked ``slow``.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as tuc
 
-from _helpers import SMALL, small_input, small_model
-from dacnn import AnchoredConv2d, SharedKernel, create_model, list_models, model_info
+import dacnn
+from _helpers import SMALL, shared_model_names, small_input, small_model
+from dacnn import (
+    AnchoredConv2d,
+    ModelInfo,
+    SharedKernel,
+    create_model,
+    features,
+    list_models,
+    model_info,
+    register_model,
+)
+from dacnn.data import DATASETS
 from dacnn.errors import ConfigError
 from dacnn.features import FeatureGetterNet, feature_take_indices
 
 MODELS = list_models()
+SHARED = shared_model_names()
+TABLE6_NAMES = (  # one registered name per row of the DACNN paper's Table 6
+    "vgg16_1fc", "resnet18", "resnet34", "dacnn14", "dacnn18", "dacnn34", "dacnn18_reg", "dacnn24_reg",
+    "dacnn34_reg", "dacnn14_mix", "dacnn18_mix", "dacnn34_mix", "dacnn18_mix_reg", "dacnn34_mix_reg",
+)
+SIZES = ["small", pytest.param("full", marks=pytest.mark.slow)]
 # timm's PretrainedCfg keys that timm's resolve_data_config and its tests read
 TIMM_KEYS = ("architecture", "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
              "num_classes", "pool_size", "first_conv", "classifier", "license", "paper_ids")
 
 
+def _build(name: str, size: str, **kwargs) -> torch.nn.Module:
+    """``name`` small (``_helpers.SMALL``) or at its registered size, initialised from seed 0."""
+    if size == "small":
+        return small_model(name, **kwargs)
+    torch.manual_seed(0)
+    return create_model(name, **kwargs)
+
+
+def _input(model: torch.nn.Module, size: str, batch: int, seed: int = 1) -> torch.Tensor:
+    if size == "small":
+        return small_input(model, batch, seed)
+    return torch.randn(batch, *model.info.input_size, generator=torch.Generator().manual_seed(seed))
+
+
 def _x(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
     return small_input(model, batch)
+
+
+def _check_logits(out: torch.Tensor, batch: int, num_classes: int) -> None:
+    assert out.shape == (batch, num_classes)
+    assert torch.isfinite(out).all()
 
 
 def _grads(model: torch.nn.Module, x: torch.Tensor, seed: int = 3) -> dict[str, torch.Tensor]:
@@ -39,18 +79,119 @@ def _grads(model: torch.nn.Module, x: torch.Tensor, seed: int = 3) -> dict[str, 
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _anchored(model: torch.nn.Module) -> list[tuple[str, AnchoredConv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AnchoredConv2d)]
+
+
+# ---------------------------------------------------------------- the registry API
+def test_table6_names_registered() -> None:
+    assert set(TABLE6_NAMES) <= set(MODELS)
+
+
+def test_list_models_pattern_sorted() -> None:
+    dacnns = list_models("dacnn*")
+    assert dacnns == sorted(dacnns) and dacnns
+    assert all(n.startswith("dacnn") for n in dacnns)
+    assert set(dacnns) < set(list_models())
+    assert list_models("no_such_model*") == []
+
+
+def test_unknown_name_lists_close_matches() -> None:
+    with pytest.raises(KeyError, match="dacnn14"):
+        create_model("dacnn_14")
+
+
+def test_duplicate_name_raises() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(ModelInfo("dacnn14", "dacnn"))(lambda **kw: torch.nn.Identity())
+    assert model_info("dacnn14").family == "dacnn"  # the original survives
+
+
+def test_none_kwargs_dropped_and_info_resolved() -> None:
+    model = create_model("dacnn14", num_classes=None, in_chans=None)
+    assert model.info.num_classes == 100 and model.info.input_size == (3, 32, 32)
+    model = create_model("dacnn14", num_classes=10, in_chans=1)
+    assert model.info.num_classes == 10 and model.info.input_size == (1, 32, 32)
+    _check_logits(model.eval()(torch.randn(2, 1, 32, 32)), 2, 10)
+
+
+def test_create_model_records_resolved_kwargs() -> None:
+    model = create_model("dacnn14", width=8, num_classes=None)
+    assert model.info.model_kwargs == {"width": 8}
+    assert not hasattr(model, "create_kwargs")
+
+
+def test_named_variants_reject_what_their_row_fixes() -> None:
+    with pytest.raises(TypeError, match="dacnn14 fixes depth=14"):
+        create_model("dacnn14", depth=8)
+    with pytest.raises(TypeError, match="wrn40_4 fixes depth=40"):
+        create_model("wrn40_4", depth=16)
+    assert create_model("dacnn", depth=8, width=4).info.model_kwargs == {"depth": 8, "width": 4}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_info(name: str) -> None:
+    info = model_info(name)
+    assert info.name == name and info.family
+    assert len(info.input_size) == 3 and info.num_classes > 1
+    if info.shared_twin is not None:
+        assert info.shared_twin in MODELS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_name_is_a_register_model_function_in_its_family_file(name: str) -> None:
+    """``grep "def <name>("`` finds every registered model: a ``@register_model`` function
+    ``def <name>(pretrained: bool = False, **kwargs)`` in its family's file, over its config table."""
+    module = importlib.import_module(f"dacnn.models.{model_info(name).family}")
+    source = Path(module.__file__).read_text()
+    signature = rf"@register_model\ndef {name}\(pretrained: bool = False, \*\*kwargs: Any\)"
+    assert re.search(signature, source), name
+    assert list(inspect.signature(getattr(module, name)).parameters) == ["pretrained", "kwargs"]
+    assert name in module.default_cfgs and name in module.__all__
+
+
 def test_every_family_has_a_small_config() -> None:
     assert {model_info(n).family for n in MODELS} <= set(SMALL)
 
 
 # ---------------------------------------------------------------- forward, backward, timm's kwargs
 @pytest.mark.parametrize("name", MODELS)
-def test_backward_reaches_every_trainable_parameter(name: str) -> None:
-    model = small_model(name, drop_rate=0.0, drop_path_rate=0.0).train()
-    grads = _grads(model, _x(model))
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in grads]
-    assert not missing, missing[:5]
-    assert all(torch.isfinite(g).all() for g in grads.values())
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_backward_reaches_every_trainable_parameter(name: str, size: str) -> None:
+    """Train-mode forward at batch 2 gives finite logits; every trainable parameter then receives a
+    finite gradient."""
+    model = _build(name, size, drop_rate=0.0, drop_path_rate=0.0).train()
+    x = _input(model, size, 2)
+    torch.manual_seed(3)
+    out = model(x)
+    _check_logits(out, 2, model.info.num_classes)
+    F.cross_entropy(out, torch.arange(2) % out.shape[1]).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: parameters without gradient: {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_batch1_and_eval_deterministic(name: str, size: str) -> None:
+    model = _build(name, size).train()
+    x1 = _input(model, size, 1, seed=0)
+    try:
+        out = model(x1)
+    except ValueError as exc:  # train-mode BN on a 1x1 map cannot normalise one value per channel
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        out = model.eval()(x1)
+    _check_logits(out, 1, model.info.num_classes)
+
+    model.eval()
+    x2 = _input(model, size, 2, seed=1)
+    with torch.no_grad():
+        first, second = model(x2), model(x2)
+        alone = model(x2[:1])
+    _check_logits(first, 2, model.info.num_classes)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(alone, first[:1], rtol=1e-4, atol=1e-5)  # eval: no batch coupling
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -97,6 +238,64 @@ def test_in_chans(name: str) -> None:
         assert model(_x(model)).shape == (2, model.num_classes)
 
 
+# ---------------------------------------------------------------- interface, classifier, ModelInfo
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_features_head_and_model_info_agree(name: str) -> None:
+    """timm's interface: ``forward_head(forward_features(x))`` is ``forward(x)``, ``model.info`` names
+    the classifier and the first conv, ``reset_classifier`` changes the output."""
+    model = small_model(name).eval()
+    x = _x(model)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), out, rtol=0, atol=0)
+        pre = model.forward_head(feats, pre_logits=True)
+    assert pre.shape[:2] == (2, model.head_hidden_size) and feats.shape[1] == model.num_features
+    assert model.num_classes == model.info.num_classes == out.shape[1]
+    info = model.info
+    assert model.get_classifier() is model.get_submodule(info.classifier)
+    first = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | AnchoredConv2d))
+    assert info.first_conv == first
+    assert len(info.input_size) == 3 and (info.mean is None) == (info.std is None)
+    model.reset_classifier(5)
+    with torch.no_grad():
+        assert model(x).shape == (2, 5) and model.num_classes == 5
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (2, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_name_for_the_classifier_and_for_the_kernels_owner(name: str) -> None:
+    """Every family: the classifier is ``model.fc``; every shared kernel sits in a ``kernels``
+    ModuleDict (the model's, or for LruNet its block's)."""
+    with torch.device("meta"):
+        model = create_model(name)
+    assert model.info.classifier == "fc" and model.get_classifier() is model.fc
+    owners = {n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, dacnn.SharedKernel)}
+    assert all(o.rpartition(".")[2] == "kernels" for o in owners), owners
+    assert all(isinstance(model.get_submodule(o), torch.nn.ModuleDict) for o in owners)
+    if "_shared" in name or model.info.shared_twin:
+        assert owners  # a shared variant does own kernels
+
+
+@pytest.mark.parametrize("name", SHARED)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_hook_on_every_use_fires(name: str, mode: str) -> None:
+    model = small_model(name).train(mode == "train")
+    x = _x(model)
+    with torch.no_grad():
+        plain = model(x) if mode == "eval" else None
+    calls: dict[str, int] = {}
+    for use_name, use in _anchored(model):
+        use.register_forward_hook(lambda m, a, o, n=use_name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    with torch.no_grad():
+        hooked = model(x)
+    assert calls == {n: 1 for n, _ in _anchored(model)}
+    if plain is not None:  # stepping aside for the hooks computes the same function
+        torch.testing.assert_close(hooked, plain, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- pretrained_cfg (timm's keys)
 @pytest.mark.parametrize("name", MODELS)
 def test_pretrained_cfg_has_timms_keys_and_the_models_real_input(name: str) -> None:
@@ -118,8 +317,6 @@ def test_pretrained_cfg_has_timms_keys_and_the_models_real_input(name: str) -> N
 
 
 def test_pretrained_cfg_statistics_follow_the_data() -> None:
-    from dacnn.data import DATASETS
-
     assert create_model("dacnn14", width=4).pretrained_cfg["mean"] == DATASETS["cifar100"].mean
     assert create_model("dacnn14", width=4, num_classes=10).pretrained_cfg["std"] == DATASETS["cifar10"].std
     lru = create_model("lrunet_1x.fashion_mnist_n10")  # the tag's config, no weights loaded
@@ -294,10 +491,6 @@ def test_grad_checkpointing_gives_the_same_step(name: str) -> None:
 
 
 def test_grad_checkpointing_is_non_reentrant(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch.utils.checkpoint as tuc
-
-    from dacnn import features
-
     seen = []
     original = tuc.checkpoint
 

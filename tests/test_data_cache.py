@@ -1,4 +1,4 @@
-"""The decode cache is keyed on file contents and location (issue 13, item 4)."""
+"""The decode cache (:mod:`dacnn.data.cache`) is keyed on file contents and location."""
 
 from __future__ import annotations
 

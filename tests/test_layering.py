@@ -1,6 +1,6 @@
-"""The package depends one way (issue 10): an AST walk over ``src/dacnn`` checks every import of a
-``dacnn`` module against the layer table below, finds cycles, and finds ``dacnn`` imports hidden inside
-functions. The checker itself is tested on planted packages so it cannot pass vacuously."""
+"""Import layering: the package depends one way. An AST walk over ``src/dacnn`` checks every import
+of a ``dacnn`` module against the layer table below, finds cycles, and finds ``dacnn`` imports hidden
+inside functions. The checker itself is tested on planted packages so it cannot pass vacuously."""
 
 from __future__ import annotations
 
