@@ -67,8 +67,8 @@ def test_weights_measured_with_test_time_augmentation_record_both_accuracies(smo
     the six views, each measured again; evaluation by name uses the recorded level unless told."""
     _, data = smoke_run
     results = tmp_path / "results"
-    assert main(["reproduce", "frontier", "--scale", "smoke", "--rows", "airbench94", "--results", str(results),
-                 "--runs-dir", str(tmp_path / "runs"), "--data-dir", data, "--quiet"]) == 0
+    assert main(["reproduce", "frontier", "--scale", "smoke", "--rows", "airbench94", "--results",
+                 str(results), "--runs-dir", str(tmp_path / "runs"), "--data-dir", data, "--quiet"]) == 0
     record = {**find_record(ResultsStore(results), "frontier", "airbench94", 0, scale="smoke"), "dirty": None}
     assert record["extra"]["tta"] == 2
     entry = publish(record, "synthetic_smoke", data_dir=data, weights_root=tmp_path / "w",
@@ -83,7 +83,8 @@ def test_weights_measured_with_test_time_augmentation_record_both_accuracies(smo
     finally:
         del registry._PRETRAINED[entry["model"]]["synthetic_smoke"]
     assert (meta["tta"], plain_meta["tta"]) == (2, 0)
-    assert abs(with_views.acc - entry["accuracy"]) <= 0.02 and abs(plain.acc - entry["accuracy_no_tta"]) <= 0.02
+    assert abs(with_views.acc - entry["accuracy"]) <= 0.02
+    assert abs(plain.acc - entry["accuracy_no_tta"]) <= 0.02
 
 
 def test_republishing_replaces_the_entry(smoke_run, tmp_path):
