@@ -112,6 +112,24 @@ def test_what_is_refused(smoke_run, tmp_path):
     assert not (tmp_path / "t.json").exists()  # nothing written by a refused publish
 
 
+def test_retire_takes_the_entry_and_its_files_away(smoke_run, tmp_path, capsys):
+    results, data = smoke_run
+    table, root = tmp_path / "table.json", tmp_path / "w"
+    entry = publish(_record(results), "old", data_dir=data, weights_root=root, table=table)
+    publish(_record(results), "new", data_dir=data, weights_root=root, table=table)
+    assert main(["publish", "--retire", f"{entry['model']}.old", "--weights-root", str(root),
+                 "--table", str(table)]) == 0
+    assert [e["tag"] for e in read_trained_table(table)] == ["new"]
+    assert not (root / entry["file"]).exists() and not (root / entry["file"]).with_suffix(".json").exists()
+    assert (root / "trained" / f"{entry['model']}.new.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["publish", "--retire", "dacnn14.nothing", "--weights-root", str(root), "--table",
+                 str(table)]) == 2
+    assert "not in the trained-weights table" in capsys.readouterr().err
+    assert main(["publish", "table1", "--weights-root", str(root), "--table", str(table)]) == 2
+    assert "EXPERIMENT ROW --tag TAG" in capsys.readouterr().err
+
+
 def test_cli_publish(smoke_run, tmp_path, capsys):
     results, data = smoke_run
     code = main(["publish", "table1", "dacnn14-bn", "--scale", "paper", "--tag", "x",

@@ -5,7 +5,8 @@
 ``weights/trained/resnet18.cifar10_cpu.safetensors`` and enters it in ``src/dacnn/trained_weights.json``
 (run from a checkout of the project; elsewhere give ``--weights-root`` and ``--table``);
 ``dacnn eval --model resnet18.cifar10_cpu --pretrained --dataset cifar10`` then reproduces the figure
-(with ``weights`` on ``$DACNN_WEIGHTS``).
+(with ``weights`` on ``$DACNN_WEIGHTS``). ``dacnn publish --retire resnet18.cifar10_cpu`` takes an
+entry out of the table and deletes its file (weights a newer published model dominates).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from dacnn.errors import ConfigError
-from dacnn.experiments.publish import find_record, publish
+from dacnn.experiments.publish import find_record, publish, retire
 from dacnn.experiments.store import ResultsStore
 from dacnn.hub import TRAINED_TABLE, eval_command
 from dacnn.validation import option_type
@@ -30,10 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Verify a recorded best checkpoint (sha256 and test accuracy with today's code), copy it "
         "under weights/trained/ and enter it in the pretrained table as <model>.<tag>.",
     )
-    p.add_argument("experiment", help="spec name, e.g. table6")
-    p.add_argument("row", help="row id, e.g. resnet18")
+    p.add_argument("experiment", nargs="?", help="spec name, e.g. table6")
+    p.add_argument("row", nargs="?", help="row id, e.g. resnet18")
+    p.add_argument("--retire", metavar="MODEL.TAG",
+                   help="instead: take this entry out of the table and delete its weights file")
     p.add_argument("--seed", type=option_type("seed"), default=0, help="seed of the row (default 0)")
-    p.add_argument("--tag", required=True, help="pretrained tag, e.g. cifar10_cpu")
+    p.add_argument("--tag", help="pretrained tag, e.g. cifar10_cpu (required to publish)")
     p.add_argument(
         "--scale", default="cpu", choices=("cpu", "paper"), help="scale of the record (default cpu)"
     )
@@ -64,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
                               "and --table FILE (where the weights and their table entry go)")
         args.weights_root = args.weights_root or Path("weights")
         args.table = args.table or TRAINED_TABLE
+    if args.retire is not None:
+        if args.experiment is not None:
+            raise ConfigError("dacnn publish: --retire takes no EXPERIMENT ROW")
+        entry = retire(args.retire, weights_root=args.weights_root, table=args.table)
+        print(f"retired {args.retire} ({entry['accuracy']:.2f} % on {entry['dataset']}): removed from "
+              f"{args.table} and {args.weights_root / entry['file']} deleted")
+        return 0
+    if args.experiment is None or args.row is None or args.tag is None:
+        raise ConfigError("dacnn publish: give EXPERIMENT ROW --tag TAG (or --retire MODEL.TAG)")
     record = find_record(ResultsStore(args.results), args.experiment, args.row, args.seed, args.scale)
     entry = publish(
         record,

@@ -25,7 +25,7 @@ from dacnn.fileio import atomic_write_text, sha256_file
 from dacnn.hub import TRAINED_TABLE, read_trained_table, trained_entry
 from dacnn.loading import load_source
 
-__all__ = ["find_record", "publish"]
+__all__ = ["find_record", "publish", "retire"]
 
 TAG = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 ACCURACY_TOLERANCE = 0.02  # percentage points: two test images of 10,000 (BN folding may flip a tie)
@@ -137,3 +137,19 @@ def publish(
     entries.sort(key=lambda e: (e["model"], e["tag"]))
     atomic_write_text(table, json.dumps(entries, indent=1, sort_keys=True) + "\n")
     return entry
+
+
+def retire(name: str, *, weights_root: str | Path, table: str | Path = TRAINED_TABLE) -> dict[str, Any]:
+    """Take ``<model>.<tag>`` out of the trained-weights table and delete its file and sidecar under
+    ``weights_root`` (weights another published model dominates); returns the entry removed."""
+    entries = read_trained_table(table)
+    found = [e for e in entries if f"{e['model']}.{e['tag']}" == name]
+    if not found:
+        names = ", ".join(f"{e['model']}.{e['tag']}" for e in entries) or "none"
+        raise ConfigError(f"--retire {name}: not in the trained-weights table {table} (it has: {names})")
+    kept = [e for e in entries if e not in found]
+    atomic_write_text(table, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    weights = Path(weights_root) / found[0]["file"]
+    for path in (weights, weights.with_suffix(".json")):
+        path.unlink(missing_ok=True)
+    return found[0]
