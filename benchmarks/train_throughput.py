@@ -14,7 +14,7 @@ img/s beside the pure step (the gap is data, logging, checks; ``benchmarks/end_t
 the whole-process split).
 
 Training FLOPs = 3 x forward FLOPs (``dacnn.count_flops``, FlopCounterMode over the forward only:
-it over-counts grouped-convolution backward passes, ``../shared/reference/PERFORMANCE.md``).
+it over-counts grouped-convolution backward passes, ``docs/reference/PERFORMANCE.md``).
 Reference (PERFORMANCE.md, hand-written DACNN-14 width 128 step): 0.44 eager, 0.54 channels_last,
 0.63 channels_last + torch.compile; goal 0.75.
 

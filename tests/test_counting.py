@@ -216,7 +216,7 @@ def test_count_params_sees_parameter_aliasing_and_shared_parents() -> None:
 def test_flops_count_the_defined_network_not_an_inference_rewrite() -> None:
     """LruNet's eval path folds BN and merges convs (more FLOPs, fewer ops); count_flops must count
     the network the paper defines (14-LruNet-1x: 71.0 MFLOP per 32x32 image,
-    ../shared/reference/PERFORMANCE.md) in either mode, and leave the model's state alone."""
+    docs/reference/PERFORMANCE.md) in either mode, and leave the model's state alone."""
     model = create_model("lrunet_1x", layer_reuse=14).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert count_flops(model) == 70_995_968

@@ -5,8 +5,8 @@ Defaults are what measured faster (docs/performance.md), per device and model fa
 * **CUDA**: bf16 autocast, channels_last and ``torch.compile`` for every family (the tensor cores
   want bf16 and NHWC; compilation pays back over a paper-scale run). ``--amp fp16`` trains through
   a ``GradScaler`` instead.
-* **CPU**: fp32 (``--amp bf16`` is emulated on a CPU without bf16 hardware, ~11x slower; see
-  :func:`dacnn.runtime.warn_slow_amp`), no compilation (``--compile`` adds at most ~10 % on this
+* **CPU**: fp32 (``--amp bf16`` is emulated on a CPU without bf16 hardware, about 10x slower; see
+  :func:`dacnn.runtime.warn_slow_amp` for the measurement), no compilation (``--compile`` adds at most ~10 % on this
   kind of CPU after a 20-76 s warm-up: worth it only for runs of many epochs), and channels_last
   per family as ``benchmarks/memory_format.py`` measured it (:data:`CPU_CHANNELS_LAST`).
 
