@@ -8,8 +8,7 @@ Defaults are what measured faster (docs/performance.md), per device and model fa
 * **CPU**: fp32 (``--amp bf16`` is emulated on a CPU without bf16 hardware, about 10x slower; see
   :func:`dacnn.runtime.warn_slow_amp` for the measurement), no compilation (``--compile`` adds at
   most ~10 % on this kind of CPU after a 20-76 s warm-up: worth it only for runs of many epochs), and
-  channels_last
-  per family as ``benchmarks/memory_format.py`` measured it (:data:`CPU_CHANNELS_LAST`).
+  channels_last per family as ``benchmarks/memory_format.py`` measured it (:data:`CPU_CHANNELS_LAST`).
 
 Set any of them explicitly to override; the resolved values are printed at the start of a run.
 """
