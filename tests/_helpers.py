@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import shutil
@@ -88,6 +89,21 @@ def small_input(model, batch: int = 2, seed: int = 1):
     side = SMALL[model.info.family][1]
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, chans, side or height, side or width, generator=gen)
+
+
+def first_kernel_copied(original: torch.nn.Module, report) -> torch.nn.Module:
+    """A copy of ``original`` with each ``share_kernels`` group's first conv weight (and bias) copied
+    into its other members, in eval mode: the function the tied model must compute."""
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for group in report.groups:
+            first = twin.get_submodule(group.uses[0])
+            for name in group.uses[1:]:
+                member = twin.get_submodule(name)
+                member.weight.copy_(first.weight)
+                if first.bias is not None:
+                    member.bias.copy_(first.bias)
+    return twin.eval()
 
 
 def shared_model_names() -> list[str]:

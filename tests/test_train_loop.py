@@ -145,6 +145,38 @@ def test_recipes_run_scaled_down(recipe, fashion_mnist_root, tmp_path):
     assert result.history[0]["step"] == 4 and math.isfinite(result.history[0]["train_loss"])
 
 
+def _stopped_and_resumed(base: dict, monkeypatch, stop) -> tuple:
+    """``(whole, resumed, bitwise)``: a run of ``base`` uninterrupted, the same run stopped where
+    ``stop(epoch, step, epoch_done)`` says (a KeyboardInterrupt after that checkpoint) and resumed, and
+    whether their last checkpoints hold bitwise the same weights."""
+    from safetensors.torch import load_file
+
+    from dacnn import checkpoint as ckpt
+    from dacnn.train import loop as loop_module
+
+    whole = train(resolve_config({**base, "run_name": "whole"}), verbose=False)
+    original = loop_module._Run.save
+
+    def save_then_stop(self, epoch, batches_done, step, *args, **kwargs):
+        original(self, epoch, batches_done, step, *args, **kwargs)
+        if stop(epoch, step, bool(kwargs.get("epoch_done"))):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module._Run, "save", save_then_stop)
+    cfg = resolve_config({**base, "run_name": "split"})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, verbose=False)
+    monkeypatch.setattr(loop_module._Run, "save", original)
+    resumed = train(cfg, resume=Path(base["out_dir"]) / "split", verbose=False)
+
+    def weights(run: str) -> dict[str, torch.Tensor]:
+        folder = Path(base["out_dir"]) / run / "checkpoints"
+        return load_file(folder / ckpt.read_pointer(folder, "last")["weights"])
+
+    a, b = weights("whole"), weights("split")
+    return whole, resumed, a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), a
+
+
 CONVMIXER = {"recipe": "ks-convmixer", "dataset": "fashion_mnist", "model": "dacnn", "depth": 4, "width": 8,
              "train_subset": 256, "val_size": 64, "batch_size": 32, "epochs": 2, "eval_test": False,
              "threads": 1, "deterministic": True, "ckpt_every_steps": 1}
@@ -155,35 +187,12 @@ def test_convmixer_recipe_augmentation_trains_and_resumes_bitwise(fashion_mnist_
     model: a run stopped mid-epoch (epoch 2, batch 3) and resumed ends with bitwise the weights and the
     logged losses of the uninterrupted run (the draws are functions of seed, epoch and batch)."""
     pytest.importorskip("kornia")
-    from safetensors.torch import load_file
-
-    from dacnn import checkpoint as ckpt
-    from dacnn.train import loop as loop_module
-
     base = {**CONVMIXER, "data_dir": fashion_mnist_root, "out_dir": str(tmp_path)}
-    whole = train(resolve_config({**base, "run_name": "whole"}), verbose=False)
+    whole, resumed, bitwise, _ = _stopped_and_resumed(base, monkeypatch,
+                                                      lambda epoch, step, done: step == 8 + 3)
     assert all(math.isfinite(r["train_loss"]) for r in whole.history)
-    original = loop_module._Run.save
-
-    def stop_mid_epoch_2(self, epoch, batches_done, step, *args, **kwargs):
-        original(self, epoch, batches_done, step, *args, **kwargs)
-        if step == 8 + 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module._Run, "save", stop_mid_epoch_2)
-    cfg = resolve_config({**base, "run_name": "split"})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, verbose=False)
-    monkeypatch.setattr(loop_module._Run, "save", original)
-    resumed = train(cfg, resume=tmp_path / "split", verbose=False)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
-
-    def weights(run: str) -> dict[str, torch.Tensor]:
-        pointer = ckpt.read_pointer(tmp_path / run / "checkpoints", "last")
-        return load_file(tmp_path / run / "checkpoints" / pointer["weights"])
-
-    a, b = weights("whole"), weights("split")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert bitwise
     changed = resolve_config({**base, "run_name": "seed", "seed": 1, "epochs": 1})
     assert train(changed, verbose=False).history[0]["train_loss"] != whole.history[0]["train_loss"]
 
@@ -197,37 +206,12 @@ def test_fast_recipe_trains_and_resumes_bitwise(fashion_mnist_root, tmp_path, mo
     """The fast recipe's pieces together (whitening, lookahead from epoch 0 of 3, translate, alternating
     flip, 64x shift lr, decoupled decay, TTA); a run stopped after epoch 2 and resumed ends with bitwise
     the weights of the uninterrupted run (the lookahead average is rebuilt from the epoch's weights)."""
-    from dacnn.train import loop as loop_module
-
     base = {**FAST, "data_dir": fashion_mnist_root, "out_dir": str(tmp_path)}
-    whole = train(resolve_config({**base, "run_name": "whole"}), verbose=False)
+    whole, resumed, bitwise, a = _stopped_and_resumed(base, monkeypatch,
+                                                      lambda epoch, step, done: epoch == 1 and done)
     assert whole.tta == 2 and whole.test_acc is not None and whole.test_acc_no_tta is not None
     assert whole.cpu_time and whole.cpu_time > 0
-
-    original = loop_module._Run.save
-
-    def stop_after_epoch_2(self, epoch, *args, **kwargs):
-        original(self, epoch, *args, **kwargs)
-        if epoch == 1 and kwargs.get("epoch_done"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module._Run, "save", stop_after_epoch_2)
-    cfg = resolve_config({**base, "run_name": "split"})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, verbose=False)
-    monkeypatch.setattr(loop_module._Run, "save", original)
-    resumed = train(cfg, resume=tmp_path / "split", verbose=False)
-    assert resumed.test_acc == whole.test_acc
-
-    def weights(run: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        from dacnn import checkpoint as ckpt
-        pointer = ckpt.read_pointer(tmp_path / run / "checkpoints", "last")
-        return load_file(tmp_path / run / "checkpoints" / pointer["weights"])
-
-    a, b = weights("whole"), weights("split")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.test_acc == whole.test_acc and bitwise
     assert not torch.equal(a["whiten.weight"], torch.zeros_like(a["whiten.weight"]))
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import first_kernel_copied
 from dacnn import count_params, create_model, share_kernels, untie
 from dacnn.errors import ConfigError
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
@@ -100,19 +101,6 @@ def _assert_report_adds_up(model: nn.Module, report: object) -> None:
     assert count.per_use == report.params_before
 
 
-def _first_kernel_copied(original: nn.Module, report: object) -> nn.Module:
-    """The original with each group's first conv weight copied into its members: what sharing computes."""
-    twin = copy.deepcopy(original)
-    with torch.no_grad():
-        for g in report.groups:
-            first = twin.get_submodule(g.uses[0])
-            for name in g.uses[1:]:
-                twin.get_submodule(name).weight.copy_(first.weight)
-                if first.bias is not None:
-                    twin.get_submodule(name).bias.copy_(first.bias)
-    return twin.eval()
-
-
 def _free_output_equal_after_untie(model: nn.Module, x: torch.Tensor) -> None:
     """share -> copy each use's original weights back is not possible, but untie must be exact."""
     model.eval()
@@ -134,7 +122,7 @@ def test_resnet50_sharesnet_imagenet_rule() -> None:
     _assert_report_adds_up(model, report)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), _first_kernel_copied(original, report)(x),
+        torch.testing.assert_close(model.eval()(x), first_kernel_copied(original, report)(x),
                                    rtol=1e-5, atol=1e-6)
     model.train()
     assert [len(g.uses) for g in report.groups] == [3, 3, 5, 2]
@@ -186,7 +174,7 @@ def test_user_sequential_shared_and_untied() -> None:
     _assert_report_adds_up(model, report)
     with torch.no_grad():
         x = torch.randn(2, 3, 16, 16)
-        torch.testing.assert_close(model.eval()(x), _first_kernel_copied(reference, report)(x),
+        torch.testing.assert_close(model.eval()(x), first_kernel_copied(reference, report)(x),
                                    rtol=1e-5, atol=1e-6)
     # initialised from the group's first conv: the first use of each group computes what it did
     torch.testing.assert_close(model[3].kernel.weight, reference[3].weight)

@@ -25,8 +25,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from _helpers import first_kernel_copied
 from dacnn import AnchoredConv2d, count_params, share_kernels, untie
-from dacnn.tying import ShareReport
 
 
 # ---- the traps ------------------------------------------------------------------------------------
@@ -243,20 +243,6 @@ CASES: list[tuple[str, Callable[[], nn.Module], dict, dict[str, str], list[list[
 
 
 # ---- the checks -----------------------------------------------------------------------------------
-def _expected(original: nn.Module, report: ShareReport) -> nn.Module:
-    """The original with each group's first kernel copied into its other members."""
-    twin = copy.deepcopy(original)
-    with torch.no_grad():
-        for group in report.groups:
-            first = twin.get_submodule(group.uses[0])
-            for name in group.uses[1:]:
-                member = twin.get_submodule(name)
-                member.weight.copy_(first.weight)
-                if first.bias is not None:
-                    member.bias.copy_(first.bias)
-    return twin
-
-
 def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(x)
@@ -296,7 +282,7 @@ def _check(build: Callable[[], nn.Module], kwargs: dict, free: dict[str, str], t
                                    for k in ("weight", "bias") if f"{g.kernel}.{k}" in after)
 
     # the function: eval mode, against the original with each group's first kernel copied in
-    expected = _expected(original, report)
+    expected = first_kernel_copied(original, report)
     torch.testing.assert_close(_out(shared, x), _out(expected, x), rtol=1e-5, atol=1e-6)
 
     # gradients reach every parameter; a kernel's is the sum of its members' in the twin
