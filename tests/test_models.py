@@ -191,7 +191,12 @@ def test_forward_batch1_and_eval_deterministic(name: str, size: str) -> None:
         alone = model(x2[:1])
     _check_logits(first, 2, model.info.num_classes)
     assert torch.equal(first, second)
-    torch.testing.assert_close(alone, first[:1], rtol=1e-4, atol=1e-5)  # eval: no batch coupling
+    # eval: no batch coupling. Batch 1 and 2 may take other conv algorithms (oneDNN's choice depends on
+    # the instruction set), so the two agree to rounding: a few eps per layer applied, relative to the
+    # largest logit
+    layers = sum(isinstance(m, torch.nn.Conv2d | torch.nn.Linear | AnchoredConv2d) for m in model.modules())
+    tol = 16 * torch.finfo(first.dtype).eps * layers * first.abs().max().item()
+    torch.testing.assert_close(alone, first[:1], rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("name", MODELS)
