@@ -1,5 +1,5 @@
 """dacnn's models in timm's registry: ``dacnn.timm_bridge.register()``, then ``timm.create_model`` and
-timm's ``train.py`` build and train them.
+timm's ``train.py`` build and train them (``scripts/timm-train`` registers, then runs train.py).
 
 Every registered dacnn model ``<name>`` becomes timm model ``dacnn_<name>`` (:data:`PREFIX`): dacnn's
 ``resnet18`` is a CIFAR net, timm's an ImageNet one, so no timm name is shadowed; each pretrained tag
@@ -48,7 +48,10 @@ def timm_name(name: str) -> str:
 
 def _entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None,
-                   cache_dir: Any = None, **kwargs: Any) -> nn.Module:
+                   cache_dir: Any = None, pretrained_model_args: Any = None, **kwargs: Any) -> nn.Module:
+        # ``pretrained_model_args``: a Hub config's saved ``model_args``, which newer timm (1.0.31; not
+        # 1.0.28) passes beside the same arguments merged into ``kwargs``; timm's builder keeps it on the
+        # model as a record, never a constructor argument, and so does this one
         cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else pretrained_cfg
         tag = cfg if isinstance(cfg, str) else (cfg or {}).get("tag")
         hub_id = (cfg or {}).get("hf_hub_id") if isinstance(cfg, dict) else None
@@ -59,6 +62,7 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
         model.pretrained_cfg = {**model.pretrained_cfg, **(pretrained_cfg_overlay or {}),
                                 "architecture": timm_name(name)}
         model.default_cfg = model.pretrained_cfg
+        model.pretrained_model_args = dict(pretrained_model_args or {})
         return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = timm_name(name)
