@@ -341,8 +341,8 @@ def timing_json(timing: RowTiming) -> str:
 
 
 # ---------------------------------------------------------------------------------------- assumptions
-# What the README's estimate assumes of an H200 before any has run this code (issue 19): a training
-# step at 4 % of the ~790 TFLOP/s bf16 rate KINDS.md measured (small CIFAR convolutions at batch 128
+# What the README's estimate assumes of an H200 before any has run this code: a training
+# step at 4 % of the ~790 TFLOP/s bf16 rate of an H200 (small CIFAR convolutions at batch 128
 # are launch- and memory-bound), inference at 8 %, 60 s of compilation for the train and eval graphs
 # of each row, 30 s of process start-up.
 ASSUMED_H200 = {"train_flops_per_s": 0.04 * 790e12, "eval_flops_per_s": 0.08 * 790e12, "compile_s": 60.0,
