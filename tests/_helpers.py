@@ -15,7 +15,7 @@ import torch
 
 from dacnn import AnchoredConv2d, create_model, list_models, model_info
 from dacnn import checkpoint as ckpt
-from dacnn.data.synthetic import idx_bytes
+from dacnn.data.synthetic import idx_bytes, write_fashion_mnist
 from dacnn.train import loop as loop_module
 from dacnn.train.config import dump_yaml, resolve_config
 
@@ -89,6 +89,13 @@ def small_input(model, batch: int = 2, seed: int = 1):
     side = SMALL[model.info.family][1]
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, chans, side or height, side or width, generator=gen)
+
+
+def synthetic_fashion_mnist(root: Path, n_train: int, n_test: int = 20) -> Path:
+    """``root`` holding the project's synthetic Fashion-MNIST (train seed 1, test seed 2)."""
+    write_fashion_mnist(root / "fashion_mnist", "train", n=n_train, seed=1)
+    write_fashion_mnist(root / "fashion_mnist", "test", n=n_test, seed=2)
+    return root
 
 
 def first_kernel_copied(original: torch.nn.Module, report) -> torch.nn.Module:

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import read_only_command
+from _helpers import read_only_command, synthetic_fashion_mnist
 from dacnn import checkpoint as ckpt
 from dacnn.cli import main
-from dacnn.data.synthetic import write_fashion_mnist
 from dacnn.train import loop
 from dacnn.train.rundir import RunLock, create_run_dir
 
@@ -29,10 +28,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root / "fashion_mnist", "train", n=64, seed=1)
-    write_fashion_mnist(root / "fashion_mnist", "test", n=20, seed=2)
-    return root
+    return synthetic_fashion_mnist(tmp_path_factory.mktemp("data"), 64)
 
 
 def _train_args(data: Path, out: Path, name: str = "run", epochs: int = 2) -> list[str]:

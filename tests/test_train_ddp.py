@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from _helpers import synthetic_fashion_mnist
 from dacnn import create_model
-from dacnn.data.synthetic import write_fashion_mnist
 from dacnn.train.distributed import DistContext, cleanup, has_unused_parameters, shard_batch, wrap_ddp
 from dacnn.train.engine import StepRunner
 
@@ -127,10 +127,7 @@ def _args(out: Path, name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root / "fashion_mnist", "train", n=160, seed=1)
-    write_fashion_mnist(root / "fashion_mnist", "test", n=20, seed=2)
-    return root
+    return synthetic_fashion_mnist(tmp_path_factory.mktemp("data"), 160)
 
 
 def _record(run: Path) -> dict:
