@@ -156,6 +156,21 @@ def base_record(p: PlannedRow, opts: RunOptions) -> dict[str, Any]:
     }
 
 
+def _run_fields(p: PlannedRow, cfg: TrainConfig) -> dict[str, Any]:
+    """The record fields a row's run fixes before it trains: model, data, device and figures."""
+    figures = model_figures(cfg)
+    n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
+    return {
+        "model": cfg.model, "model_kwargs": figures["model_kwargs"], "dataset": cfg.dataset,
+        "dataset_checksum": _checksum(cfg.dataset, cfg.data_dir), "train_images": n_train,
+        "val_images": n_val, "test_images": n_test,
+        "device": device_description(str(resolve_device(cfg.device))),
+        "torch_version": _torch_version(), "epochs": cfg.epochs,
+        "per_use_params": figures["per_use_params"], "flops": figures["flops"],
+        "config": {k: v for k, v in p.train.items() if k not in MACHINE_KEYS},
+    }
+
+
 def _partial_writer(p: PlannedRow, cfg: TrainConfig, opts: RunOptions, store: ResultsStore) -> Any:
     """``on_epoch`` of a run with ``opts.partial_records``: after every epoch its record so far (curve,
     best validation epoch, no test accuracy, ``extra.partial``) replaces its line in the store's
@@ -164,20 +179,10 @@ def _partial_writer(p: PlannedRow, cfg: TrainConfig, opts: RunOptions, store: Re
 
     def write(history: list[dict[str, Any]]) -> None:
         if not fixed:
-            figures = model_figures(cfg)
             info = dataset_info(cfg.dataset)
             model = build_model(cfg.model, model_kwargs(cfg, info.num_classes, info.image_size[2]))
-            n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
-            fixed.update({
-                "model": cfg.model, "model_kwargs": figures["model_kwargs"], "dataset": cfg.dataset,
-                "dataset_checksum": _checksum(cfg.dataset, cfg.data_dir), "train_images": n_train,
-                "val_images": n_val, "test_images": n_test,
-                "device": device_description(str(resolve_device(cfg.device))),
-                "torch_version": _torch_version(), "epochs": cfg.epochs, "test_acc": None, "test_error": None,
-                "unique_params": count_params(model).unique, "per_use_params": figures["per_use_params"],
-                "flops": figures["flops"], "run_dir": str(p.run_dir),
-                "config": {k: v for k, v in p.train.items() if k not in MACHINE_KEYS},
-            })
+            fixed.update(_run_fields(p, cfg), test_acc=None, test_error=None,
+                         unique_params=count_params(model).unique, run_dir=str(p.run_dir))
         scored = [h for h in history if h.get("val_acc") is not None]
         best = max(scored, key=lambda h: h["val_acc"]) if scored else None
         record = base_record(p, opts)
@@ -216,21 +221,14 @@ def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> di
     if p.resolved.test_subset or (diverged and result.get("best_epoch") is not None):
         n = p.resolved.test_subset or 10**9
         test_acc, test_acc_no_tta = _test_subset_accuracy(Path(result["run_dir"]), cfg.data_dir, n)
-    figures = model_figures(cfg)
-    n_train, n_val, n_test = _split_sizes(cfg, p.resolved.test_subset)
+    fields = _run_fields(p, cfg)
     record = base_record(p, opts)
     record.update({
-        "model": cfg.model, "model_kwargs": figures["model_kwargs"], "dataset": cfg.dataset,
-        "dataset_checksum": _checksum(cfg.dataset, cfg.data_dir), "train_images": n_train,
-        "val_images": n_val, "test_images": n_test,
-        "device": device_description(str(resolve_device(cfg.device))),
-        "torch_version": _torch_version(), "epochs": cfg.epochs, "best_epoch": result.get("best_epoch"),
+        **fields, "best_epoch": result.get("best_epoch"),
         "best_val_acc": result.get("best_val_acc"), "test_acc": test_acc,
         "test_error": None if test_acc is None else 100.0 - test_acc,
-        "unique_params": result["unique_params"], "per_use_params": figures["per_use_params"],
-        "flops": figures["flops"], "wall_time": result.get("wall_time"), "run_dir": result["run_dir"],
-        "curve": _curve(result.get("history") or []),
-        "config": {k: v for k, v in p.train.items() if k not in MACHINE_KEYS},
+        "unique_params": result["unique_params"], "wall_time": result.get("wall_time"),
+        "run_dir": result["run_dir"], "curve": _curve(result.get("history") or []),
     })
     if diverged:
         record["extra"]["diverged"] = diverged
@@ -242,7 +240,7 @@ def run_training_row(p: PlannedRow, opts: RunOptions, store: ResultsStore) -> di
     if result.get("tta"):
         record["extra"].update(tta=result["tta"], test_acc_no_tta=test_acc_no_tta)
     if p.row.kind == "filters":
-        record["extra"].update(_run_filters(p, figures, opts, store))
+        record["extra"].update(_run_filters(p, model_figures(cfg), opts, store))
     record["extra"]["reproduce_seconds"] = time.perf_counter() - start
     return record
 

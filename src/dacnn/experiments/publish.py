@@ -75,7 +75,8 @@ def publish(
         )
     model, meta = load_source(source)
     tta = int(meta.get("tta") or 0)
-    acc = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")), tta)
+    loader = test_loader(meta, data_dir=data_dir, limit=record.get("test_images"))
+    acc = test_accuracy(model, loader, tta)
     if abs(acc - float(record["test_acc"])) > ACCURACY_TOLERANCE:
         raise CheckpointError(
             f"{source}: today's code measures {acc:.2f} % on the test split, the record "
@@ -83,7 +84,7 @@ def publish(
         )
     plain = None  # the accuracy without test-time augmentation, where the run used it (6x cheaper to check)
     if tta and extra.get("test_acc_no_tta") is not None:
-        plain = test_accuracy(model, test_loader(meta, data_dir=data_dir, limit=record.get("test_images")), 0)
+        plain = test_accuracy(model, loader, 0)
         if abs(plain - float(extra["test_acc_no_tta"])) > ACCURACY_TOLERANCE:
             raise CheckpointError(
                 f"{source}: today's code measures {plain:.2f} % without test-time augmentation, the "
@@ -129,7 +130,7 @@ def publish(
         normalize=meta.get("normalize", True), pad_to=meta.get("pad_to"),
         input_size=list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))), trained_by=trained_by,
         unique_params=record.get("unique_params"), tta=tta,
-        train_cpu_seconds=(record.get("extra") or {}).get("cpu_time"), notes=notes,
+        train_cpu_seconds=extra.get("cpu_time"), notes=notes,
         **({"accuracy_no_tta": round(float(extra["test_acc_no_tta"]), 2)} if plain is not None else {}),
     )
     entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]
