@@ -62,14 +62,23 @@ def test_published_weights_load_by_name_and_give_the_records_accuracy(smoke_run,
     assert meta["published_accuracy"] == entry["accuracy"]
 
 
-def test_weights_measured_with_test_time_augmentation_record_both_accuracies(smoke_run, tmp_path):
+@pytest.fixture(scope="module")
+def frontier_runs(smoke_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke frontier's airbench94 row and its magnitude-pruned, fine-tuned row: the results dir."""
+    _, data = smoke_run
+    root = tmp_path_factory.mktemp("frontier")
+    assert main(["reproduce", "frontier", "--scale", "smoke", "--rows", "airbench94-pruned", "--results",
+                 str(root / "results"), "--runs-dir", str(root / "runs"), "--data-dir", data, "--quiet"]) == 0
+    return root / "results"
+
+
+def test_weights_measured_with_test_time_augmentation_record_both_accuracies(smoke_run, frontier_runs,
+                                                                               tmp_path):
     """A fast-recipe run (test-time augmentation level 2) publishes its accuracy with and without
     the six views, each measured again; evaluation by name uses the recorded level unless told."""
     _, data = smoke_run
-    results = tmp_path / "results"
-    assert main(["reproduce", "frontier", "--scale", "smoke", "--rows", "airbench94", "--results",
-                 str(results), "--runs-dir", str(tmp_path / "runs"), "--data-dir", data, "--quiet"]) == 0
-    record = {**find_record(ResultsStore(results), "frontier", "airbench94", 0, scale="smoke"), "dirty": None}
+    record = {**find_record(ResultsStore(frontier_runs), "frontier", "airbench94", 0, scale="smoke"),
+              "dirty": None}
     assert record["extra"]["tta"] == 2
     entry = publish(record, "synthetic_smoke", data_dir=data, weights_root=tmp_path / "w",
                     table=tmp_path / "table.json")
@@ -85,6 +94,34 @@ def test_weights_measured_with_test_time_augmentation_record_both_accuracies(smo
     assert (meta["tta"], plain_meta["tta"]) == (2, 0)
     assert abs(with_views.acc - entry["accuracy"]) <= 0.02
     assert abs(plain.acc - entry["accuracy_no_tta"]) <= 0.02
+
+
+def test_a_pruned_row_publishes_its_fine_tuned_weights(smoke_run, frontier_runs, tmp_path):
+    """A pruning row records no weights digest: its fine-tuned checkpoint is found in its run directory,
+    measured again with the source's test-time augmentation and without (which the row did not record),
+    and its entry counts the nonzero parameters."""
+    _, data = smoke_run
+    record = {**find_record(ResultsStore(frontier_runs), "frontier", "airbench94-pruned", 0, scale="smoke"),
+              "dirty": None}
+    assert record["kind"] == "prune" and "best_weights" not in record["extra"]
+    entry = publish(record, "synthetic_pruned", data_dir=data, weights_root=tmp_path / "w",
+                    table=tmp_path / "table.json")
+    assert entry["model"] == "airbench94" and entry["tta"] == 2
+    assert entry["unique_params"] == record["extra"]["nonzero_params"] == record["unique_params"]
+    registry.register_pretrained(entry["model"], trained_cfg(entry))
+    try:
+        plain, _ = evaluate_checkpoint("airbench94.synthetic_pruned", data_dir=data,
+                                       weights_dir=tmp_path / "w", tta=0)
+        model = registry.create_model("airbench94.synthetic_pruned", pretrained=True,
+                                      weights_dir=tmp_path / "w")
+    finally:
+        del registry._PRETRAINED[entry["model"]]["synthetic_pruned"]
+    assert abs(plain.acc - entry["accuracy_no_tta"]) <= 0.02
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    assert nonzero == entry["unique_params"]  # the zeros came with the weights
+    with pytest.raises(CheckpointError, match="no fine-tuned checkpoint"):
+        publish({**record, "run_dir": str(tmp_path / "gone")}, "t", data_dir=data, weights_root=tmp_path,
+                table=tmp_path / "t.json")
 
 
 def test_republishing_replaces_the_entry(smoke_run, tmp_path):

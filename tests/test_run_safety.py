@@ -21,7 +21,7 @@ from _helpers import read_only_command, synthetic_fashion_mnist
 from dacnn import checkpoint as ckpt
 from dacnn.cli import main
 from dacnn.train import loop
-from dacnn.train.rundir import RunLock, create_run_dir
+from dacnn.train.rundir import RunLock, best_weights, create_run_dir
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -138,6 +138,12 @@ def test_a_read_only_out_dir_is_reported_before_the_data_is_loaded(tmp_path):
 def test_the_two_newest_checkpoints_are_kept(finished):
     assert ckpt.list_versions(finished / "checkpoints")[:2] == ["e0002-s00000006", "e0001-s00000004"]
     assert len(ckpt.list_versions(finished / "checkpoints")) <= 3  # + the best, when older
+
+
+def test_best_weights_names_the_best_checkpoints_eval_file(finished, tmp_path):
+    pointer = ckpt.read_pointer(finished / "checkpoints", "best")
+    assert best_weights(finished) == finished / "checkpoints" / pointer["eval_weights"]
+    assert best_weights(finished).is_file() and best_weights(tmp_path) is None
 
 
 def _flip_a_byte(path: Path) -> None:

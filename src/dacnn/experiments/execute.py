@@ -16,7 +16,6 @@ from typing import Any
 
 from dacnn.analysis.activation_max import activation_maximisation, save_filters
 from dacnn.analysis.evaluate import test_accuracy, test_loader
-from dacnn.checkpoint import read_pointer
 from dacnn.counting import count_flops, count_params
 from dacnn.data import load_dataset
 from dacnn.errors import ConfigError
@@ -36,7 +35,7 @@ from dacnn.prune import prune_run
 from dacnn.train import TrainingDiverged, train
 from dacnn.train.builders import build_model, dataset_info, model_input_hw, model_kwargs, resolve_device
 from dacnn.train.config import TrainConfig, config_from_dict
-from dacnn.train.rundir import RunLock, has_checkpoint, is_finished, read_history, read_result
+from dacnn.train.rundir import RunLock, best_weights, has_checkpoint, is_finished, read_history, read_result
 
 __all__ = ["run_training_row", "run_prune_row", "base_record", "model_figures"]
 
@@ -291,9 +290,9 @@ def run_prune_row(p: PlannedRow, source: dict[str, Any], opts: RunOptions) -> di
 
 def _best_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The weights file of the best checkpoint, its size and sha256 (what a pretrained entry names)."""
-    if not (run_dir / "checkpoints" / "best.json").is_file():
+    path = best_weights(run_dir)
+    if path is None:
         return {}
-    path = run_dir / "checkpoints" / read_pointer(run_dir / "checkpoints", "best")["eval_weights"]
     return {"best_weights": str(path), "best_weights_bytes": path.stat().st_size,
             "best_weights_sha256": sha256_file(path)}
 

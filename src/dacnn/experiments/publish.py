@@ -1,12 +1,13 @@
 """``dacnn publish``: a converged reproduction's best weights join the pretrained table.
 
-The best checkpoint a ``dacnn reproduce`` row recorded (``extra.best_weights`` with its sha256) is
-checked against the record, re-evaluated on the test split with today's code (it must give the
-record's test accuracy), written under ``<weights_root>/trained/<model>.<tag>.safetensors`` with a
-sidecar, and entered in the trained-weights table (``table``; the package's
-:data:`dacnn.hub.TRAINED_TABLE` in a checkout) with its size, sha256, accuracy and the run that made it.
-``create_model("<model>.<tag>", pretrained=True)`` and ``dacnn eval --model <model>.<tag> --pretrained``
-then find it like any released weights, with ``weights_root`` on the weights search path.
+The best checkpoint a ``dacnn reproduce`` row recorded (``extra.best_weights`` with its sha256; a
+pruned row's fine-tuned checkpoint in its run directory) is checked against the record, re-evaluated
+on the test split with today's code (it must give the record's test accuracy), written under
+``<weights_root>/trained/<model>.<tag>.safetensors`` with a sidecar, and entered in the trained-weights
+table (``table``; the package's :data:`dacnn.hub.TRAINED_TABLE` in a checkout) with its size, sha256,
+accuracy and the run that made it. ``create_model("<model>.<tag>", pretrained=True)`` and
+``dacnn eval --model <model>.<tag> --pretrained`` then find it like any released weights, with
+``weights_root`` on the weights search path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dacnn.experiments.store import ResultsStore
 from dacnn.fileio import atomic_write_text, sha256_file
 from dacnn.hub import TRAINED_TABLE, read_trained_table, trained_entry
 from dacnn.loading import load_source
+from dacnn.train.rundir import best_weights
 
 __all__ = ["find_record", "publish", "retire"]
 
@@ -34,8 +36,10 @@ ACCURACY_TOLERANCE = 0.02  # percentage points: two test images of 10,000 (BN fo
 def find_record(
     store: ResultsStore, experiment: str, row: str, seed: int, scale: str = "cpu"
 ) -> dict[str, Any]:
-    """The latest record of ``experiment``/``row``/``seed`` at ``scale``; a clear error if there is none."""
-    found = [r for r in store.records(experiment, scale) if r.get("row") == row and r.get("seed") == seed]
+    """The latest record of ``experiment``/``row``/``seed`` at ``scale``; a clear error if there is none.
+    A row without seeds (pruning runs once, from its source's first seed) is found as seed 0."""
+    found = [r for r in store.records(experiment, scale)
+             if r.get("row") == row and (0 if r.get("seed") is None else r.get("seed")) == seed]
     if not found:
         rows = sorted({f"{r.get('row')}#{r.get('seed')}" for r in store.records(experiment, scale)})
         raise ConfigError(
@@ -43,6 +47,29 @@ def find_record(
             f"recorded: {', '.join(rows) or 'none'}"
         )
     return found[-1]
+
+
+def _weights_file(record: dict[str, Any]) -> Path:
+    """The weights a record names: a trained row's best checkpoint, checked against the sha256 it
+    recorded; a pruned row's fine-tuned checkpoint in its run directory (recorded without a digest:
+    the accuracy measured again is the check)."""
+    extra = record.get("extra") or {}
+    where = f"{record['experiment']}/{record['row']}"
+    if record.get("kind") == "prune":
+        found = best_weights(record.get("run_dir") or "")
+        if found is None or not found.is_file():
+            raise CheckpointError(f"{where}: no fine-tuned checkpoint in {record.get('run_dir')} "
+                                  "(the run directory is not on this machine)")
+        return found
+    source = Path(str(extra.get("best_weights", "")))
+    if not source.is_file():
+        raise CheckpointError(f"{where}: best weights {source} not found "
+                              "(the run directory is not on this machine)")
+    digest = sha256_file(source)
+    if digest != extra.get("best_weights_sha256"):
+        raise CheckpointError(f"{source}: sha256 {digest} is not the record's "
+                              f"{extra.get('best_weights_sha256')}")
+    return source
 
 
 def publish(
@@ -62,17 +89,7 @@ def publish(
             f"{record['experiment']}/{record['row']}: recorded from a dirty tree; not published"
         )
     extra = record.get("extra") or {}
-    source = Path(str(extra.get("best_weights", "")))
-    if not source.is_file():
-        raise CheckpointError(
-            f"{record['experiment']}/{record['row']}: best weights {source} not found "
-            "(the run directory is not on this machine)"
-        )
-    digest = sha256_file(source)
-    if digest != extra.get("best_weights_sha256"):
-        raise CheckpointError(
-            f"{source}: sha256 {digest} is not the record's {extra.get('best_weights_sha256')}"
-        )
+    source = _weights_file(record)
     model, meta = load_source(source)
     tta = int(meta.get("tta") or 0)
     loader = test_loader(meta, data_dir=data_dir, limit=record.get("test_images"))
@@ -83,12 +100,15 @@ def publish(
             f"says {record['test_acc']:.2f} %; not published"
         )
     plain = None  # the accuracy without test-time augmentation, where the run used it (6x cheaper to check)
-    if tta and extra.get("test_acc_no_tta") is not None:
+    if tta:
         plain = test_accuracy(model, loader, 0)
-        if abs(plain - float(extra["test_acc_no_tta"])) > ACCURACY_TOLERANCE:
+        recorded = extra.get("test_acc_no_tta")
+        if recorded is None:  # a pruned row records its accuracy with the source's TTA only
+            recorded = plain
+        elif abs(plain - float(recorded)) > ACCURACY_TOLERANCE:
             raise CheckpointError(
                 f"{source}: today's code measures {plain:.2f} % without test-time augmentation, the "
-                f"record says {extra['test_acc_no_tta']:.2f} %; not published"
+                f"record says {recorded:.2f} %; not published"
             )
     name = f"{record['model']}.{tag}"
     rel = f"trained/{name}.safetensors"
@@ -131,7 +151,7 @@ def publish(
         input_size=list(DATASETS[record["dataset"]].input_size(meta.get("pad_to"))), trained_by=trained_by,
         unique_params=record.get("unique_params"), tta=tta,
         train_cpu_seconds=extra.get("cpu_time"), notes=notes,
-        **({"accuracy_no_tta": round(float(extra["test_acc_no_tta"]), 2)} if plain is not None else {}),
+        **({"accuracy_no_tta": round(float(recorded), 2)} if plain is not None else {}),
     )
     entries = [e for e in read_trained_table(table) if (e["model"], e["tag"]) != (entry["model"], tag)]
     entries.append(entry)

@@ -8,7 +8,8 @@
   the same run gets :class:`~dacnn.errors.RunInUse` naming the holder. ``RunLock.slot(run_dir)`` is the
   same lock on ``<run>.lock`` beside it, for the name of a run directory that is about to be
   cleared and made again (``dacnn reproduce``'s content-addressed runs).
-* :func:`read_result`, :func:`read_history`, :func:`is_finished`, :func:`has_checkpoint`: what a run
+* :func:`read_result`, :func:`read_history`, :func:`is_finished`, :func:`has_checkpoint`,
+  :func:`best_weights`: what a run
   directory holds, read one way (a ``metrics.jsonl`` line cut by a kill is skipped) by the trainer
   and by the experiments;
 * :func:`resume_point`: the state to resume (the newest intact checkpoint, saying so when ``last``
@@ -36,7 +37,7 @@ except ImportError:  # not POSIX: no locking
 
 __all__ = ["default_run_name", "create_run_dir", "find_run_dir", "RunLock", "resume_point", "saved_config",
            "open_run", "ARCHITECTURE_FIELDS", "check_same_architecture", "read_history", "read_result",
-           "is_finished", "has_checkpoint"]
+           "is_finished", "has_checkpoint", "best_weights"]
 
 #: Config fields the saved weights depend on: a resumed run cannot change them.
 ARCHITECTURE_FIELDS = ("model", "dataset", "width", "depth", "model_kwargs")
@@ -107,6 +108,14 @@ def is_finished(run_dir: str | Path) -> bool:
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether the run saved at least one checkpoint (it can be resumed)."""
     return (Path(run_dir) / "checkpoints" / "last.json").is_file()
+
+
+def best_weights(run_dir: str | Path) -> Path | None:
+    """The evaluation weights file of the run's best checkpoint, or None before it has one."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not (checkpoints / "best.json").is_file():
+        return None
+    return checkpoints / ckpt.read_pointer(checkpoints, "best")["eval_weights"]
 
 
 class RunLock:
