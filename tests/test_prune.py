@@ -97,6 +97,7 @@ def test_prune_run_end_to_end(tmp_path, monkeypatch):
         assert 0.0 <= result[key] <= 100.0
     assert result["acc_drop"] == pytest.approx(result["acc_before"] - result["acc_after"])
     assert len(result["history"]) == 1 and result["lr"] == pytest.approx(0.01)  # a tenth of the run's
+    assert result["finetune_cpu_time"] > 0
     # the saved pruned model reloads with its zeros (masks held through fine-tuning) and tying intact
     model, meta = load_source(out)
     assert meta["pruned"]["ratio"] == 0.6

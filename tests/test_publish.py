@@ -104,6 +104,9 @@ def test_a_pruned_row_publishes_its_fine_tuned_weights(smoke_run, frontier_runs,
     record = {**find_record(ResultsStore(frontier_runs), "frontier", "airbench94-pruned", 0, scale="smoke"),
               "dirty": None}
     assert record["kind"] == "prune" and "best_weights" not in record["extra"]
+    source = find_record(ResultsStore(frontier_runs), "frontier", "airbench94", 0, scale="smoke")
+    assert record["extra"]["cpu_time"] == pytest.approx(  # the pruned model's cost: training + fine-tuning
+        source["extra"]["cpu_time"] + record["extra"]["finetune_cpu_time"])
     entry = publish(record, "synthetic_pruned", data_dir=data, weights_root=tmp_path / "w",
                     table=tmp_path / "table.json")
     assert entry["model"] == "airbench94" and entry["tta"] == 2

@@ -213,6 +213,7 @@ def prune_run(
     kept, prunable = count_nonzero(model, prunable_only=True)
     pruned_meta = {"pruned": {"ratio": ratio, "scope": scope, "prunable_kept": kept}}
     history: list[dict[str, Any]] = []
+    finetune_cpu = None
     if epochs > 0:
         with tempfile.TemporaryDirectory() as tmp:
             init = ckpt.save_weights(model, Path(tmp) / "pruned.safetensors", {"model": meta["model"]})
@@ -221,6 +222,7 @@ def prune_run(
         out = Path(trained.run_dir or out)
         _select_last(out / "checkpoints")
         history = [{"epoch": r["epoch"], "val_acc": r["val_acc"]} for r in trained.history]
+        finetune_cpu = trained.cpu_time
         model, _ = load_source(out)
         after = test_accuracy(model, loader, tta)
     else:
@@ -253,6 +255,7 @@ def prune_run(
         "prunable_total": prunable,
         "compression": unique / max(nonzero, 1),
         "history": history,
+        "finetune_cpu_time": finetune_cpu,
         "output": str(out),
     }
     ckpt.atomic_write_text(out / "prune.json", json.dumps(result, indent=1) + "\n")

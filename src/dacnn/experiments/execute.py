@@ -285,6 +285,11 @@ def run_prune_row(p: PlannedRow, source: dict[str, Any], opts: RunOptions) -> di
         "curve": out.get("history") or [], "config": {"source_row": p.row.prune["source"], **settings},
         "extra": {k: out.get(k) for k in extra_keys} | {"source_config_hash": p.runner["source"]},
     })
+    source_cpu = (source.get("extra") or {}).get("cpu_time")
+    if source_cpu is not None and out.get("finetune_cpu_time") is not None:
+        # what the pruned model cost: the source's training and the fine-tuning (CPU seconds)
+        record["extra"].update(cpu_time=source_cpu + out["finetune_cpu_time"],
+                               finetune_cpu_time=out["finetune_cpu_time"])
     return record
 
 
