@@ -56,7 +56,8 @@ def _weights_file(record: dict[str, Any]) -> Path:
     extra = record.get("extra") or {}
     where = f"{record['experiment']}/{record['row']}"
     if record.get("kind") == "prune":
-        found = best_weights(record.get("run_dir") or "")
+        run_dir = record.get("run_dir")
+        found = best_weights(run_dir) if run_dir else None
         if found is None or not found.is_file():
             raise CheckpointError(f"{where}: no fine-tuned checkpoint in {record.get('run_dir')} "
                                   "(the run directory is not on this machine)")
