@@ -362,3 +362,45 @@ def test_record_every_epoch_keeps_a_partial_record_until_the_full_one(tmp_path, 
     store.append({**record, "extra": {**record["extra"], "partial": first["extra"]["partial"]}})
     found = store.find("table2", "d3-shared", "smoke", record["config_hash"])
     assert found is not None and not found["extra"].get("partial")
+
+
+def test_a_prune_row_prunes_each_seed_of_its_source():
+    """A prune row plans one run per run of its source row (named by the source's config hash), so a
+    source trained over two seeds is pruned twice; ``--seeds`` picks them as it picks the source's."""
+    opts = RunOptions(scale="cpu", rows=["resnet18-w16-pruned-mix"])
+    _, planned = plan(get_spec("frontier"), opts)
+    sources = [p for p in planned if p.row.id == "resnet18-w16"]
+    pruned = [p for p in planned if p.row.id == "resnet18-w16-pruned-mix"]
+    assert [p.seed for p in sources] == [0, 1] and [p.seed for p in pruned] == [0, 1]
+    assert [p.runner["source"] for p in pruned] == [p.chash for p in sources]
+    assert [p.run_id for p in pruned] == ["resnet18-w16-pruned-mix#0", "resnet18-w16-pruned-mix#1"]
+    assert len({p.chash for p in pruned}) == 2 and len({p.run_dir for p in pruned}) == 2
+    _, only = plan(get_spec("frontier"), RunOptions(scale="cpu", rows=["resnet18-w16-pruned-mix"], seeds=[1]))
+    assert [(p.row.id, p.seed) for p in only] == [("resnet18-w16", 1), ("resnet18-w16-pruned-mix", 1)]
+    assert only[1].chash == pruned[1].chash
+
+
+def test_a_prune_row_of_a_source_run_once_runs_once():
+    """At smoke scale the source runs once (no seeds): one prune run, no seed in its name or record."""
+    _, planned = plan(get_spec("frontier"), RunOptions(scale="smoke", rows=["resnet18-w16-pruned-mix"]))
+    [pruned] = [p for p in planned if p.row.kind == "prune"]
+    assert (pruned.run_id, pruned.seed) == ("resnet18-w16-pruned-mix", None)
+
+
+def test_find_any_source_falls_back_to_another_code_version(tmp_path, data_dir):
+    """A prune row's source is looked up by config hash from any code version (its trained model),
+    the current code's record first; plain ``find`` only counts the current code's records."""
+    assert reproduce(tmp_path, data_dir, "table2", "--scale", "smoke", "--rows", "d3-shared") == 0
+    store = ResultsStore(tmp_path / "results")
+    [record] = store.records("table2", "smoke")
+    chash = record["config_hash"]
+    other = {**record, "source_hash": "0" * 16, "finished": "earlier", "dirty": None}
+    (tmp_path / "results" / "smoke" / "table2.jsonl").unlink()
+    store.append(other)
+    assert store.find("table2", "d3-shared", "smoke", chash) is None
+    assert store.find("table2", "d3-shared", "smoke", chash, any_source=True)["finished"] == "earlier"
+    store.append({**other, "finished": "dirty", "dirty": {"diff_sha256": "x"}})
+    assert store.find("table2", "d3-shared", "smoke", chash, any_source=True)["finished"] == "earlier"
+    store.append(record)
+    assert store.find("table2", "d3-shared", "smoke", chash, any_source=True) == store.find(
+        "table2", "d3-shared", "smoke", chash)

@@ -148,7 +148,7 @@ def base_record(p: PlannedRow, opts: RunOptions) -> dict[str, Any]:
     state = tree_state()
     return {
         "experiment": p.spec.name, "row": p.row.id, "label": p.row.label, "scale": p.resolved.scale,
-        "kind": p.row.kind, "seed": p.train.get("seed"), "config_hash": p.chash, "source_hash": source_hash(),
+        "kind": p.row.kind, "seed": p.seed, "config_hash": p.chash, "source_hash": source_hash(),
         "git_commit": state.commit, "dirty": {"diff_sha256": state.diff_sha256} if state.dirty else None,
         "command": opts.command, "machine": machine_description(), "finished": now_utc(), "reused_from": None,
         "extra": {},

@@ -55,6 +55,12 @@ class PlannedRow:
     runner: dict[str, Any]
     chash: str
     run_dir: Path | None
+    source_seed: int | None = None  # a prune row's: the seed of the source run it prunes
+
+    @property
+    def seed(self) -> int | None:
+        """The training seed (a prune row: its source's, when the source runs over several)."""
+        return self.source_seed if self.row.kind == "prune" else self.train.get("seed")
 
     @property
     def row(self) -> Any:
@@ -66,8 +72,9 @@ class PlannedRow:
 
     @property
     def run_id(self) -> str:
-        """The row id, with ``#seed`` when the row runs over several seeds."""
-        return f"{self.row.id}#{self.train.get('seed')}" if self.resolved.seeds else self.row.id
+        """The row id, with ``#seed`` when the row (a prune row: its source) runs over several seeds."""
+        several = self.resolved.seeds or (self.row.kind == "prune" and self.source_seed is not None)
+        return f"{self.row.id}#{self.seed}" if several else self.row.id
 
     @property
     def name(self) -> str:
@@ -82,18 +89,22 @@ def _runner_settings(rr: ResolvedRow) -> dict[str, Any]:
     return settings
 
 
-def _plan_row(rr: ResolvedRow, opts: RunOptions, planned: dict[str, PlannedRow]) -> PlannedRow:
+def _plan_prune(rr: ResolvedRow, opts: RunOptions, source: PlannedRow) -> PlannedRow:
+    """A prune row of one run of its source (the source's config hash names it, so each seed of the
+    source gives its own prune run)."""
+    runner = {"kind": "prune", "source": source.chash, "test_subset": rr.test_subset,
+              **{k: v for k, v in rr.prune.items() if k != "source"}}
+    chash = config_hash({}, runner)
+    seed = source.seed if source.resolved.seeds else None
+    return PlannedRow(rr, {}, runner, chash, _run_dir(opts, f"prune-{chash}"), source_seed=seed)
+
+
+def _plan_row(rr: ResolvedRow, opts: RunOptions) -> PlannedRow:
 
     row = rr.row
     if row.kind == "quoted":
         chash = config_hash({}, {"kind": "quoted", "row": row.id})
         return PlannedRow(rr, {}, {"kind": "quoted"}, chash, None)
-    if row.kind == "prune":
-        source = planned[row.prune["source"]]
-        runner = {"kind": "prune", "source": source.chash, "test_subset": rr.test_subset,
-                  **{k: v for k, v in rr.prune.items() if k != "source"}}
-        chash = config_hash({}, runner)
-        return PlannedRow(rr, {}, runner, chash, _run_dir(opts, f"prune-{chash}"))
     if opts.overrides:
         rr = replace(rr, train=_overridden(rr.train, opts.overrides))
     try:
@@ -149,17 +160,19 @@ def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
 
     for row_id in wanted:
         add(row_id)
-    first: dict[str, PlannedRow] = {}  # row id -> its first seed's run (a prune row's source)
+    planned: dict[str, list[PlannedRow]] = {}  # row id -> its runs (a prune row prunes each)
     out: list[PlannedRow] = []
     for row_id in order:
         rr = resolve_row(spec, spec.row(row_id), opts.scale)
-        variants = [rr] if rr.seeds is None else [replace(rr, train={**rr.train, "seed": s})
-                                                  for s in rr.seeds]
-        if opts.seeds is not None and rr.seeds is not None:
-            kept = [v for v in variants if v.train["seed"] in opts.seeds]
-            variants = kept or (variants[:1] if row_id not in wanted else [])  # a prune row's source
-        for variant in variants:
-            p = _plan_row(variant, opts, first)
-            first.setdefault(row_id, p)
-            out.append(p)
+        if rr.row.kind == "prune":
+            runs = [_plan_prune(rr, opts, source) for source in planned[rr.row.prune["source"]]]
+        else:
+            variants = [rr] if rr.seeds is None else [replace(rr, train={**rr.train, "seed": s})
+                                                      for s in rr.seeds]
+            if opts.seeds is not None and rr.seeds is not None:
+                kept = [v for v in variants if v.train["seed"] in opts.seeds]
+                variants = kept or (variants[:1] if row_id not in wanted else [])  # a prune row's source
+            runs = [_plan_row(variant, opts) for variant in variants]
+        planned[row_id] = runs
+        out.extend(runs)
     return spec, out

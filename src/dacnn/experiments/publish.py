@@ -37,7 +37,8 @@ def find_record(
     store: ResultsStore, experiment: str, row: str, seed: int, scale: str = "cpu"
 ) -> dict[str, Any]:
     """The latest record of ``experiment``/``row``/``seed`` at ``scale``; a clear error if there is none.
-    A row without seeds (pruning runs once, from its source's first seed) is found as seed 0."""
+    A record without a seed (a prune of a source trained once, or recorded before prune rows ran per
+    seed) is found as seed 0."""
     found = [r for r in store.records(experiment, scale)
              if r.get("row") == row and (0 if r.get("seed") is None else r.get("seed")) == seed]
     if not found:

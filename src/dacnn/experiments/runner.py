@@ -80,10 +80,12 @@ def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dic
             continue
         say(f"{head}: running | {_protocol_line(p)} -> {p.run_dir}")
         if p.row.kind == "prune":
-            src = next(q for q in rows if q.row.id == p.row.prune["source"])
-            source = store.find(spec.name, src.row.id, opts.scale, src.chash)
+            src = next(q for q in rows if q.row.id == p.row.prune["source"] and q.chash == p.runner["source"])
+            # the source's trained model, whichever code version trained it (its record says which)
+            source = store.find(spec.name, src.row.id, opts.scale, src.chash, any_source=True)
             if source is None:
-                raise ConfigError(f"{spec.name}/{p.row.id}: its source row {src.row.id!r} has no result")
+                raise ConfigError(f"{spec.name}/{p.row.id}: its source row {src.name.split('/', 1)[1]!r} "
+                                  "has no result")
             record = run_prune_row(p, source, opts)
         else:
             record = run_training_row(p, opts, store)

@@ -207,14 +207,21 @@ class ResultsStore:
             out.setdefault(r["row"], {})[r.get("seed")] = r
         return {row: list(by_seed.values()) for row, by_seed in out.items()}
 
-    def find(self, experiment: str, row: str, scale: str, chash: str) -> dict[str, Any] | None:
+    def find(self, experiment: str, row: str, scale: str, chash: str, *,
+             any_source: bool = False) -> dict[str, Any] | None:
         """The latest record of this row with this config hash and this :func:`source_hash`, if any
-        (a partial record does not count)."""
+        (a partial record does not count). ``any_source``: failing that, the latest clean record with
+        this config hash from any code version (what a prune row prunes: a trained model, whichever
+        code trained it)."""
         src = source_hash()
-        for record in reversed(self.records(experiment, scale)):
-            if (record.get("row") == row and record.get("config_hash") == chash
-                    and record.get("source_hash") == src and not is_partial(record)):
-                return record
+        found = [r for r in self.records(experiment, scale)
+                 if r.get("row") == row and r.get("config_hash") == chash and not is_partial(r)]
+        current = [r for r in found if r.get("source_hash") == src]
+        if current:
+            return current[-1]
+        if any_source:
+            clean = [r for r in found if not r.get("dirty")]
+            return clean[-1] if clean else None
         return None
 
     def find_any(self, scale: str, chash: str) -> dict[str, Any] | None:
