@@ -404,3 +404,20 @@ def test_find_any_source_falls_back_to_another_code_version(tmp_path, data_dir):
     store.append(record)
     assert store.find("table2", "d3-shared", "smoke", chash, any_source=True) == store.find(
         "table2", "d3-shared", "smoke", chash)
+
+
+def test_a_prune_row_prunes_a_source_another_code_version_trained(tmp_path, data_dir, capsys):
+    """A source row planned only for a prune row is not trained again when another code version
+    recorded it: the prune reads that record's model (and says which config it pruned)."""
+    assert reproduce(tmp_path, data_dir, "frontier", "--scale", "smoke", "--rows", "resnet18-w16") == 0
+    path = tmp_path / "results" / "smoke" / "frontier.jsonl"
+    [source] = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text(json.dumps({**source, "source_hash": "0" * 16, "dirty": None}) + "\n")
+    capsys.readouterr()
+    rows = ("--rows", "resnet18-w16-pruned-mix")
+    assert reproduce(tmp_path, data_dir, "frontier", "--scale", "smoke", *rows) == 0
+    out = capsys.readouterr().out
+    assert "frontier/resnet18-w16: done" in out
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["row"] for r in records] == ["resnet18-w16", "resnet18-w16-pruned-mix"]
+    assert records[1]["extra"]["source_config_hash"] == source["config_hash"]

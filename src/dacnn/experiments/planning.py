@@ -56,6 +56,7 @@ class PlannedRow:
     chash: str
     run_dir: Path | None
     source_seed: int | None = None  # a prune row's: the seed of the source run it prunes
+    only_source: bool = False  # planned only as a prune row's source: any code version's record serves
 
     @property
     def seed(self) -> int | None:
@@ -172,7 +173,8 @@ def plan(spec: Spec, opts: RunOptions) -> tuple[Spec, list[PlannedRow]]:
             if opts.seeds is not None and rr.seeds is not None:
                 kept = [v for v in variants if v.train["seed"] in opts.seeds]
                 variants = kept or (variants[:1] if row_id not in wanted else [])  # a prune row's source
-            runs = [_plan_row(variant, opts) for variant in variants]
+            only_source = row_id not in wanted
+            runs = [replace(_plan_row(variant, opts), only_source=only_source) for variant in variants]
         planned[row_id] = runs
         out.extend(runs)
     return spec, out

@@ -31,7 +31,7 @@ def row_status(p: PlannedRow, store: ResultsStore) -> str:
     or ``quoted``."""
     if p.row.kind == "quoted":
         return "quoted"
-    if store.find(p.spec.name, p.row.id, p.resolved.scale, p.chash):
+    if store.find(p.spec.name, p.row.id, p.resolved.scale, p.chash, any_source=p.only_source):
         return "done"
     if store.find_any(p.resolved.scale, p.chash):
         return "shared"
@@ -61,7 +61,8 @@ def reproduce(name: str, opts: RunOptions, *, dry_run: bool = False) -> list[dic
         + (f"; {len(rows) - len(todo)} quoted from the paper" if len(rows) > len(todo) else ""))
     for i, p in enumerate(todo, start=1):
         head = f"[{i}/{len(todo)}] {p.name}"
-        existing = None if opts.force else store.find(spec.name, p.row.id, opts.scale, p.chash)
+        existing = None if opts.force else store.find(spec.name, p.row.id, opts.scale, p.chash,
+                                                      any_source=p.only_source)
         if existing is not None:
             say(f"{head}: done ({_summary(existing)}), skipped")
             continue
