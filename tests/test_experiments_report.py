@@ -162,3 +162,13 @@ def test_seeds_give_mean_sd_and_a_resolved_verdict(store, tmp_path):
     # one seed each on 128 test images: sqrt((0.1 * 0.9 + 0.6 * 0.4) / 128) = 5.08 points
     assert ("= **+50.00 points** at smoke scale (cifar10, n=1/1), one seed: resolved against test-set "
             "noise only (standard error 5.08; seed spread not measured): higher error") in out.read_text()
+
+
+def test_a_pruned_row_shows_its_source_training_and_the_fine_tuning(store, tmp_path):
+    out = tmp_path / "results.md"
+    assert main(["report", "--results", str(store), "--output", str(out), "--scales", "smoke"]) == 0
+    records = ResultsStore(store).latest("table8", "smoke")
+    source, pruned = records["resnet18"], records["sm-27"]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| SM Pruning 27.1 %"))
+    assert f"| {source['epochs']} + {pruned['epochs']} |" in row and "| + " in row
+    assert "A pruned row's epochs: its source's training + the fine-tuning" in out.read_text()

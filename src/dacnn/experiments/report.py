@@ -163,11 +163,13 @@ def _table(spec: Spec, rows: Sequence[Any], runs: dict[str, list[dict[str, Any]]
             sizes = "/".join(str(rec.get(k)) for k in ("train_images", "val_images", "test_images"))
             data = f"{rec['dataset']} {sizes}"
             flops = None if rec.get("flops") is None else rec["flops"] / 1e9
-            epochs = str(rec.get("epochs"))
+            epochs, duration = str(rec.get("epochs")), _duration(rec.get("wall_time"))
             if is_partial(rec):
                 epochs = f"{rec['extra']['partial'].get('epochs_done')} of {epochs}"
-            cells += [_count(rec.get("per_use_params")), _num(flops, 3), epochs, data,
-                      _duration(rec.get("wall_time"))]
+            source = runs.get(row.prune.get("source", ""))
+            if row.kind == "prune" and source:  # the source's training, then the fine-tuning on top
+                epochs, duration = f"{source[0].get('epochs')} + {epochs}", f"+ {duration}"
+            cells += [_count(rec.get("per_use_params")), _num(flops, 3), epochs, data, duration]
         else:
             cells += ["—"] * 5
         lines.append("| " + " | ".join(cells) + " |")
@@ -281,6 +283,9 @@ def _scale_section(spec: Spec, scale: str, store: ResultsStore, figures: Path, d
     caption = f"ours, {scale} scale ({', '.join(datasets)})"
     if spec.from_spec is None or not spec.plots:
         lines += _table(source, rows, runs, stale, dirty, overridden, partial) + [""]
+        if any(r.kind == "prune" and r.id in runs for r in rows):
+            lines += ["A pruned row's epochs: its source's training + the fine-tuning; its time: the "
+                      "fine-tuning's, on top of the source's.", ""]
     if stale:
         lines += ["† result of an earlier protocol (its config hash differs from the spec's now).", ""]
     if dirty:
