@@ -84,36 +84,75 @@ def pareto_set(points: Sequence[tuple[float, float]]) -> list[int]:
     return keep
 
 
+def _place_labels(ax: Any, points: Sequence[tuple[str, float, float]], fontsize: float = 6.5) -> None:
+    """Annotate each ``(label, x, y)`` at the first of a few offsets where its text overlaps no label
+    placed before it and no other point (greedy, left to right); the last offset if none is free."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    marks = [ax.transData.transform((x, y)) for _, x, y in points]
+    placed: list[Any] = []
+    offsets = [(4, 3, "left"), (4, -9, "left"), (-4, 3, "right"), (-4, -9, "right"), (4, 10, "left"),
+               (4, -16, "left"), (-4, 10, "right"), (-4, -16, "right"), (4, 17, "left"), (4, -23, "left")]
+    for label, x, y in sorted(points, key=lambda p: (p[1], p[2])):
+        for dx, dy, ha in offsets:
+            text = ax.annotate(label, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords="offset points",
+                               ha=ha)
+            box = text.get_window_extent(renderer).expanded(1.02, 1.1)
+            own = ax.transData.transform((x, y))
+            hits_point = any(box.contains(*m) for m in marks if tuple(m) != tuple(own))
+            if not hits_point and not any(box.overlaps(b) for b in placed):
+                break
+            if (dx, dy, ha) != offsets[-1]:
+                text.remove()
+        placed.append(box)
+
+
 def plot_frontier(path: Path, rows: Sequence[Any], records: dict[str, dict[str, Any]], title: str,
                   caption: str, strategy: Callable[[Any], str | None], x_of: Callable[[dict[str, Any]], Any],
                   xlabel: str) -> Path:
-    """Error against ``x_of(record)`` (log scale), one colour per strategy, the Pareto set joined."""
+    """Error against ``x_of(record)`` (log scale), one colour per strategy, the Pareto set joined.
+
+    When a few points have much higher error than the rest, a second panel zooms on the low-error
+    cluster (error within ``max(5, 20 %)`` of the range above the best), where labels would collide."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    from matplotlib import ticker
+
     pts = [(r, x_of(records[r.id]), _error(records[r.id])) for r in rows if r.id in records]
     pts = [(r, x, y) for r, x, y in pts if x and y is not None]
+    ys = [y for _, _, y in pts]
+    cut = min(ys) + max(5.0, 0.2 * (max(ys) - min(ys))) if ys else 0.0
+    zoom = [p for p in pts if p[2] <= cut]
+    panels = [(pts, caption)] + ([(zoom, f"{caption}: error below {cut:.0f} %")]
+                                 if len(pts) - len(zoom) >= 2 and len(zoom) >= 2 else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels) - 1, 5.5), squeeze=False)
     styles = {"sharing": ("tab:blue", "o"), "narrowing": ("tab:orange", "s"), "pruning": ("tab:green", "^")}
-    seen = set()
-    for r, x, y in pts:
-        name = strategy(r) or "other"
-        color, marker = styles.get(name, ("tab:gray", "x"))
-        ax.scatter(x, y, s=36, color=color, marker=marker, label=None if name in seen else name)
-        seen.add(name)
-        ax.annotate(r.label, (x, y), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
-    front = pareto_set([(x, y) for _, x, y in pts if strategy(_) is not None])
-    ranked = [(x, y) for r, x, y in pts if strategy(r) is not None]
-    if front:
-        xs, ys = zip(*(ranked[i] for i in front))
-        ax.step(xs, ys, where="post", color="black", alpha=0.5, linewidth=1, label="Pareto set")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 test error (%)")
-    ax.set_title(caption, fontsize=10)
-    ax.grid(alpha=0.3)
-    if pts:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+    for ax, (panel, text) in zip(axes[0], panels):
+        seen = set()
+        for r, x, y in panel:
+            name = strategy(r) or "other"
+            color, marker = styles.get(name, ("tab:gray", "x"))
+            ax.scatter(x, y, s=36, color=color, marker=marker, label=None if name in seen else name)
+            seen.add(name)
+        ranked = [(x, y) for r, x, y in panel if strategy(r) is not None]
+        front = pareto_set(ranked)
+        if front:
+            xs, fys = zip(*(ranked[i] for i in front))
+            ax.step(xs, fys, where="post", color="black", alpha=0.5, linewidth=1, label="Pareto set")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 1-2-5 ticks, plain numbers
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 test error (%)")
+        ax.set_title(text, fontsize=10)
+        ax.grid(alpha=0.3)
+        if panel:
+            ax.legend(fontsize=8, loc="upper right")
+            zoomed = len(panels) > 1 and panel is pts
+            _place_labels(ax, [(r.label, x, y) for r, x, y in panel if not (zoomed and y <= cut)])
+        else:
+            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     return _save(fig, path)
 
