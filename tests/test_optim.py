@@ -66,3 +66,24 @@ def test_freeze_norm_scales():
     assert frozen == len(bns) and not any(m.weight.requires_grad for m in bns)
     assert all(m.bias.requires_grad for m in bns)
     assert freeze_norm_scales(model) == 0
+
+
+def test_norms_after_shared_kernels_are_found_by_running_the_model_once():
+    """airbench94_shared's three uses of its kernel are each followed (block 3's first through a max
+    pool) by a BatchNorm; the free net has none; a share_kernels-tied net's tied convs are found too;
+    the model's mode and running statistics are left as they were."""
+    from dacnn.registry import create_model
+    from dacnn.train.optim import norms_after_shared_kernels, thaw_norm_scales
+
+    x = torch.zeros(1, 3, 32, 32)
+    shared = create_model("airbench94_shared", width=8)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    assert norms_after_shared_kernels(shared, x) == ["block2.norm2", "block3.norm1", "block3.norm2"]
+    assert shared.training and all(torch.equal(before[k], v) for k, v in shared.state_dict().items())
+    assert norms_after_shared_kernels(create_model("airbench94", width=8), x) == []
+    tied = create_model("resnet18", width=32, num_classes=10, share_budget="ratio=0.44")
+    found = norms_after_shared_kernels(tied, x)
+    assert "stages.3.1.bn2" in found and "stages.0.0.bn1" in found
+    assert not any(name.startswith("stem") for name in found)
+    assert thaw_norm_scales(shared, ["block2.norm2"]) == 1 and shared.block2.norm2.weight.requires_grad
+    assert thaw_norm_scales(shared, ["block2.norm2"]) == 0 and not shared.block1.norm1.weight.requires_grad

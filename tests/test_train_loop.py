@@ -215,6 +215,26 @@ def test_fast_recipe_trains_and_resumes_bitwise(fashion_mnist_root, tmp_path, mo
     assert not torch.equal(a["whiten.weight"], torch.zeros_like(a["whiten.weight"]))
 
 
+def test_shared_norm_scale_trains_the_scales_after_shared_kernels_only(fashion_mnist_root, tmp_path):
+    """With freeze_norm_scale and shared_norm_scale, the BatchNorms right after a use of the shared
+    kernel (airbench94_shared: block 2's second, block 3's both) learn their scale; the rest stay 1."""
+    from safetensors.torch import load_file
+
+    cfg = resolve_config({**FAST, "model": "airbench94_shared", "epochs": 1, "lookahead": False,
+                          "shared_norm_scale": True, "data_dir": fashion_mnist_root, "out_dir": str(tmp_path),
+                          "run_name": "r"})
+    train(cfg, verbose=False)
+    folder = tmp_path / "r" / "checkpoints"
+    last = json.loads((folder / "last.json").read_text())
+    weights = load_file(folder / last["weights"])
+    scales = {k.removesuffix(".weight"): v for k, v in weights.items()
+              if ".norm" in k and k.endswith(".weight")}
+    free = {"block2.norm2", "block3.norm1", "block3.norm2"}
+    assert set(scales) == free | {"block1.norm1", "block1.norm2", "block2.norm1"}
+    for name, scale in scales.items():
+        assert torch.equal(scale, torch.ones_like(scale)) != (name in free), name
+
+
 def test_whitening_of_a_generic_stem_and_of_a_model_without_one():
     from dacnn.models.airbench import patch_whitening_weights
     from dacnn.train.whitening import init_patch_whitening

@@ -63,6 +63,7 @@ FORMER_DEFAULTS = {"channels_last": (None, False), "compile": (None, False), "am
 # records made before them keep their hashes.
 ADDED_SETTINGS = {"translate": 0, "alternate_flip": False, "lr_triangle": [0.2, 0.23, 0.07],
                   "decoupled_weight_decay": False, "norm_bias_lr_scale": 1.0, "freeze_norm_scale": False,
+                  "shared_norm_scale": False,
                   "lookahead": False, "whiten": False, "whiten_bias_epochs": 3, "tta": 0}
 
 

@@ -85,6 +85,9 @@ class TrainConfig:
                                              "(airbench; PyTorch's decay is lr x weight_decay)")
     norm_bias_lr_scale: float = _f(1.0, "lr multiplier of normalisation-layer biases (airbench: 64)")
     freeze_norm_scale: bool = _f(False, "keep every normalisation layer's scale at 1 (not trained)")
+    shared_norm_scale: bool = _f(False, "the normalisation layers right after a use of a shared kernel "
+                                        "learn their scale, even under freeze_norm_scale or in a model "
+                                        "that fixes it (DACNN's free per-layer BatchNorm)")
     bn_momentum: float | None = _f(None, "running-statistics momentum of every BatchNorm (PyTorch's sense; "
                                          "default: the model's; airbench: 0.4)")
     betas: list[float] = _f([0.9, 0.999], "Adam/AdamW betas")

@@ -51,7 +51,12 @@ from dacnn.train.distributed import (
 )
 from dacnn.train.ema import Lookahead, ModelEMA
 from dacnn.train.engine import StepRunner, evaluate
-from dacnn.train.optim import freeze_norm_scales, set_bn_momentum
+from dacnn.train.optim import (
+    freeze_norm_scales,
+    norms_after_shared_kernels,
+    set_bn_momentum,
+    thaw_norm_scales,
+)
 from dacnn.train.rundir import find_run_dir, open_run
 from dacnn.train.runlog import RunLog, format_duration, progress_bar
 from dacnn.train.speed import resolve_speed
@@ -191,11 +196,14 @@ class _Run:
         self.model = self.build_model(given.init_weights)
         if given.init_weights is not None:  # replaces the random init: draw as if none was made
             seed_everything(cfg.seed)
-        if cfg.freeze_norm_scale:
-            freeze_norm_scales(self.model)
         if cfg.bn_momentum is not None:
             set_bn_momentum(self.model, cfg.bn_momentum)
         self.data = build_data(cfg, device, model_input_hw(cfg.model), ctx)
+        if cfg.freeze_norm_scale:
+            freeze_norm_scales(self.model)
+        if cfg.shared_norm_scale:  # DACNN's free per-layer BatchNorm: its scale learns whatever froze it
+            example = torch.zeros(1, *info.input_size(self.data.pad_to), device=device)
+            thaw_norm_scales(self.model, norms_after_shared_kernels(self.model, example))
         # the frozen whitening conv (its bias trains for whiten_bias_epochs), set from the data
         self.whitened = (init_patch_whitening(self.model, self.data.train.plain_images(WHITENING_IMAGES))
                          if cfg.whiten else None)

@@ -8,11 +8,17 @@ so a shared kernel gets exactly one decay rule.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["param_groups"]
+from dacnn.shared_kernel import AnchoredConv2d
+
+__all__ = ["param_groups", "freeze_norm_scales", "thaw_norm_scales", "norms_after_shared_kernels",
+           "set_bn_momentum"]
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -34,6 +40,55 @@ def freeze_norm_scales(model: nn.Module) -> int:
             weight.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def thaw_norm_scales(model: nn.Module, names: Collection[str]) -> int:
+    """Let the normalisation layers ``names`` learn their scale again (after :func:`freeze_norm_scales`,
+    or in a model that builds them frozen, such as airbench's); returns how many were frozen."""
+    thawed = 0
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, nn.Parameter) and not weight.requires_grad:
+            weight.requires_grad_(True)
+            thawed += 1
+    return thawed
+
+
+def norms_after_shared_kernels(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the normalisation layers whose input comes from a use of a shared kernel: the last
+    convolution or linear layer run before them (pooling and activations may lie between) is a
+    :class:`~dacnn.shared_kernel.AnchoredConv2d` or holds a weight tensor another module holds too.
+    These are DACNN's free per-layer BatchNorms (arXiv 1904.09764 section 3: what tells the uses of
+    one kernel apart). Found by running ``example`` once in eval mode (no state changes)."""
+    holders = Counter(id(m.weight) for m in model.modules() if not isinstance(m, NORM_LAYERS)
+                      and isinstance(getattr(m, "weight", None), torch.Tensor))
+
+    def weighted(m: nn.Module) -> bool:
+        return isinstance(m, (AnchoredConv2d, nn.modules.conv._ConvNd, nn.Linear))
+
+    def shared(m: nn.Module) -> bool:
+        return isinstance(m, AnchoredConv2d) or holders[id(m.weight)] > 1
+
+    calls: list[tuple[str, nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append((name, mod)))
+             for name, m in model.named_modules() if weighted(m) or isinstance(m, NORM_LAYERS)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    out, last = [], None
+    for name, module in calls:
+        if isinstance(module, NORM_LAYERS):
+            if last is not None and shared(last) and name not in out:
+                out.append(name)
+        else:
+            last = module
+    return out
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> int:
