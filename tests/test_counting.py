@@ -13,7 +13,7 @@ from torch import nn
 
 from _helpers import shared_model_names, small_input, small_model
 from dacnn import SharedKernel, count_flops, count_params, create_model, list_models, model_info, untie
-from dacnn.counting import fvcore_flops, thop_custom_ops
+from dacnn.counting import forward_calls, fvcore_flops, thop_custom_ops
 from dacnn.models.layers import split_evenly
 
 FAMILIES = ("dacnn", "vgg", "resnet")
@@ -264,3 +264,15 @@ def test_fvcore_books_each_use_where_it_is_applied(name: str) -> None:
     assert {k: by_use[k] for k in by_free} == dict(by_free)
     assert all(by_use[n] == 0 for n, m in model.named_modules() if isinstance(m, SharedKernel))
     assert fvcore_nn.parameter_count(model)[""] == count_params(model).unique
+
+
+def test_forward_calls_follow_the_call_order_and_restore_the_mode() -> None:
+    """A shared kernel used three times appears three times, in order; mode and hooks restored."""
+    kernel = nn.Linear(4, 4)
+    model = nn.Sequential(kernel, nn.ReLU(), kernel, nn.BatchNorm1d(4), kernel)
+    model.train()
+    calls = forward_calls(model, torch.randn(2, 4), lambda m: isinstance(m, (nn.Linear, nn.BatchNorm1d)))
+    assert [name for name, _ in calls] == ["0", "0", "3", "0"]
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert model[3].num_batches_tracked.item() == 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dacnn.shared_kernel import AnchoredConv2d, SharedKernel, anchored_uses
 
-__all__ = ["SharedTensor", "ParamCount", "count_params", "count_flops", "parameter_uses", "thop_custom_ops",
-           "fvcore_flops"]
+__all__ = ["SharedTensor", "ParamCount", "count_params", "count_flops", "forward_calls", "parameter_uses",
+           "thop_custom_ops", "fvcore_flops"]
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,14 @@ class ParamCount:
         return self.per_use / self.unique if self.unique else 1.0
 
 
-def _call_counts(model: nn.Module, example_input: torch.Tensor) -> dict[int, int]:
-    """``id(module) -> calls`` during one forward pass, for modules that hold parameters directly."""
-    counts: dict[int, int] = {}
-    handles = []
-
-    def hook(module: nn.Module, args: object) -> None:
-        counts[id(module)] = counts.get(id(module), 0) + 1
-
-    for module in model.modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            handles.append(module.register_forward_pre_hook(hook))
+def forward_calls(
+    model: nn.Module, example_input: torch.Tensor, select: Callable[[nn.Module], bool]
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every call of a module ``select`` accepts during one forward pass of
+    ``example_input``, in call order; run in eval mode under ``no_grad`` (no state changes)."""
+    calls: list[tuple[str, nn.Module]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append((name, mod)))
+               for name, m in model.named_modules() if select(m)]
     was_training = model.training
     try:
         model.eval()
@@ -88,7 +86,14 @@ def _call_counts(model: nn.Module, example_input: torch.Tensor) -> dict[int, int
         model.train(was_training)
         for h in handles:
             h.remove()
-    return counts
+    return calls
+
+
+def _call_counts(model: nn.Module, example_input: torch.Tensor) -> dict[int, int]:
+    """``id(module) -> calls`` during one forward pass, for modules that hold parameters directly."""
+    calls = forward_calls(model, example_input,
+                          lambda m: any(True for _ in m.parameters(recurse=False)))
+    return dict(Counter(id(m) for _, m in calls))
 
 
 def parameter_uses(

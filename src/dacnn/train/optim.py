@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dacnn.counting import forward_calls
 from dacnn.shared_kernel import AnchoredConv2d
 
 __all__ = ["param_groups", "freeze_norm_scales", "thaw_norm_scales", "norms_after_shared_kernels",
@@ -69,18 +70,7 @@ def norms_after_shared_kernels(model: nn.Module, example: torch.Tensor) -> list[
     def shared(m: nn.Module) -> bool:
         return isinstance(m, AnchoredConv2d) or holders[id(m.weight)] > 1
 
-    calls: list[tuple[str, nn.Module]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append((name, mod)))
-             for name, m in model.named_modules() if weighted(m) or isinstance(m, NORM_LAYERS)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    calls = forward_calls(model, example, lambda m: weighted(m) or isinstance(m, NORM_LAYERS))
     out, last = [], None
     for name, module in calls:
         if isinstance(module, NORM_LAYERS):
